@@ -1,0 +1,49 @@
+"""Checks at the boundary: data handed to a model, with errors that name the site."""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_observations(
+    x: torch.Tensor,
+    *,
+    site: str = "x",
+    event_shape: tuple[int, ...] | None = None,
+    support: str = "real",
+) -> None:
+    """Raise ``ValueError`` naming ``site`` if ``x`` cannot be scored by its likelihood.
+
+    :param x: a batch of observations, batch dimension first.
+    :param event_shape: the per-datum shape the model expects (``None`` skips the check).
+    :param support: ``"real"``, ``"unit"`` (values in [0, 1], e.g. a Bernoulli likelihood
+        of dynamically or statically binarized pixels) or ``"binary"`` ({0, 1}).
+    """
+    if not torch.is_tensor(x):
+        raise TypeError(f"site {site!r}: expected a torch.Tensor, got {type(x).__name__}")
+    if event_shape is not None:
+        expected = tuple(event_shape)
+        if x.dim() != len(expected) + 1 or tuple(x.shape[1:]) != expected:
+            raise ValueError(
+                f"site {site!r}: expected a batch of shape (batch, {', '.join(map(str, expected))}),"
+                f" got {tuple(x.shape)}"
+            )
+    if not torch.is_floating_point(x):
+        raise TypeError(f"site {site!r}: expected a floating-point tensor, got {x.dtype}")
+    finite = torch.isfinite(x)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero()[0].tolist()
+        raise ValueError(f"site {site!r}: non-finite value {x[tuple(bad)].item()} at index {bad}")
+    if support in ("unit", "binary"):
+        outside = (x < 0) | (x > 1)
+        if support == "binary":
+            outside = outside | ((x != 0) & (x != 1))
+        if bool(outside.any()):
+            bad = outside.nonzero()[0].tolist()
+            want = "[0, 1]" if support == "unit" else "{0, 1}"
+            raise ValueError(
+                f"site {site!r}: value {x[tuple(bad)].item()} at index {bad} is outside {want}"
+                " required by its Bernoulli likelihood"
+            )
+    elif support != "real":
+        raise ValueError(f"unknown support {support!r}")
