@@ -5,8 +5,6 @@ Models are plain Pyro programs (:mod:`lvmkit.models`), approximate posteriors li
 :mod:`lvmkit.inference`.
 """
 
-from lvmkit._lazy import lazy_exports
-
 __version__ = "0.1.0"
 
 _EXPORTS = {

