@@ -3,7 +3,14 @@
 from lvmkit._lazy import lazy_exports
 
 # name -> submodule; add a line when a module gains a public name.
-_EXPORTS: dict[str, str] = {}
+_EXPORTS: dict[str, str] = {
+    "VAE": "lvmkit.models.vae",
+    "SigmoidBeliefNet": "lvmkit.models.sbn",
+    "CategoricalVAE": "lvmkit.models.categorical",
+    "TwoLayerVAE": "lvmkit.models.two_layer",
+    "build": "lvmkit.models.registry",
+    "MODEL_NAMES": "lvmkit.models.registry",
+}
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 __all__ = sorted(_EXPORTS)

@@ -1,0 +1,77 @@
+"""Sigmoid belief networks (Neal, 1992) as used by Mnih & Gregor (2014) and REBAR."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pyro
+import pyro.distributions as dist
+import torch
+from torch import nn
+
+from lvmkit.guides.encoders import BernoulliEncoder, check_size, mlp
+from lvmkit.models.vae import BernoulliImageModel, bernoulli_pixels
+
+
+class SigmoidBeliefNet(BernoulliImageModel):
+    """A sigmoid belief net with ``len(layers)`` layers of binary latent units.
+
+    Site naming: ``"b1"`` is the stochastic layer nearest the data, with ``layers[0]``
+    units; ``"bL"`` (``L = len(layers)``) is the top layer. Generation runs top-down:
+
+        b_L ~ Bernoulli(logits=c)                         (c a learned bias)
+        b_l ~ Bernoulli(logits=f_l(b_{l+1})),  l = L-1, ..., 1
+        x   ~ Bernoulli(logits=f_0(b_1))
+
+    Each f is affine (``nonlinear=False``), or an MLP with two tanh layers of ``hidden``
+    units (``nonlinear=True``). The binary samples enter f only through its matrix
+    multiply, so a relaxed replay of b_{l+1} recomputes the logits of b_l smoothly.
+
+    The REBAR benchmarks (Tucker et al., 2017, sec. 6.1, following Mnih & Gregor, 2014):
+    linear ``layers=(200,)``, linear ``layers=(200, 200)``, and nonlinear
+    ``layers=(200,), nonlinear=True, hidden=200``.
+
+    :param x_dim: number of pixels D.
+    :param layers: units per stochastic layer, ``layers[0]`` nearest the data.
+    :param nonlinear: two tanh layers between stochastic layers instead of an affine map.
+    :param hidden: units of those tanh layers.
+    :param name: prefix of the parameter names in Pyro's param store.
+    """
+
+    def __init__(
+        self,
+        x_dim: int,
+        layers: Sequence[int] = (200,),
+        nonlinear: bool = False,
+        hidden: int = 200,
+        *,
+        name: str = "sbn",
+    ) -> None:
+        super().__init__(x_dim, name)
+        self.layers = tuple(check_size(u, "stochastic layer size") for u in layers)
+        if not self.layers:
+            raise ValueError("layers must name at least one stochastic layer")
+        self.nonlinear = bool(nonlinear)
+        self.hidden = check_size(hidden, "hidden")
+        between = (self.hidden,) * 2 if self.nonlinear else ()
+        self.prior_logits = nn.Parameter(torch.zeros(self.layers[-1]))
+        # decoders[l] maps b_{l+1} to the logits of the layer below it (x for l = 0).
+        outputs = (self.x_dim,) + self.layers[:-1]
+        self.decoders = nn.ModuleList(
+            mlp(i, between, o) for i, o in zip(self.layers, outputs, strict=True)
+        )
+
+    def generate(self, num: int, x: torch.Tensor | None = None) -> None:
+        top = len(self.layers)
+        with pyro.plate("data", num):
+            above = pyro.sample(f"b{top}", dist.Bernoulli(logits=self.prior_logits).to_event(1))
+            for index in range(top - 1, 0, -1):
+                logits = self.decoders[index](above)
+                above = pyro.sample(f"b{index}", dist.Bernoulli(logits=logits).to_event(1))
+            pyro.sample("x", bernoulli_pixels(self.decoders[0](above)), obs=x)
+
+    def default_guide(self) -> BernoulliEncoder:
+        """The bottom-up :class:`BernoulliEncoder` with the same layers and nonlinearity."""
+        return BernoulliEncoder(
+            self.x_dim, self.layers, self.nonlinear, self.hidden, name=f"{self._pyro_name}_guide"
+        )
