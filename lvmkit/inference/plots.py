@@ -1,0 +1,465 @@
+"""PNG pictures of training runs and models.
+
+Every function draws on its own :class:`matplotlib.figure.Figure` (no pyplot state, no
+``plt.show``; PNGs are rendered by Agg whatever the session's backend is), writes ``path``
+(creating its folder) and returns it as a :class:`pathlib.Path`. Bad input raises
+``ValueError`` naming what was wrong before anything is written.
+
+Use as ``from lvmkit.inference import plots``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+PathLike = str | os.PathLike
+Bounds = tuple[tuple[float, float], tuple[float, float]]
+
+__all__ = [
+    "plot_density_2d",
+    "plot_grad_variance",
+    "plot_image_grid",
+    "plot_loss",
+    "plot_reconstructions",
+    "plot_traces",
+]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _save(figure: Figure, path: PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png")
+    return path
+
+
+def _series(values: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(steps, values)`` of a sequence of numbers (steps 1..n) or of ``(step, value)``."""
+    array = np.asarray(values, dtype=float)
+    if array.size == 0:
+        raise ValueError(f"{what} is empty: nothing to plot")
+    if array.ndim == 1:
+        return np.arange(1, array.size + 1, dtype=float), array
+    if array.ndim == 2 and array.shape[1] == 2:
+        return array[:, 0], array[:, 1]
+    raise ValueError(
+        f"{what}: expected a sequence of numbers or of (step, value) pairs, got an array of"
+        f" shape {array.shape}"
+    )
+
+
+def _pairs(values: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
+    array = np.asarray(values, dtype=float)
+    if array.size == 0:
+        raise ValueError(f"{what} is empty: nothing to plot")
+    if array.ndim != 2 or array.shape[1] != 2:
+        raise ValueError(
+            f"{what}: expected (step, value) pairs, got an array of shape {array.shape}"
+        )
+    return array[:, 0], array[:, 1]
+
+
+def _history_series(history: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Accept :class:`lvmkit.inference.fit.History`, its ``to_dict()``, or a plain series."""
+    if isinstance(history, Mapping) and "loss" in history:
+        loss, steps = history["loss"], history.get("step")
+    elif hasattr(history, "loss"):
+        loss, steps = history.loss, getattr(history, "step", None)
+    else:
+        return _series(history, what)
+    loss_steps, loss_values = _series(loss, what)
+    if steps is not None and len(steps) == len(loss_values):
+        loss_steps = np.asarray(steps, dtype=float)
+    return loss_steps, loss_values
+
+
+def _is_single_history(history: Any) -> bool:
+    return not isinstance(history, Mapping) or "loss" in history
+
+
+def ema(values: np.ndarray, smoothing: float) -> np.ndarray:
+    """Debiased exponential moving average (weight ``smoothing`` on the past); NaNs are
+    skipped, keeping the previous average."""
+    if not 0.0 <= smoothing < 1.0:
+        raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
+    out = np.empty_like(values, dtype=float)
+    average, weight = 0.0, 0.0
+    for i, value in enumerate(values):
+        if math.isfinite(value):
+            average = smoothing * average + (1.0 - smoothing) * value
+            weight = smoothing * weight + (1.0 - smoothing)
+        out[i] = average / weight if weight > 0 else math.nan
+    return out
+
+
+def _as_tensor(values: Any, what: str) -> torch.Tensor:
+    try:
+        tensor = torch.as_tensor(values)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(f"{what}: cannot convert {type(values).__name__} to a tensor") from error
+    return tensor.detach().cpu().to(torch.float64)
+
+
+# --------------------------------------------------------------------------- training curves
+
+
+def plot_loss(
+    history: Any,
+    path: PathLike,
+    *,
+    smoothing: float = 0.0,
+    num_data: int | None = None,
+    logy: bool = False,
+    title: str = "training loss",
+    ylabel: str = "loss per datum",
+    figsize: tuple[float, float] = (6.0, 4.0),
+    dpi: int = 100,
+) -> Path:
+    """Loss against step for one run or several.
+
+    :param history: a run (a :class:`~lvmkit.inference.fit.History`, whose ``loss`` is per
+        datum already, its ``to_dict()``, a sequence of losses, or of ``(step, loss)``
+        pairs) or a dict ``{run name: run}``.
+    :param smoothing: EMA weight in [0, 1); > 0 draws the raw curve faintly under the
+        smoothed one.
+    :param num_data: divide the losses by this (for totals over a dataset).
+    """
+    runs = {"": history} if _is_single_history(history) else dict(history)
+    if not runs:
+        raise ValueError("history is empty: no runs to plot")
+    if num_data is not None and num_data <= 0:
+        raise ValueError(f"num_data must be positive, got {num_data}")
+    figure = Figure(figsize=figsize, dpi=dpi)
+    axes = figure.add_subplot()
+    for index, (name, run) in enumerate(runs.items()):
+        what = f"history {name!r}" if name else "history"
+        steps, losses = _history_series(run, what)
+        if num_data is not None:
+            losses = losses / num_data
+        color = f"C{index % 10}"
+        label = name or None
+        if smoothing > 0:
+            axes.plot(steps, losses, color=color, alpha=0.25, linewidth=0.8)
+            axes.plot(steps, ema(losses, smoothing), color=color, label=label)
+        else:
+            axes.plot(steps, losses, color=color, label=label)
+    if logy:
+        axes.set_yscale("symlog")
+    axes.set_xlabel("step")
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    if len(runs) > 1 or next(iter(runs)):
+        axes.legend(loc="best")
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def plot_grad_variance(
+    records: Mapping[str, Sequence[tuple[float, float]]],
+    path: PathLike,
+    *,
+    title: str = "gradient variance",
+    ylabel: str = "log gradient variance",
+    figsize: tuple[float, float] = (6.0, 4.0),
+    dpi: int = 100,
+) -> Path:
+    """Gradient log-variance against step, one line per estimator.
+
+    :param records: ``{estimator name: [(step, log variance), ...]}``.
+    """
+    if not isinstance(records, Mapping) or not records:
+        raise ValueError("records is empty: expected {estimator: [(step, log variance), ...]}")
+    figure = Figure(figsize=figsize, dpi=dpi)
+    axes = figure.add_subplot()
+    for name, record in records.items():
+        steps, values = _pairs(record, f"records[{name!r}]")
+        axes.plot(steps, values, marker="o", markersize=3, label=name)
+    axes.set_xlabel("step")
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    axes.legend(loc="best")
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+def plot_traces(
+    extras: Any,
+    path: PathLike,
+    keys: Sequence[str] | None = None,
+    *,
+    title: str | None = None,
+    width: float = 6.0,
+    height_per_key: float = 2.0,
+    dpi: int = 100,
+) -> Path:
+    """Per-step scalar traces (e.g. REBAR's eta and temperature), one panel per key.
+
+    :param extras: ``{name: [value per step]}`` (NaN marks steps without a value) or a
+        :class:`~lvmkit.inference.fit.History`, whose ``extras`` and ``step`` are used.
+    :param keys: which traces, in order (default: all).
+    """
+    steps = None
+    if hasattr(extras, "extras"):
+        steps = np.asarray(getattr(extras, "step", []), dtype=float)
+        extras = extras.extras
+    if not isinstance(extras, Mapping) or not extras:
+        raise ValueError("extras is empty: expected {name: [value per step]}")
+    keys = list(extras) if keys is None else list(keys)
+    missing = [key for key in keys if key not in extras]
+    if missing or not keys:
+        raise ValueError(f"keys {missing or keys} not in extras (available: {sorted(extras)})")
+    figure = Figure(figsize=(width, height_per_key * len(keys)), dpi=dpi)
+    all_axes = figure.subplots(len(keys), 1, sharex=True, squeeze=False)[:, 0]
+    for axes, key in zip(all_axes, keys, strict=True):
+        key_steps, values = _series(extras[key], f"extras[{key!r}]")
+        if steps is not None and steps.size == values.size:
+            key_steps = steps
+        axes.plot(key_steps, values)
+        axes.set_ylabel(key)
+    all_axes[-1].set_xlabel("step")
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    return _save(figure, path)
+
+
+# --------------------------------------------------------------------------- images
+
+_TITLE_PIXELS = 24
+
+
+def _check_images(images: Any, image_shape: Sequence[int], what: str) -> torch.Tensor:
+    images = _as_tensor(images, what)
+    shape = tuple(int(s) for s in image_shape)
+    if len(shape) != 2 or min(shape) < 1:
+        raise ValueError(f"image_shape must be (height, width), got {tuple(image_shape)}")
+    if images.dim() == 1:
+        images = images.unsqueeze(0)
+    if images.dim() != 2 or images.shape[0] == 0 or images.shape[1] != math.prod(shape):
+        raise ValueError(
+            f"{what}: expected shape (n, {math.prod(shape)}) for images of shape {shape},"
+            f" got {tuple(images.shape)}"
+        )
+    finite = torch.isfinite(images)
+    outside = ~finite | (images < 0) | (images > 1)
+    if bool(outside.any()):
+        bad = outside.nonzero()[0].tolist()
+        raise ValueError(
+            f"{what}: value {images[tuple(bad)].item()} at index {bad} is outside [0, 1]"
+        )
+    return images.reshape(-1, *shape)
+
+
+def _tile(images: torch.Tensor, nrow: int, pad: int) -> np.ndarray:
+    """Tile ``(n, h, w)`` images ``nrow`` to a row on a white background."""
+    n, height, width = images.shape
+    rows = math.ceil(n / nrow)
+    grid = np.ones((rows * (height + pad) + pad, nrow * (width + pad) + pad))
+    for index, image in enumerate(images.numpy()):
+        top = pad + (index // nrow) * (height + pad)
+        left = pad + (index % nrow) * (width + pad)
+        grid[top : top + height, left : left + width] = image
+    return grid
+
+
+def grid_pixels(
+    num_images: int,
+    image_shape: Sequence[int],
+    nrow: int,
+    *,
+    pad: int = 1,
+    scale: int = 4,
+    title: bool = False,
+) -> tuple[int, int]:
+    """``(height, width)`` in pixels of the PNG that :func:`plot_image_grid` writes."""
+    height, width = image_shape
+    columns = min(nrow, num_images)
+    rows = math.ceil(num_images / columns)
+    return (
+        scale * (rows * (height + pad) + pad) + (_TITLE_PIXELS if title else 0),
+        scale * (columns * (width + pad) + pad),
+    )
+
+
+def _draw_grid(grid: np.ndarray, path: PathLike, scale: int, title: str | None) -> Path:
+    # One grid pixel -> scale x scale PNG pixels: dpi 1 makes figsize count pixels exactly.
+    title_pixels = _TITLE_PIXELS if title else 0
+    height = grid.shape[0] * scale + title_pixels
+    width = grid.shape[1] * scale
+    figure = Figure(figsize=(width, height), dpi=1)
+    axes = figure.add_axes((0.0, 0.0, 1.0, grid.shape[0] * scale / height))
+    axes.imshow(grid, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest", aspect="auto")
+    axes.set_axis_off()
+    if title:
+        # A character is about 0.6 font sizes wide: shrink long titles to the grid's width.
+        font_pixels = min(0.55 * title_pixels, width / (0.6 * len(title) + 1))
+        # Font sizes are in points, which scale with dpi: 72 points per inch.
+        figure.text(
+            0.5,
+            1.0 - 0.5 * title_pixels / height,
+            title,
+            ha="center",
+            va="center",
+            fontsize=font_pixels * 72,
+        )
+    return _save(figure, path)
+
+
+def plot_image_grid(
+    images: Any,
+    image_shape: Sequence[int],
+    path: PathLike,
+    nrow: int = 8,
+    title: str | None = None,
+    *,
+    pad: int = 1,
+    scale: int = 4,
+) -> Path:
+    """A grid of grey-scale images (samples, reconstructions, decoder means).
+
+    :param images: ``(n, height * width)`` values in [0, 1].
+    :param image_shape: ``(height, width)``.
+    :param nrow: images per row.
+    :param scale: PNG pixels per image pixel; the PNG is exactly
+        :func:`grid_pixels` ``(n, image_shape, nrow, pad=pad, scale=scale, title=...)``.
+    """
+    if nrow < 1 or pad < 0 or scale < 1:
+        raise ValueError(f"need nrow >= 1, pad >= 0, scale >= 1; got {nrow}, {pad}, {scale}")
+    images = _check_images(images, image_shape, "images")
+    grid = _tile(images, min(nrow, images.shape[0]), pad)
+    return _draw_grid(grid, path, scale, title)
+
+
+def plot_reconstructions(
+    x: Any,
+    recon: Any,
+    image_shape: Sequence[int],
+    path: PathLike,
+    *,
+    num_images: int = 8,
+    title: str | None = "originals / reconstructions",
+    pad: int = 1,
+    scale: int = 4,
+) -> Path:
+    """The first ``num_images`` originals in the top row, their reconstructions below."""
+    x = _check_images(x, image_shape, "x")
+    recon = _check_images(recon, image_shape, "recon")
+    if x.shape != recon.shape:
+        raise ValueError(f"x and recon differ in shape: {tuple(x.shape)} and {tuple(recon.shape)}")
+    count = min(num_images, x.shape[0])
+    if count < 1:
+        raise ValueError(f"num_images must be positive, got {num_images}")
+    grid = _tile(torch.cat([x[:count], recon[:count]]), count, pad)
+    return _draw_grid(grid, path, scale, title)
+
+
+# --------------------------------------------------------------------------- 2-D densities
+
+
+def _check_points(points: Any, what: str) -> np.ndarray:
+    array = _as_tensor(points, what).numpy()
+    if array.ndim != 2 or array.shape[1] != 2 or array.shape[0] == 0:
+        raise ValueError(f"{what}: expected shape (n, 2) with n > 0, got {array.shape}")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{what}: contains non-finite values")
+    return array
+
+
+def _bounds_from(points: list[np.ndarray], margin: float = 0.1) -> Bounds:
+    stacked = np.concatenate(points)
+    low, high = stacked.min(0), stacked.max(0)
+    span = np.maximum(high - low, 1e-3)
+    low, high = low - margin * span, high + margin * span
+    return (float(low[0]), float(high[0])), (float(low[1]), float(high[1]))
+
+
+def plot_density_2d(
+    target: Callable[[torch.Tensor], torch.Tensor] | Any,
+    path: PathLike,
+    *,
+    samples: Any = None,
+    bounds: Bounds | None = None,
+    grid_size: int = 100,
+    title: str | None = None,
+    labels: tuple[str, str] = ("target", "guide samples"),
+    figsize: tuple[float, float] = (5.0, 5.0),
+    dpi: int = 100,
+) -> Path:
+    """A 2-D target density, with a guide's samples on top.
+
+    :param target: a log density (``(m, 2)`` tensor -> ``(m,)``, unnormalized is fine),
+        drawn as filled contours of its density on a grid, or ``(n, 2)`` samples of the
+        target, drawn as a 2-D histogram.
+    :param samples: optional ``(n, 2)`` guide samples, drawn as dots.
+    :param bounds: ``((x_min, x_max), (y_min, y_max))``; by default the range of the
+        samples plus 10%. Needed when ``target`` is a function and there are no samples.
+    """
+    if grid_size < 2:
+        raise ValueError(f"grid_size must be at least 2, got {grid_size}")
+    guide_points = None if samples is None else _check_points(samples, "samples")
+    target_points = None if callable(target) else _check_points(target, "target")
+    if bounds is None:
+        known = [p for p in (target_points, guide_points) if p is not None]
+        if not known:
+            raise ValueError("bounds are needed to plot a log density without samples")
+        bounds = _bounds_from(known)
+    (x_min, x_max), (y_min, y_max) = bounds
+    if not (x_min < x_max and y_min < y_max):
+        raise ValueError(f"bounds must be ((x_min, x_max), (y_min, y_max)), got {bounds}")
+    figure = Figure(figsize=figsize, dpi=dpi)
+    axes = figure.add_subplot()
+    if target_points is None:
+        xs, ys = np.linspace(x_min, x_max, grid_size), np.linspace(y_min, y_max, grid_size)
+        mesh_x, mesh_y = np.meshgrid(xs, ys)
+        grid = torch.as_tensor(np.stack([mesh_x.ravel(), mesh_y.ravel()], -1), dtype=torch.float32)
+        with torch.no_grad():
+            log_density = _as_tensor(target(grid), "target(points)").numpy()
+        if log_density.shape != (grid_size * grid_size,):
+            raise ValueError(
+                f"target(points) must return shape ({grid.shape[0]},) for points of shape"
+                f" {tuple(grid.shape)}, got {log_density.shape}"
+            )
+        finite = np.isfinite(log_density)
+        if not finite.any():
+            raise ValueError("target(points) is not finite anywhere inside the bounds")
+        density = np.where(finite, np.exp(log_density - log_density[finite].max()), 0.0)
+        axes.contourf(
+            mesh_x, mesh_y, density.reshape(grid_size, grid_size), levels=12, cmap="Blues"
+        )
+    else:
+        axes.hist2d(
+            target_points[:, 0],
+            target_points[:, 1],
+            bins=grid_size // 2,
+            range=[[x_min, x_max], [y_min, y_max]],
+            cmap="Blues",
+        )
+    handles = [axes.plot([], [], "s", color="tab:blue", label=labels[0])[0]]
+    if guide_points is not None:
+        handles.append(
+            axes.scatter(
+                guide_points[:, 0],
+                guide_points[:, 1],
+                s=4,
+                color="tab:orange",
+                alpha=0.5,
+                label=labels[1],
+            )
+        )
+    axes.set_xlim(x_min, x_max)
+    axes.set_ylim(y_min, y_max)
+    axes.legend(handles=handles, loc="upper right")
+    if title:
+        axes.set_title(title)
+    figure.tight_layout()
+    return _save(figure, path)

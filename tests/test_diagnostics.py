@@ -1,0 +1,447 @@
+"""Tests of lvmkit.inference.diagnostics: ArviZ export, PSIS k-hat, NUTS comparison."""
+
+import math
+import warnings
+
+import matplotlib.image
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from torch import nn
+
+from lvmkit.inference.diagnostics import (
+    KhatResult,
+    NutsComparison,
+    compare_with_nuts,
+    psis_khat,
+    to_arviz,
+)
+
+# --------------------------------------------------------------------------- a tiny VAE/SBN
+
+N_DATA, X_DIM, Z_DIM, B_DIM = 6, 4, 2, 3
+
+
+class TinyLocal(nn.Module):
+    """A VAE with one Gaussian and one Bernoulli (SBN-like) local latent."""
+
+    def __init__(self):
+        super().__init__()
+        self.decoder = nn.Linear(Z_DIM + B_DIM, X_DIM)
+        self.encoder = nn.Linear(X_DIM, 2 * Z_DIM + B_DIM)
+        self.prior_logits = nn.Parameter(torch.tensor([0.3, -0.2, 0.1]))
+
+    def model(self, x, labels=None):
+        pyro.module("tiny", self)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], Z_DIM), 1.0).to_event(1))
+            logits = self.prior_logits.expand(x.shape[0], B_DIM)
+            b = pyro.sample("b", dist.Bernoulli(logits=logits).to_event(1))
+            x_logits = self.decoder(torch.cat([z, b], -1))
+            pyro.sample("x", dist.Bernoulli(logits=x_logits).to_event(1), obs=x)
+
+    def encode(self, x):
+        out = self.encoder(x)
+        return out[..., :Z_DIM], out[..., Z_DIM : 2 * Z_DIM].exp(), out[..., 2 * Z_DIM :]
+
+    def guide(self, x, labels=None):
+        pyro.module("tiny", self)
+        loc, scale, b_logits = self.encode(x)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+            pyro.sample("b", dist.Bernoulli(logits=b_logits).to_event(1))
+
+
+@pytest.fixture
+def tiny():
+    torch.manual_seed(1)
+    net = TinyLocal()
+    x = torch.bernoulli(torch.full((N_DATA, X_DIM), 0.4))
+    return net, x
+
+
+def test_to_arviz_local_latents_groups_dims_coords(tiny):
+    net, x = tiny
+    tree = to_arviz(net.model, net.guide, x, num_samples=7)
+    assert {"posterior", "log_likelihood", "observed_data", "sample_stats"} <= set(tree.children)
+    post = tree["posterior"]
+    assert set(post.data_vars) == {"z", "b"}
+    assert post["z"].dims == ("chain", "draw", "obs", "z_dim_0")
+    assert post["z"].shape == (1, 7, N_DATA, Z_DIM)
+    assert post["b"].dims == ("chain", "draw", "obs", "b_dim_0")
+    assert set(np.unique(post["b"].values)) <= {0.0, 1.0}
+    np.testing.assert_array_equal(post["obs"].values, np.arange(N_DATA))
+    assert tree["log_likelihood"]["x"].dims == ("chain", "draw", "obs")
+    assert tree["log_likelihood"]["x"].shape == (1, 7, N_DATA)
+    assert tree["observed_data"]["x"].dims == ("obs", "x_dim_0")
+    np.testing.assert_array_equal(tree["observed_data"]["x"].values, x.numpy())
+    assert tree["sample_stats"]["log_weight"].dims == ("chain", "draw")
+    assert tree.attrs["vectorized_draws"] == 1
+
+
+def test_to_arviz_log_likelihood_and_log_weight_by_hand(tiny):
+    net, x = tiny
+    tree = to_arviz(net.model, net.guide, x, num_samples=24)
+    draw = 3
+    z = torch.as_tensor(tree["posterior"]["z"].values[0, draw])
+    b = torch.as_tensor(tree["posterior"]["b"].values[0, draw])
+    with torch.no_grad():
+        x_logits = net.decoder(torch.cat([z, b], -1))
+        log_lik = dist.Bernoulli(logits=x_logits).log_prob(x).sum(-1)
+        log_prior = (
+            dist.Normal(0.0, 1.0).log_prob(z).sum()
+            + dist.Bernoulli(logits=net.prior_logits).log_prob(b).sum()
+        )
+        loc, scale, b_logits = net.encode(x)
+        log_q = (
+            dist.Normal(loc, scale).log_prob(z).sum()
+            + dist.Bernoulli(logits=b_logits).log_prob(b).sum()
+        )
+    np.testing.assert_allclose(
+        tree["log_likelihood"]["x"].values[0, draw], log_lik.numpy(), rtol=1e-5, atol=1e-5
+    )
+    expected = float(log_lik.sum() + log_prior - log_q)
+    assert tree["sample_stats"]["log_weight"].values[0, draw] == pytest.approx(expected, abs=1e-4)
+    assert tree["sample_stats"]["lp"].values[0, draw] == pytest.approx(
+        float(log_lik.sum() + log_prior), abs=1e-4
+    )
+
+
+def test_to_arviz_passes_labels_to_model_and_guide(tiny):
+    net, x = tiny
+    seen = []
+
+    def model(x, labels=None):
+        seen.append(labels)
+        net.model(x)
+
+    labels = torch.arange(N_DATA)
+    to_arviz(model, net.guide, x, num_samples=3, labels=labels)
+    assert seen and all(lab is labels for lab in seen)
+
+
+# --------------------------------------------------------------------------- global latents
+
+FEATURES = torch.tensor(
+    [[1.0, 0.5], [-0.3, 1.2], [0.8, -1.0], [0.1, 0.2], [-1.5, 0.4], [0.6, 0.9], [1.1, -0.7]]
+)
+NOISE_SD = 0.5
+
+
+def blr_model(x):
+    """Bayesian linear regression of responses x on fixed FEATURES; vectorizes over draws."""
+    w = pyro.sample("w", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+    bias = pyro.sample("bias", dist.Normal(0.0, 1.0))
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("x", dist.Normal((w * FEATURES).sum(-1) + bias, NOISE_SD), obs=x)
+
+
+def blr_model_matmul(x):
+    """Same model written with a matmul, which does not broadcast over a batch of draws."""
+    w = pyro.sample("w", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+    bias = pyro.sample("bias", dist.Normal(0.0, 1.0))
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("x", dist.Normal(FEATURES @ w + bias, NOISE_SD), obs=x)
+
+
+def blr_guide(x):
+    loc = pyro.param("w_loc", torch.tensor([0.2, -0.1]))
+    pyro.sample("w", dist.Normal(loc, 0.3).to_event(1))
+    pyro.sample("bias", dist.Normal(pyro.param("b_loc", torch.tensor(0.1)), 0.4))
+
+
+def blr_log_weight(x, w, bias):
+    log_p = (
+        dist.Normal(0.0, 1.0).log_prob(w).sum()
+        + dist.Normal(0.0, 1.0).log_prob(bias)
+        + dist.Normal(FEATURES @ w + bias, NOISE_SD).log_prob(x).sum()
+    )
+    log_q = dist.Normal(torch.tensor([0.2, -0.1]), 0.3).log_prob(w).sum() + dist.Normal(
+        0.1, 0.4
+    ).log_prob(bias)
+    return float(log_p - log_q)
+
+
+@pytest.fixture
+def responses():
+    return torch.tensor([0.9, 0.4, -0.2, 0.3, -0.8, 1.0, 0.1])
+
+
+@pytest.mark.parametrize("model", [blr_model, blr_model_matmul])
+def test_to_arviz_global_latents(model, responses):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tree = to_arviz(model, blr_guide, responses, num_samples=9)
+    post = tree["posterior"]
+    assert post["w"].dims == ("chain", "draw", "w_dim_0")
+    assert post["w"].shape == (1, 9, 2)
+    assert post["bias"].dims == ("chain", "draw")
+    assert "obs" not in post.dims
+    assert tree["log_likelihood"]["x"].dims == ("chain", "draw", "obs")
+    vectorizes = model is blr_model
+    assert tree.attrs["vectorized_draws"] == int(vectorizes)
+    assert any("drawing one at a time" in str(w.message) for w in caught) != vectorizes
+    for draw in (0, 8):
+        w = torch.as_tensor(post["w"].values[0, draw])
+        bias = torch.as_tensor(post["bias"].values[0, draw])
+        got = tree["sample_stats"]["log_weight"].values[0, draw]
+        assert got == pytest.approx(blr_log_weight(responses, w, bias), abs=1e-4)
+
+
+def test_to_arviz_vectorize_true_refuses_a_model_that_does_not_broadcast(responses):
+    with pytest.raises(ValueError, match="does not vectorize"):
+        to_arviz(blr_model_matmul, blr_guide, responses, num_samples=4, vectorize=True)
+
+
+def test_to_arviz_detects_a_model_that_mixes_draws():
+    """A factor that reduces with ``.sum()`` runs vectorized but adds up all the draws; the
+    re-scoring of draw 0 catches it and the export falls back to a loop."""
+
+    def model(x):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        pyro.factor("penalty", -(mu**2).sum())
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(mu, 1.0), obs=x)
+
+    def guide(x):
+        pyro.sample("mu", dist.Normal(0.5, 0.2))
+
+    x = torch.tensor([0.3, 0.7, 1.1])
+    with pytest.warns(UserWarning, match="drawing one at a time"):
+        tree = to_arviz(model, guide, x, num_samples=6)
+    mu = torch.as_tensor(tree["posterior"]["mu"].values[0])
+    expected = (
+        dist.Normal(0.0, 1.0).log_prob(mu)
+        - mu**2
+        + dist.Normal(mu[:, None], 1.0).log_prob(x).sum(-1)
+        - dist.Normal(0.5, 0.2).log_prob(mu)
+    )
+    np.testing.assert_allclose(
+        tree["sample_stats"]["log_weight"].values[0], expected.numpy(), rtol=1e-5, atol=1e-4
+    )
+    assert "penalty" not in tree["log_likelihood"]
+
+
+def test_to_arviz_excludes_auxiliary_and_guide_factor_sites():
+    """A hierarchical guide q(a) q(mu | a) with its reverse model r(a | mu) as a guide factor
+    and an observed guide site: only the model's latent is exported, and log q includes
+    log q(a) + log q(mu | a) - log r(a | mu) + the observed guide term."""
+    recorded = []
+
+    def model(x):
+        mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(mu, 1.0), obs=x)
+
+    def guide(x):
+        a = pyro.sample("a", dist.Normal(0.0, 1.0), infer={"is_auxiliary": True})
+        recorded.append(a)
+        mu = pyro.sample("mu", dist.Normal(0.4 + 0.3 * a, 0.5))
+        pyro.factor("reverse", -dist.Normal(0.5 * mu, 0.8).log_prob(a), has_rsample=True)
+        pyro.sample("a_check", dist.Normal(a, 1.0), obs=torch.tensor(0.2))
+
+    x = torch.tensor([0.3, -0.4, 1.2, 0.8])
+    num_samples = 8
+    tree = to_arviz(model, guide, x, num_samples=num_samples)
+    assert set(tree["posterior"].data_vars) == {"mu"}
+    assert set(tree["log_likelihood"].data_vars) == {"x"}
+    assert set(tree["observed_data"].data_vars) == {"x"}
+    mu = torch.as_tensor(tree["posterior"]["mu"].values[0])
+    # the vectorized pass is the one call that drew all the draws of a at once
+    (a,) = [value.reshape(-1) for value in recorded if value.numel() == num_samples]
+    log_p = dist.Normal(0.0, 2.0).log_prob(mu) + dist.Normal(mu[:, None], 1.0).log_prob(x).sum(-1)
+    log_q = (
+        dist.Normal(0.0, 1.0).log_prob(a)
+        + dist.Normal(0.4 + 0.3 * a, 0.5).log_prob(mu)
+        - dist.Normal(0.5 * mu, 0.8).log_prob(a)
+        + dist.Normal(a, 1.0).log_prob(torch.tensor(0.2))
+    )
+    stats = tree["sample_stats"]
+    np.testing.assert_allclose(stats["lp"].values[0], log_p.numpy(), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(stats["log_q"].values[0], log_q.numpy(), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(
+        stats["log_weight"].values[0], (log_p - log_q).numpy(), rtol=1e-5, atol=1e-4
+    )
+
+
+def test_to_arviz_errors_name_the_problem(tiny):
+    net, x = tiny
+    with pytest.raises(ValueError, match="num_samples"):
+        to_arviz(net.model, net.guide, x, num_samples=0)
+
+    def guide_without_latents(x, labels=None):
+        pyro.sample("unrelated", dist.Normal(0.0, 1.0))
+
+    with pytest.warns(UserWarning, match="not sampled by the guide"):
+        with pytest.raises(ValueError, match="none of the model's latent sites"):
+            to_arviz(net.model, guide_without_latents, x, num_samples=2)
+
+
+# --------------------------------------------------------------------------- PSIS k-hat
+
+PRIOR_SD = 2.0
+
+
+def normal_model(x):
+    mu = pyro.sample("mu", dist.Normal(torch.zeros(x.shape[-1]), PRIOR_SD).to_event(1))
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("x", dist.Normal(mu, 1.0).to_event(1), obs=x)
+
+
+def exact_posterior(x):
+    precision = 1.0 / PRIOR_SD**2 + x.shape[0]
+    return x.sum(0) / precision, precision**-0.5
+
+
+def scaled_posterior_guide(x_data, factor):
+    loc, scale = exact_posterior(x_data)
+
+    def guide(x):
+        pyro.sample("mu", dist.Normal(loc, scale * factor).to_event(1))
+
+    return guide
+
+
+@pytest.fixture
+def normal_data():
+    torch.manual_seed(0)
+    return torch.randn(20, 2) + 1.0
+
+
+def test_khat_exact_posterior_is_good(normal_data):
+    result = psis_khat(
+        normal_model, scaled_posterior_guide(normal_data, 1.0), normal_data, num_samples=500
+    )
+    assert isinstance(result, KhatResult)
+    assert result.khat < 0.2 and result.verdict == "good"
+    # q is the posterior, so every ratio is p(x): the weights are uniform.
+    assert result.ess == pytest.approx(500, rel=1e-6)
+    x = normal_data
+    log_evidence = dist.MultivariateNormal(
+        torch.zeros(20 * 2),
+        (torch.eye(20 * 2) + PRIOR_SD**2 * torch.kron(torch.ones(20, 20), torch.eye(2))),
+    ).log_prob(x.reshape(-1))
+    assert result.log_evidence == pytest.approx(float(log_evidence), abs=1e-3)
+
+
+def test_khat_slightly_wide_guide_is_good(normal_data):
+    result = psis_khat(
+        normal_model, scaled_posterior_guide(normal_data, 1.2), normal_data, num_samples=1000
+    )
+    assert math.isfinite(result.khat) and result.khat < 0.5
+    assert result.verdict == "good"
+    assert np.exp(result.log_weights).sum() == pytest.approx(1.0, abs=1e-9)
+
+
+def test_khat_far_too_narrow_guide_is_poor(normal_data):
+    narrow = psis_khat(
+        normal_model, scaled_posterior_guide(normal_data, 0.1), normal_data, num_samples=2000
+    )
+    assert narrow.khat > 0.7
+    assert narrow.verdict == "poor"
+    assert "poor" in str(narrow) and f"{narrow.khat:.3f}" in str(narrow)
+    assert narrow.ess < 0.2 * narrow.num_samples
+
+
+@pytest.mark.slow
+def test_khat_narrow_guide_is_poor_for_most_seeds(normal_data):
+    khats = []
+    for seed in range(20):
+        pyro.set_rng_seed(seed)
+        khats.append(
+            psis_khat(
+                normal_model,
+                scaled_posterior_guide(normal_data, 0.1),
+                normal_data,
+                num_samples=2000,
+            ).khat
+        )
+    # The true k of a 0.1x too narrow Gaussian q is 1 - 0.1^2 = 0.99.
+    assert np.median(khats) > 0.8
+    assert np.mean(np.array(khats) > 0.7) >= 0.85
+
+
+def test_khat_verdict_thresholds():
+    ratios = np.zeros(10)
+    assert KhatResult(0.3, ratios, ratios).verdict == "good"
+    assert KhatResult(0.6, ratios, ratios).verdict == "ok"
+    assert KhatResult(0.7, ratios, ratios).verdict == "poor"
+    assert KhatResult(0.3, ratios, ratios).thresholds == (0.5, 0.7)
+
+
+def test_khat_rejects_too_few_draws(normal_data):
+    with pytest.raises(ValueError, match="at least 25 draws"):
+        psis_khat(
+            normal_model, scaled_posterior_guide(normal_data, 1.1), normal_data, num_samples=24
+        )
+
+
+# --------------------------------------------------------------------------- NUTS
+
+
+def test_compare_with_nuts_matches_analytic_posterior(normal_data, tmp_path):
+    x = normal_data[:8]
+    loc, scale = exact_posterior(x)
+    guide = scaled_posterior_guide(x, 1.0)
+    path = tmp_path / "forest.png"
+    result = compare_with_nuts(normal_model, guide, x, num_samples=120, warmup=80, plot_path=path)
+    assert isinstance(result, NutsComparison)
+    table = result.table
+    assert list(table.index) == ["mu[0]", "mu[1]"]
+    for i, row in enumerate(table.index):
+        nuts, guide = table.loc[row, "nuts"], table.loc[row, "guide"]
+        # The Monte Carlo standard error is ESS-based: sd / sqrt(ESS).
+        assert nuts["mcse_mean"] == pytest.approx(nuts["sd"] / math.sqrt(nuts["ess_bulk"]), rel=0.5)
+        # Means agree with the analytic posterior within 4 Monte Carlo standard errors.
+        assert abs(nuts["mean"] - float(loc[i])) < 4 * nuts["mcse_mean"]
+        assert abs(guide["mean"] - float(loc[i])) < 4 * guide["mcse_mean"]
+        assert nuts["sd"] == pytest.approx(scale, rel=0.3)
+        assert nuts["r_hat"] < 1.1 or math.isnan(nuts["r_hat"])
+    assert result.khat.verdict == "good"
+    assert result.nuts_posterior["posterior"]["mu"].dims == ("chain", "draw", "mu_dim_0")
+    assert result.nuts_posterior["posterior"]["mu"].shape == (1, 120, 2)
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 50 and image.shape[1] > 50
+    assert "mu[0]" in str(result)
+
+
+def test_compare_with_nuts_restores_rng_and_plots_with_matplotlib(normal_data, tmp_path):
+    x = normal_data[:5]
+    guide = scaled_posterior_guide(x, 1.5)
+    pyro.set_rng_seed(11)
+    expected_next = torch.rand(())
+    pyro.set_rng_seed(11)
+    path = tmp_path / "forest_mpl.png"
+    result = compare_with_nuts(
+        normal_model,
+        guide,
+        x,
+        num_samples=30,
+        warmup=20,
+        num_chains=2,
+        plot_path=path,
+        plot_backend="matplotlib",
+    )
+    assert torch.rand(()) == expected_next
+    assert result.nuts_posterior["posterior"]["mu"].shape == (2, 30, 2)
+    assert matplotlib.image.imread(path).shape[:2] == (250, 600)  # 1.5 + 0.5 per row
+    assert ("diff", "z") in result.table.columns
+    with pytest.raises(ValueError, match="plot_backend"):
+        compare_with_nuts(normal_model, guide, x, plot_backend="bokeh")
+
+
+def test_to_arviz_with_lvmkit_vae_and_auxiliary_encoder():
+    """The package's own hierarchical guide: auxiliary "a" and factor "a_reverse" stay out."""
+    from lvmkit.guides.hierarchical import AuxiliaryEncoder
+    from lvmkit.models.vae import VAE
+
+    torch.manual_seed(0)
+    x = torch.bernoulli(torch.full((5, 6), 0.5))
+    vae = VAE(6, 2, (4,))
+    tree = to_arviz(vae, AuxiliaryEncoder(6, 2, 3, (4,)), x, num_samples=4)
+    assert set(tree["posterior"].data_vars) == {"z"}
+    assert tree["posterior"]["z"].dims == ("chain", "draw", "obs", "z_dim_0")
+    assert tree.attrs["vectorized_draws"] == 1
+    assert np.isfinite(tree["sample_stats"]["log_weight"].values).all()

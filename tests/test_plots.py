@@ -1,0 +1,213 @@
+"""Tests of lvmkit.inference.plots: every function writes a PNG of the expected size."""
+
+import math
+
+import matplotlib.image
+import numpy as np
+import pytest
+import torch
+
+from lvmkit.inference import plots
+from lvmkit.inference.fit import History
+
+
+def read_png(path):
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[2] in (3, 4)
+    return image
+
+
+def is_not_blank(image):
+    return float(image[..., :3].std()) > 0.01
+
+
+# --------------------------------------------------------------------------- loss
+
+
+def test_plot_loss_single_run(tmp_path):
+    path = plots.plot_loss([3.0, 2.5, 2.0, 1.8], tmp_path / "sub" / "loss.png", dpi=50)
+    assert path == tmp_path / "sub" / "loss.png"
+    image = read_png(path)
+    assert image.shape[:2] == (200, 300)  # figsize (6, 4) inches at 50 dpi
+    assert is_not_blank(image)
+
+
+def test_plot_loss_several_runs_history_objects_and_smoothing(tmp_path):
+    history = History()
+    for step in range(1, 31):
+        history.record(step, 0, 100.0 / step, float(step))
+    runs = {
+        "fit": history,
+        "dict": history.to_dict(),
+        "pairs": [(10 * i, 5.0 - 0.1 * i) for i in range(20)],
+    }
+    path = plots.plot_loss(
+        runs, tmp_path / "runs.png", smoothing=0.8, logy=True, figsize=(5, 3), dpi=80
+    )
+    assert read_png(path).shape[:2] == (240, 400)
+
+
+def test_plot_loss_errors(tmp_path):
+    with pytest.raises(ValueError, match="history is empty"):
+        plots.plot_loss([], tmp_path / "a.png")
+    with pytest.raises(ValueError, match="history 'b' is empty"):
+        plots.plot_loss({"a": [1.0], "b": []}, tmp_path / "a.png")
+    with pytest.raises(ValueError, match="no runs"):
+        plots.plot_loss({}, tmp_path / "a.png")
+    with pytest.raises(ValueError, match=r"smoothing must be in \[0, 1\)"):
+        plots.plot_loss([1.0, 2.0], tmp_path / "a.png", smoothing=1.0)
+    with pytest.raises(ValueError, match="shape"):
+        plots.plot_loss([[1.0, 2.0, 3.0]], tmp_path / "a.png")
+    assert not (tmp_path / "a.png").exists()
+
+
+def test_ema_is_debiased_and_skips_nan():
+    values = np.array([2.0, math.nan, 4.0])
+    smoothed = plots.ema(values, 0.5)
+    assert smoothed[0] == pytest.approx(2.0)  # debiased: no pull towards 0
+    assert smoothed[1] == pytest.approx(2.0)
+    # weights 0.25 * 2 + 0.5 * 4 over 0.75
+    assert smoothed[2] == pytest.approx((0.25 * 2.0 + 0.5 * 4.0) / 0.75)
+    np.testing.assert_allclose(plots.ema(values, 0.0)[[0, 2]], [2.0, 4.0])
+
+
+# --------------------------------------------------------------------------- variance, traces
+
+
+def test_plot_grad_variance(tmp_path):
+    records = {
+        "rebar": [(step, -3.0 - 0.01 * step) for step in range(0, 500, 50)],
+        "nvil": [(step, 2.0) for step in range(0, 500, 50)],
+    }
+    path = plots.plot_grad_variance(records, tmp_path / "var.png", dpi=50)
+    image = read_png(path)
+    assert image.shape[:2] == (200, 300)
+    assert is_not_blank(image)
+
+
+def test_plot_grad_variance_errors(tmp_path):
+    with pytest.raises(ValueError, match="records is empty"):
+        plots.plot_grad_variance({}, tmp_path / "v.png")
+    with pytest.raises(ValueError, match=r"records\['nvil'\] is empty"):
+        plots.plot_grad_variance({"rebar": [(1, 0.0)], "nvil": []}, tmp_path / "v.png")
+    with pytest.raises(ValueError, match=r"records\['rebar'\]: expected \(step, value\) pairs"):
+        plots.plot_grad_variance({"rebar": [1.0, 2.0]}, tmp_path / "v.png")
+
+
+def test_plot_traces_dict_and_history(tmp_path):
+    extras = {"eta": [1.0, 1.1, 1.2], "temperature": [math.nan, 0.5, 0.45], "other": [0, 1, 2]}
+    path = plots.plot_traces(extras, tmp_path / "t.png", keys=["eta", "temperature"], dpi=50)
+    assert read_png(path).shape[:2] == (200, 300)  # two panels of 2 inches, 6 wide
+    history = History()
+    for step in range(1, 4):
+        history.record(step, 0, 1.0, 0.0, {"eta": 1.0 + step})
+    path = plots.plot_traces(history, tmp_path / "h.png", dpi=50)
+    assert read_png(path).shape[:2] == (100, 300)
+
+
+def test_plot_traces_errors(tmp_path):
+    with pytest.raises(ValueError, match="extras is empty"):
+        plots.plot_traces({}, tmp_path / "t.png")
+    with pytest.raises(ValueError, match=r"keys \['tau'\] not in extras"):
+        plots.plot_traces({"eta": [1.0]}, tmp_path / "t.png", keys=["tau"])
+    with pytest.raises(ValueError, match=r"extras\['eta'\] is empty"):
+        plots.plot_traces({"eta": []}, tmp_path / "t.png")
+
+
+# --------------------------------------------------------------------------- images
+
+
+def test_plot_image_grid_pixels_and_content(tmp_path):
+    images = torch.zeros(10, 12)
+    images[3] = 1.0  # one white image among black ones
+    path = plots.plot_image_grid(images, (3, 4), tmp_path / "grid.png", nrow=4, pad=1, scale=2)
+    image = read_png(path)
+    # 3 rows of 4 columns, 1-pixel padding, each image pixel 2x2 PNG pixels
+    assert image.shape[:2] == (2 * (3 * (3 + 1) + 1), 2 * (4 * (4 + 1) + 1))
+    assert image.shape[:2] == plots.grid_pixels(10, (3, 4), 4, pad=1, scale=2)
+    grey = image[..., :3].mean(-1)
+    # image 3 sits in row 0, column 3: grid pixels rows 1..3, columns 16..19
+    np.testing.assert_allclose(grey[2:8, 32:40], 1.0, atol=1e-6)
+    np.testing.assert_allclose(grey[2:8, 2:10], 0.0, atol=1e-6)  # image 0 is black
+
+
+def test_plot_image_grid_with_title_and_numpy_input(tmp_path):
+    images = np.random.default_rng(0).uniform(size=(5, 64))
+    path = plots.plot_image_grid(images, (8, 8), tmp_path / "t.png", nrow=8, title="samples")
+    assert read_png(path).shape[:2] == plots.grid_pixels(5, (8, 8), 8, title=True)
+
+
+def test_plot_image_grid_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"expected shape \(n, 64\).*got \(3, 60\)"):
+        plots.plot_image_grid(torch.rand(3, 60), (8, 8), tmp_path / "g.png")
+    with pytest.raises(ValueError, match=r"image_shape must be \(height, width\)"):
+        plots.plot_image_grid(torch.rand(3, 64), (8, 8, 1), tmp_path / "g.png")
+    with pytest.raises(ValueError, match="outside"):
+        plots.plot_image_grid(torch.full((2, 4), 1.5), (2, 2), tmp_path / "g.png")
+    with pytest.raises(ValueError, match=r"got \(0, 4\)"):
+        plots.plot_image_grid(torch.zeros(0, 4), (2, 2), tmp_path / "g.png")
+    with pytest.raises(ValueError, match="nrow"):
+        plots.plot_image_grid(torch.zeros(2, 4), (2, 2), tmp_path / "g.png", nrow=0)
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_plot_reconstructions(tmp_path):
+    x = torch.zeros(6, 16)
+    recon = torch.ones(6, 16)
+    path = plots.plot_reconstructions(
+        x, recon, (4, 4), tmp_path / "r.png", num_images=5, title=None, scale=3
+    )
+    image = read_png(path)
+    assert image.shape[:2] == plots.grid_pixels(10, (4, 4), 5, scale=3)
+    grey = image[..., :3].mean(-1)
+    top, bottom = grey[3:15, 3:15], grey[18:30, 3:15]  # first original, its reconstruction
+    assert top.max() == pytest.approx(0.0, abs=1e-6)
+    assert bottom.min() == pytest.approx(1.0, abs=1e-6)
+    with pytest.raises(ValueError, match="differ in shape"):
+        plots.plot_reconstructions(x, recon[:5], (4, 4), tmp_path / "r.png")
+    with pytest.raises(ValueError, match="recon: expected shape"):
+        plots.plot_reconstructions(x, torch.ones(6, 15), (4, 4), tmp_path / "r.png")
+
+
+# --------------------------------------------------------------------------- 2-D densities
+
+
+def standard_normal_log_density(points):
+    return -0.5 * (points**2).sum(-1)
+
+
+def test_plot_density_2d_function_and_samples(tmp_path):
+    samples = torch.randn(200, 2) * 0.5
+    path = plots.plot_density_2d(
+        standard_normal_log_density,
+        tmp_path / "d.png",
+        samples=samples,
+        grid_size=30,
+        title="AutoNormal",
+        dpi=40,
+    )
+    image = read_png(path)
+    assert image.shape[:2] == (200, 200)
+    assert is_not_blank(image)
+    path = plots.plot_density_2d(
+        torch.randn(500, 2), tmp_path / "s.png", samples=samples, grid_size=20, dpi=40
+    )
+    assert read_png(path).shape[:2] == (200, 200)
+
+
+def test_plot_density_2d_errors(tmp_path):
+    with pytest.raises(ValueError, match="bounds are needed"):
+        plots.plot_density_2d(standard_normal_log_density, tmp_path / "d.png")
+    with pytest.raises(ValueError, match=r"samples: expected shape \(n, 2\)"):
+        plots.plot_density_2d(
+            standard_normal_log_density, tmp_path / "d.png", samples=torch.randn(10, 3)
+        )
+    with pytest.raises(ValueError, match=r"must return shape \(100,\)"):
+        plots.plot_density_2d(
+            lambda p: p, tmp_path / "d.png", bounds=((-1, 1), (-1, 1)), grid_size=10
+        )
+    with pytest.raises(ValueError, match="bounds must be"):
+        plots.plot_density_2d(
+            standard_normal_log_density, tmp_path / "d.png", bounds=((1, -1), (-1, 1))
+        )
+    assert not (tmp_path / "d.png").exists()
