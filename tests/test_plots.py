@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lvmkit.inference import plots
-from lvmkit.inference.fit import History
+from lvmkit.inference.training import History
 
 
 def read_png(path):

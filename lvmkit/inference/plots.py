@@ -70,7 +70,7 @@ def _pairs(values: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _history_series(history: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """Accept :class:`lvmkit.inference.fit.History`, its ``to_dict()``, or a plain series."""
+    """Accept :class:`lvmkit.inference.training.History`, its ``to_dict()``, or a plain series."""
     if isinstance(history, Mapping) and "loss" in history:
         loss, steps = history["loss"], history.get("step")
     elif hasattr(history, "loss"):
@@ -127,7 +127,7 @@ def plot_loss(
 ) -> Path:
     """Loss against step for one run or several.
 
-    :param history: a run (a :class:`~lvmkit.inference.fit.History`, whose ``loss`` is per
+    :param history: a run (a :class:`~lvmkit.inference.training.History`, whose ``loss`` is per
         datum already, its ``to_dict()``, a sequence of losses, or of ``(step, loss)``
         pairs) or a dict ``{run name: run}``.
     :param smoothing: EMA weight in [0, 1); > 0 draws the raw curve faintly under the
@@ -205,7 +205,7 @@ def plot_traces(
     """Per-step scalar traces (e.g. REBAR's eta and temperature), one panel per key.
 
     :param extras: ``{name: [value per step]}`` (NaN marks steps without a value) or a
-        :class:`~lvmkit.inference.fit.History`, whose ``extras`` and ``step`` are used.
+        :class:`~lvmkit.inference.training.History`, whose ``extras`` and ``step`` are used.
     :param keys: which traces, in order (default: all).
     """
     steps = None

@@ -1,0 +1,339 @@
+import json
+import math
+import os
+
+import pyro
+import pyro.distributions as dist
+import pyro.optim
+import pytest
+import torch
+from pyro.infer import RenyiELBO, Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO
+from pyro.nn import PyroModule
+
+from lvmkit.data import Dataset
+from lvmkit.inference.training import CHECKPOINT_NAME, History, fit
+
+
+class TinyVAE(PyroModule):
+    """Gaussian latents, Bernoulli pixels; networks registered with pyro.module."""
+
+    def __init__(self, dim=6, latent=2, hidden=8):
+        super().__init__()
+        self.latent = latent
+        self.decoder = torch.nn.Sequential(
+            torch.nn.Linear(latent, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, dim))
+
+    def forward(self, x, labels=None):
+        pyro.module("decoder", self.decoder)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(self.latent), 1.0).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=self.decoder(z)).to_event(1), obs=x)
+
+
+class TinyEncoder(PyroModule):
+    def __init__(self, dim=6, latent=2, hidden=8):
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(dim, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 2 * latent))
+
+    def forward(self, x, labels=None):
+        pyro.module("encoder", self.net)
+        loc, log_scale = self.net(x).chunk(2, -1)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(loc, log_scale.exp()).to_event(1))
+
+
+def binary_data(n=30, dim=6, seed=0):
+    return torch.bernoulli(torch.full((n, dim), 0.4), generator=torch.Generator().manual_seed(seed))
+
+
+def fresh_pair(seed=1):
+    """New networks, as a new process would build them."""
+    torch.manual_seed(seed)
+    return TinyVAE(), TinyEncoder()
+
+
+def params_snapshot():
+    return {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+
+
+def run(steps, data, **kwargs):
+    model, guide = fresh_pair()
+    kwargs.setdefault("batch_size", 10)
+    kwargs.setdefault("optim", pyro.optim.Adam({"lr": 0.01}))
+    return fit(model, guide, data, steps=steps, progress=False, **kwargs)
+
+
+def test_same_seed_same_history_and_params():
+    data = binary_data()
+    first = run(8, data)
+    first_params = params_snapshot()
+    pyro.clear_param_store()
+    second = run(8, data)
+    assert first.loss == second.loss
+    assert all(torch.equal(first_params[k], v) for k, v in params_snapshot().items())
+    pyro.clear_param_store()
+    other = run(8, data, seed=1)
+    assert other.loss != first.loss
+    assert first.step == list(range(1, 9)) and len(first) == 8
+    assert all(b >= a for a, b in zip(first.wall_time, first.wall_time[1:], strict=False))
+
+
+# One parameter, no latents: with every x_n = 1 and loc = 0, d loss / d loc = -(scale) * B,
+# so one SGD step moves loc to lr * N when the batch is scaled by N / B, lr * B if unscaled.
+N, B, LR = 40, 8, 1e-3
+
+
+def location_model(x, labels=None):
+    loc = pyro.param("loc", torch.tensor(0.0))
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("x", dist.Normal(loc, 1.0), obs=x)
+
+
+def subsampling_model(x, labels=None):
+    loc = pyro.param("loc", torch.tensor(0.0))
+    with pyro.plate("data", N, subsample=torch.arange(x.shape[0])):
+        pyro.sample("x", dist.Normal(loc, 1.0), obs=x)
+
+
+def empty_guide(x, labels=None):
+    pass
+
+
+@pytest.mark.parametrize("model", [location_model, subsampling_model])
+def test_scaling_by_n_over_b_applied_once(model):
+    history = fit(model, empty_guide, torch.ones(N), steps=1, batch_size=B,
+                  optim=pyro.optim.SGD({"lr": LR}), progress=False)
+    assert pyro.param("loc").item() == pytest.approx(LR * N, rel=1e-5)
+    # Per-datum loss: -log N(1; 0, 1).
+    assert history.loss[0] == pytest.approx(0.5 + 0.5 * math.log(2 * math.pi), rel=1e-5)
+
+
+def test_full_batch_is_unscaled():
+    fit(location_model, empty_guide, torch.ones(N), steps=1, batch_size=N,
+        optim=pyro.optim.SGD({"lr": LR}), progress=False)
+    assert pyro.param("loc").item() == pytest.approx(LR * N, rel=1e-5)
+
+
+def test_epochs_and_last_partial_batch():
+    sizes = []
+
+    def model(x, labels=None):
+        sizes.append(x.shape[0])
+        location_model(x)
+
+    history = fit(model, empty_guide, torch.ones(10), epochs=2, batch_size=4,
+                  optim=pyro.optim.SGD({"lr": LR}), progress=False)
+    assert history.epoch == [0, 0, 0, 1, 1, 1]
+    assert sizes[1:] == [4, 4, 2, 4, 4, 2]  # sizes[0] is the first (inspection) trace
+    # Every datum is seen once per epoch with scale N/|batch|: 2 epochs of gradient -N.
+    assert pyro.param("loc").item() == pytest.approx(LR * 10 * 6, rel=0.05)
+
+
+def test_differentiable_loss_path_matches_svi_gradient():
+    data = binary_data()
+    run(1, data, optim=pyro.optim.SGD({"lr": 0.1}))
+    svi_params = params_snapshot()
+    pyro.clear_param_store()
+    run(1, data, optim=pyro.optim.SGD({"lr": 0.1}), use_differentiable_loss=True)
+    diff_params = params_snapshot()
+    assert svi_params.keys() == diff_params.keys()
+    for name, value in svi_params.items():
+        assert torch.allclose(value, diff_params[name], atol=1e-6), name
+    pyro.clear_param_store()
+    fresh_pair()[0](data)  # initial values, same seed
+    initial = {k: v.detach() for k, v in pyro.get_param_store().items()}
+    moved = max((svi_params[k] - initial[k]).abs().max().item() for k in initial)
+    assert moved > 1e-4  # the step did something
+
+
+def test_differentiable_loss_refused_for_elbo_without_it():
+    with pytest.raises(TypeError, match="RenyiELBO has no differentiable_loss"):
+        run(1, binary_data(), elbo=RenyiELBO(), use_differentiable_loss=True)
+
+
+def bernoulli_latent_model(x, labels=None):
+    weight = pyro.param("weight", torch.zeros(3, x.shape[1]))
+    with pyro.plate("data", x.shape[0]):
+        z = pyro.sample("z", dist.Bernoulli(logits=torch.zeros(3)).to_event(1))
+        pyro.sample("x", dist.Bernoulli(logits=z @ weight).to_event(1), obs=x)
+
+
+def bernoulli_latent_guide(x, labels=None):
+    proj = pyro.param("proj", torch.zeros(x.shape[1], 3))
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("z", dist.Bernoulli(logits=x @ proj).to_event(1))
+
+
+@pytest.mark.filterwarnings("ignore:TraceEnum_ELBO found no sample sites")
+@pytest.mark.parametrize(
+    "elbo",
+    [Trace_ELBO(), TraceGraph_ELBO(), TraceEnum_ELBO(max_plate_nesting=1),
+     RenyiELBO(alpha=0.5, num_particles=2)],
+    ids=["trace", "tracegraph", "traceenum", "renyi"],
+)
+def test_any_pyro_elbo(elbo):
+    data = binary_data(n=40, dim=5)
+    data[:, :2] = 1.0  # learnable structure: two pixels always on
+    history = fit(bernoulli_latent_model, bernoulli_latent_guide, data, elbo=elbo, steps=40,
+                  batch_size=20, optim=pyro.optim.Adam({"lr": 0.1}), progress=False)
+    assert len(history) == 40 and all(math.isfinite(v) for v in history.loss)
+    # Per-datum loss starts at 5 log 2 (all logits 0) and must fall as the weights learn.
+    assert history.loss[0] == pytest.approx(5 * math.log(2), rel=1e-4)
+    assert sum(history.loss[-10:]) / 10 < history.loss[0] - 0.3
+
+
+class CountingELBO(Trace_ELBO):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def loss_and_grads(self, model, guide, *args, **kwargs):
+        self.calls += 1
+        return super().loss_and_grads(model, guide, *args, **kwargs)
+
+    def diagnostics(self):
+        return {"calls": self.calls}
+
+
+def test_history_extras_from_diagnostics_and_callback(tmp_path):
+    history = run(5, binary_data(), elbo=CountingELBO(),
+                  callback=lambda h: {"twice_loss": 2 * h.loss[-1]} if len(h) > 2 else None)
+    assert history.extras["calls"] == [1.0, 2.0, 3.0, 4.0, 5.0]
+    twice = history.extras["twice_loss"]
+    assert all(math.isnan(v) for v in twice[:2])
+    assert twice[2:] == [2 * v for v in history.loss[2:]]
+    history.save(tmp_path / "h.json")
+    loaded = json.loads((tmp_path / "h.json").read_text())
+    assert loaded["loss"] == history.loss and loaded["step"] == [1, 2, 3, 4, 5]
+    assert History.from_dict(history.to_dict()).loss == history.loss
+
+
+def test_progress_bar_shows_per_datum_loss(capsys):
+    fit(location_model, empty_guide, torch.ones(N), steps=3, batch_size=B, progress=True)
+    err = capsys.readouterr().err
+    assert "3/3" in err and "loss=" in err
+    fit(location_model, empty_guide, torch.ones(N), steps=3, batch_size=B, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_dataset_dynamic_binarization_and_labels():
+    seen = []
+
+    def model(x, labels=None):
+        seen.append((x.clone(), labels))
+        with pyro.plate("data", x.shape[0]):
+            # Bernoulli validation rejects grey values, the inspection trace included.
+            pyro.sample("x", dist.Bernoulli(logits=torch.zeros(3)).to_event(1), obs=x)
+
+    grey = torch.full((12, 3), 0.5)
+    ds = Dataset(x=grey, y=torch.arange(12), name="toy", image_shape=(3,), binarize="dynamic")
+    fit(model, empty_guide, ds, steps=3, batch_size=4, labels=True, progress=False,
+        optim=pyro.optim.SGD({"lr": LR}))
+    batches = [x for x, _ in seen[1:]]
+    assert all(set(x.unique().tolist()) <= {0.0, 1.0} for x in batches)
+    assert not all(torch.equal(batches[0], b) for b in batches[1:])
+    labels = torch.cat([y for _, y in seen[1:]])
+    assert sorted(labels.tolist()) == list(range(12))  # one epoch, each label once
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    data = binary_data()
+    full = run(12, data)
+    full_params = params_snapshot()
+    pyro.clear_param_store()
+    first = run(6, data, checkpoint_dir=tmp_path, checkpoint_every=4)
+    assert first.loss == full.loss[:6]
+    assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=False)["step"] == 6
+    pyro.clear_param_store()  # as in a new process
+    resumed = run(12, data, checkpoint_dir=tmp_path, checkpoint_every=4)
+    assert resumed.step == list(range(1, 13))
+    assert resumed.loss == pytest.approx(full.loss, abs=1e-6)
+    resumed_params = params_snapshot()
+    assert resumed_params.keys() == full_params.keys()
+    for name, value in full_params.items():
+        assert torch.allclose(resumed_params[name], value, atol=1e-6), name
+    pyro.clear_param_store()
+    restart = run(12, data, checkpoint_dir=tmp_path, resume=False)
+    assert restart.loss == pytest.approx(full.loss, abs=1e-6)
+
+
+def test_resume_refuses_a_different_batch_size(tmp_path):
+    run(2, binary_data(), checkpoint_dir=tmp_path)
+    pyro.clear_param_store()
+    with pytest.raises(ValueError, match="batch_size=10; this run has N=30, batch_size=5"):
+        run(4, binary_data(), checkpoint_dir=tmp_path, batch_size=5)
+
+
+def test_crash_while_writing_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    run(4, binary_data(), checkpoint_dir=tmp_path, checkpoint_every=2)
+    path = tmp_path / CHECKPOINT_NAME
+    before = path.read_bytes()
+    real_save = torch.save
+
+    def crashing_save(obj, stream, *args, **kwargs):
+        real_save(obj, stream, *args, **kwargs)
+        stream.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crashing_save)
+    pyro.clear_param_store()
+    with pytest.raises(OSError, match="disk full"):
+        run(8, binary_data(), checkpoint_dir=tmp_path, checkpoint_every=2)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert torch.load(path, weights_only=False)["step"] == 4
+    assert os.listdir(tmp_path) == [CHECKPOINT_NAME]  # no temporary file left behind
+
+
+@pytest.mark.filterwarnings("ignore:Encountered \\+inf")
+def test_non_finite_loss_names_the_step_and_saves_nothing_bad(tmp_path):
+    calls = {"n": 0}
+
+    def model(x, labels=None):
+        calls["n"] += 1
+        location_model(x)
+        if calls["n"] == 4:  # call 1 is the inspection trace, so this is step 3
+            pyro.factor("broken", torch.tensor(float("inf")))
+
+    with pytest.raises(FloatingPointError, match="at step 3"):
+        fit(model, empty_guide, torch.ones(N), steps=5, batch_size=B, progress=False,
+            checkpoint_dir=tmp_path, checkpoint_every=1)
+    saved = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=False)
+    assert saved["step"] == 2
+    assert all(math.isfinite(v) for v in saved["history"]["loss"])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"steps": 1, "batch_size": 0}, r"batch_size must be an int in \[1, N=40\]"),
+        ({"steps": 1, "batch_size": 41}, r"batch_size must be an int in \[1, N=40\], got 41"),
+        ({}, "exactly one of steps= and epochs="),
+        ({"steps": 1, "epochs": 1}, "exactly one of steps= and epochs="),
+        ({"steps": 1, "batch_size": B, "checkpoint_every": 0}, "checkpoint_every"),
+        ({"steps": 1, "batch_size": B, "labels": torch.zeros(3)}, "tensor of 40 labels"),
+        ({"steps": 1, "labels": True}, "labels=True needs a Dataset"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fit(location_model, empty_guide, torch.ones(N), progress=False, **kwargs)
+
+
+def test_empty_data():
+    with pytest.raises(ValueError, match="data is empty"):
+        fit(location_model, empty_guide, torch.ones(0, 3), steps=1, progress=False)
+    with pytest.raises(TypeError, match="torch.Tensor or a Dataset"):
+        fit(location_model, empty_guide, [1.0, 2.0], steps=1, progress=False)
+
+
+def test_package_level_fit_is_the_function_after_module_import():
+    import lvmkit.inference
+    import lvmkit.inference.training  # noqa: F401  must not shadow the function
+
+    assert lvmkit.inference.fit is fit and lvmkit.fit is fit
+
+    history = lvmkit.inference.fit(location_model, empty_guide, torch.ones(N), steps=2,
+                                   batch_size=B, progress=False)
+    assert isinstance(history, History) and len(history) == 2
