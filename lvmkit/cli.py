@@ -108,6 +108,14 @@ def load_weights(path: Path, model, guide) -> None:
         guide.load_state_dict(state["guide"])
 
 
+def fixed_batch(dataset, limit: int | None, seed: int):
+    """The first ``limit`` points (all if ``None``), binarized once if the data are dynamic."""
+    import torch
+
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    return dataset.batch(torch.arange(n), torch.Generator().manual_seed(seed))
+
+
 def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, default=float) + "\n")
 
@@ -175,7 +183,7 @@ def train_one(
     if getattr(history, "extras", None):
         plots.plot_traces(history.extras, out / "traces.png")
 
-    x_test = test_set.x if eval_points is None else test_set.x[:eval_points]
+    x_test = fixed_batch(test_set, eval_points, seed)
     with torch.no_grad():
         ll = log_likelihood(model, guide, x_test, num_samples=eval_samples)
         elbo_test = log_likelihood(model, guide, x_test, num_samples=1)
@@ -253,7 +261,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     pyro.clear_param_store()
     model, guide = build_pair(run["model"], data.x.shape[1], run.get("model_kwargs", {}))
     load_weights(run_dir / "weights.pt", model, guide)
-    x = data.x if args.limit is None else data.x[: args.limit]
+    x = fixed_batch(data, args.limit, args.seed)
     pyro.set_rng_seed(args.seed)
     with torch.no_grad():
         ll = log_likelihood(
