@@ -1,0 +1,596 @@
+"""Shared machinery of the relaxation-based estimators (REBAR, RELAX, Concrete).
+
+Three kinds of guide passes are needed:
+
+* a *hard* pass, which samples every discrete site through its noise, ``b = H(z)`` with
+  ``z = logits + n`` (logistic noise ``n = logit(u)`` for Bernoulli sites, Gumbel noise
+  ``n = -log(-log u)`` for one-hot sites), and records ``n``, the logits and, for
+  reparameterized continuous sites, a seed that reproduces their noise;
+* *relaxed* passes, which replay the guide with ``sigma_lambda(logits' + n)`` (sigmoid or
+  softmax at temperature ``lambda``) where ``logits'`` is recomputed by the guide from the
+  relaxed upstream values, continuous sites redrawn with the recorded noise, and the
+  discrete log-probabilities replaced by their continuous extensions;
+* the noise for the *conditional* relaxed pass, ``n~ ~ p(n | b)`` (Tucker et al. 2017,
+  Appendix), computed from the hard-pass logits so that it stays differentiable in them.
+
+Numerics: uniforms are clamped to ``[tiny, 1 - eps]`` and every formula is written with
+``logsigmoid`` / ``logaddexp`` so that logits of +-50 give finite values and gradients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import pyro.distributions as dist
+import pyro.poutine as poutine
+import torch
+import torch.nn.functional as F
+from pyro.infer.util import MultiFrameTensor, get_plate_stacks, is_validation_enabled
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import prune_subsample_sites, site_is_subsample
+from pyro.util import check_model_guide_match, check_site_shape
+
+BERNOULLI = "bernoulli"
+ONEHOT = "onehot"
+CATEGORICAL = "categorical"
+
+# --------------------------------------------------------------------------------------
+# Noise
+# --------------------------------------------------------------------------------------
+
+
+def uniform_like(shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
+    """Uniform draws clamped away from 0 and 1 so that logs of them stay finite."""
+    finfo = torch.finfo(like.dtype)
+    u = torch.rand(shape, dtype=like.dtype, device=like.device)
+    return u.clamp(finfo.tiny, 1 - finfo.eps)
+
+
+def logistic_noise(u: torch.Tensor) -> torch.Tensor:
+    """``logit(u)``: ``logits + logit(u) > 0`` has probability ``sigmoid(logits)``."""
+    return torch.log(u) - torch.log1p(-u)
+
+
+def gumbel_noise(u: torch.Tensor) -> torch.Tensor:
+    """``-log(-log u)``: ``argmax(log_softmax(logits) + g)`` is a categorical draw."""
+    return -torch.log(-torch.log(u))
+
+
+def conditional_logistic_noise(
+    logits: torch.Tensor, b: torch.Tensor, v: torch.Tensor
+) -> torch.Tensor:
+    """``logit(u~)`` for ``u~ ~ U(0, 1)`` conditioned on ``H(logits + logit(u~)) = b``.
+
+    With ``p = sigmoid(logits)``, ``u~ = v (1 - p)`` if ``b = 0`` and ``u~ = 1 - p + v p``
+    if ``b = 1`` (Tucker et al. 2017, Appendix). Written in log space:
+    for ``b = 1``, ``log(1 - u~) = log p + log(1 - v)`` and
+    ``log u~ = logaddexp(log(1 - p), log v + log p)``; for ``b = 0``,
+    ``log u~ = log v + log(1 - p)`` and ``log(1 - u~) = logaddexp(log p, log(1-v) + log(1-p))``.
+    Differentiable in ``logits``.
+    """
+    log_p = F.logsigmoid(logits)
+    log_1mp = F.logsigmoid(-logits)
+    log_v = torch.log(v)
+    log_1mv = torch.log1p(-v)
+    one_log_u = torch.logaddexp(log_1mp, log_v + log_p)
+    one_log_1mu = log_p + log_1mv
+    zero_log_u = log_v + log_1mp
+    zero_log_1mu = torch.logaddexp(log_p, log_1mv + log_1mp)
+    is_one = b > 0.5
+    log_u = torch.where(is_one, one_log_u, zero_log_u)
+    log_1mu = torch.where(is_one, one_log_1mu, zero_log_1mu)
+    return log_u - log_1mu
+
+
+def conditional_gumbel_noise(
+    log_probs: torch.Tensor, b: torch.Tensor, v: torch.Tensor
+) -> torch.Tensor:
+    """Gumbel noise ``g~`` conditioned on ``argmax(log_probs + g~) = argmax(b)``.
+
+    For the perturbed logits ``z = log p + g``: ``z_b = -log(-log v_b)`` and, for
+    ``i != b``, ``z_i = -log(-log v_i / p_i - log v_b)`` (Tucker et al. 2017, Appendix),
+    computed as ``-logaddexp(log(-log v_i) - log p_i, log(-log v_b))``. Returns
+    ``z - log p``, the noise to add to (normalized) logits. ``log_probs`` must be
+    normalized (``log_softmax``).
+    """
+    log_neg_log_v = torch.log(-torch.log(v))
+    top = (b * log_neg_log_v).sum(-1, keepdim=True)  # log(-log v_b)
+    others = -torch.logaddexp(log_neg_log_v - log_probs, top)
+    z = torch.where(b > 0.5, -top.expand_as(log_probs), others)
+    return z - log_probs
+
+
+def relax(kind: str, logits: torch.Tensor, noise: torch.Tensor, temperature) -> torch.Tensor:
+    """``sigmoid((logits + n) / lambda)`` or ``softmax((logits + n) / lambda)``."""
+    z = (logits + noise) / temperature
+    return torch.sigmoid(z) if kind == BERNOULLI else torch.softmax(z, dim=-1)
+
+
+def harden(kind: str, logits: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """``H(logits + n)``: a Bernoulli value, or the one-hot argmax."""
+    z = logits + noise
+    if kind == BERNOULLI:
+        return (z > 0).to(logits.dtype)
+    return F.one_hot(z.argmax(-1), z.shape[-1]).to(logits.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# Distributions
+# --------------------------------------------------------------------------------------
+
+_WRAPPERS = (
+    dist.Independent,
+    torch.distributions.Independent,
+    dist.ExpandedDistribution,
+    dist.MaskedDistribution,
+)
+
+
+def innermost(fn: dist.Distribution) -> dist.Distribution:
+    """The distribution under any ``.to_event`` / ``.expand`` / ``.mask`` wrappers."""
+    while isinstance(fn, _WRAPPERS):
+        fn = fn.base_dist
+    return fn
+
+
+def discrete_kind(fn: dist.Distribution) -> str | None:
+    """``"bernoulli"``, ``"onehot"``, ``"categorical"``, or ``None`` (not discrete)."""
+    base = innermost(fn)
+    if isinstance(base, torch.distributions.Bernoulli):
+        return BERNOULLI
+    if isinstance(base, torch.distributions.OneHotCategorical):
+        return ONEHOT
+    if isinstance(base, torch.distributions.Categorical):
+        return CATEGORICAL
+    return None
+
+
+def full_logits(fn: dist.Distribution) -> torch.Tensor:
+    """The (normalized, for one-hot) logits of a discrete site, broadcast to its value shape."""
+    return innermost(fn).logits.expand(fn.shape())
+
+
+class _RelaxedBernoulliScore(dist.Bernoulli):
+    """Bernoulli whose ``log_prob`` is the continuous extension ``v log p + (1-v) log(1-p)``."""
+
+    def log_prob(self, value):
+        return value * F.logsigmoid(self.logits) + (1 - value) * F.logsigmoid(-self.logits)
+
+
+class _RelaxedOneHotScore(dist.OneHotCategorical):
+    """One-hot categorical whose ``log_prob`` is ``sum_i v_i log p_i`` for relaxed ``v``."""
+
+    def log_prob(self, value):
+        return (value * self.logits).sum(-1)
+
+
+def with_relaxed_scores(fn: dist.Distribution, detach: bool = False) -> dist.Distribution:
+    """Rebuild ``fn`` (keeping ``.to_event``, ``.expand``, ``.mask``) to score relaxed values.
+
+    Validation must be off for the rebuilt distribution: a ``Bernoulli`` with
+    ``validate_args=True`` rejects values in (0, 1) even under ``validation_enabled(False)``.
+    With ``detach`` the logits are cut from the graph (the value keeps its gradient).
+    """
+    if isinstance(fn, dist.MaskedDistribution):
+        return dist.MaskedDistribution(with_relaxed_scores(fn.base_dist, detach), fn._mask)
+    if isinstance(fn, dist.Independent | torch.distributions.Independent):
+        return dist.Independent(
+            with_relaxed_scores(fn.base_dist, detach),
+            fn.reinterpreted_batch_ndims,
+            validate_args=False,
+        )
+    if isinstance(fn, dist.ExpandedDistribution):
+        return with_relaxed_scores(fn.base_dist, detach).expand(fn.batch_shape)
+    kind = discrete_kind(fn)
+    if kind not in (BERNOULLI, ONEHOT):
+        return fn
+    logits = fn.logits.detach() if detach else fn.logits
+    if kind == BERNOULLI:
+        return _RelaxedBernoulliScore(logits=logits, validate_args=False)
+    return _RelaxedOneHotScore(logits=logits, validate_args=False)
+
+
+# --------------------------------------------------------------------------------------
+# Records of the hard pass
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class SiteRecord:
+    """What the hard pass saw at one guide sample site."""
+
+    name: str
+    kind: str | None  # discrete kind, or None for a continuous site
+    relaxed: bool  # whether relaxed passes relax it (else they replay ``value``)
+    value: torch.Tensor | None  # None until an opted-out site has been sampled
+    logits: torch.Tensor | None = None  # hard-pass logits (discrete sites)
+    noise: torch.Tensor | None = None  # logistic / Gumbel noise (discrete sites)
+    seed: int | None = None  # reproduces the noise of a reparameterized continuous site
+
+
+@dataclass
+class HardPass:
+    """Records of every guide site in sampling order."""
+
+    records: dict[str, SiteRecord] = field(default_factory=dict)
+
+    @property
+    def relaxed(self) -> list[SiteRecord]:
+        return [r for r in self.records.values() if r.relaxed]
+
+
+class EstimatorError(ValueError):
+    """A model/guide pair that a relaxation-based estimator cannot handle."""
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """Run with torch's RNG seeded by ``seed`` and restore the outer RNG state afterwards."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type):
+        torch.manual_seed(seed)
+        yield
+
+
+def _device_of(fn: dist.Distribution) -> torch.device:
+    for value in vars(fn).values():
+        if torch.is_tensor(value):
+            return value.device
+    base = getattr(fn, "base_dist", None)
+    return _device_of(base) if base is not None else torch.device("cpu")
+
+
+class HardSampler(Messenger):
+    """Sample the guide through recorded noise (see module docstring).
+
+    :param estimator: name used in error messages.
+    :param opt_out_key: a site with ``infer={opt_out_key: False}`` is sampled normally and
+        gets the plain score-function estimator.
+    """
+
+    def __init__(self, estimator: str, opt_out_key: str) -> None:
+        super().__init__()
+        self.estimator = estimator
+        self.opt_out_key = opt_out_key
+        self.result = HardPass()
+
+    def _pyro_sample(self, msg) -> None:
+        if msg["is_observed"] or msg["value"] is not None or site_is_subsample(msg):
+            return
+        name, fn = msg["name"], msg["fn"]
+        kind = discrete_kind(fn)
+        opted_out = msg["infer"].get(self.opt_out_key, True) is False
+        if opted_out:
+            # Sampled normally; relaxed passes replay its value (recorded after sampling).
+            self.result.records[name] = SiteRecord(name, kind, False, None)
+            return
+        if kind == CATEGORICAL:
+            raise EstimatorError(
+                f"site {name!r}: {self.estimator} relaxes one-hot vectors, but this Categorical"
+                " site is index-valued; use OneHotCategorical (and use the value"
+                f" arithmetically), or opt the site out with infer={{{self.opt_out_key!r}: False}}"
+            )
+        if kind is not None:
+            logits = full_logits(fn)
+            u = uniform_like(logits.shape, logits)
+            noise = logistic_noise(u) if kind == BERNOULLI else gumbel_noise(u)
+            value = harden(kind, logits.detach(), noise)
+            msg["value"] = value
+            self.result.records[name] = SiteRecord(name, kind, True, value, logits, noise)
+            return
+        if not fn.has_rsample:
+            raise EstimatorError(
+                f"site {name!r}: {type(fn).__name__} is continuous but not reparameterizable;"
+                f" {self.estimator} needs pathwise gradients for continuous guide sites"
+                f" (or opt the site out with infer={{{self.opt_out_key!r}: False}})"
+            )
+        seed = int(torch.randint(0, 2**62, ()))
+        with seeded(seed, _device_of(fn)):
+            value = fn.rsample()
+        msg["value"] = value
+        self.result.records[name] = SiteRecord(name, None, False, value, seed=seed)
+
+    def _pyro_post_sample(self, msg) -> None:
+        record = self.result.records.get(msg["name"])
+        if record is not None and record.value is None:
+            record.value = msg["value"]
+
+
+_INTEGER_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+_NON_ARITHMETIC = {
+    torch.Tensor.__bool__, torch.Tensor.__index__, torch.Tensor.__int__,
+    torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.numpy,
+    torch.Tensor.long, torch.Tensor.int, torch.Tensor.short, torch.Tensor.byte,
+    torch.Tensor.char, torch.Tensor.bool,
+    torch.Tensor.nonzero, torch.nonzero, torch.Tensor.argmax, torch.argmax,
+    torch.Tensor.__eq__, torch.Tensor.__ne__, torch.Tensor.eq, torch.Tensor.ne, torch.eq,
+    torch.ne,
+}
+
+
+_SHAPE_OPS = {
+    torch.Tensor.__getitem__, torch.Tensor.squeeze, torch.Tensor.unsqueeze,
+    torch.Tensor.view, torch.Tensor.reshape, torch.Tensor.expand, torch.Tensor.expand_as,
+    torch.Tensor.permute, torch.Tensor.transpose, torch.Tensor.t, torch.Tensor.flatten,
+    torch.Tensor.contiguous, torch.Tensor.clone, torch.Tensor.select, torch.Tensor.narrow,
+    torch.Tensor.unbind, torch.Tensor.split, torch.Tensor.chunk, torch.Tensor.movedim,
+    torch.squeeze, torch.unsqueeze, torch.reshape, torch.flatten, torch.transpose,
+    torch.unbind, torch.split, torch.chunk, torch.movedim, torch.permute,
+}
+
+
+_EQUALITY = {torch.Tensor.__eq__, torch.Tensor.__ne__, torch.Tensor.eq, torch.Tensor.ne,
+             torch.eq, torch.ne}
+
+
+class RelaxedValue(torch.Tensor):
+    """A relaxed sample that refuses non-arithmetic use.
+
+    Casting it to an integer or boolean, comparing it for equality, taking an argmax, or
+    indexing with it would silently turn the relaxation into a step function (and the
+    estimator biased), so these raise an :class:`EstimatorError` naming the site. Shape
+    operations (indexing it, ``squeeze``, ``view``, ...) keep the mark; results of any
+    other operation (arithmetic) are plain tensors, so a cast after arithmetic is not seen.
+    """
+
+    site_name: str = "?"
+    estimator: str = "the estimator"
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        offender = _non_arithmetic_use(func, args, kwargs)
+        if offender is not None:
+            raise EstimatorError(
+                f"model uses site {offender.site_name!r} as an index/in control flow"
+                f" ({getattr(func, '__name__', func)} of its relaxed value); "
+                f"{offender.estimator} needs arithmetic use of discrete latents"
+            )
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **kwargs)
+        if func in _SHAPE_OPS and args and isinstance(args[0], RelaxedValue):
+            return _mark_like(out, args[0])
+        return out
+
+
+def _mark_like(out, source: RelaxedValue):
+    if isinstance(out, tuple | list):
+        return type(out)(_mark_like(o, source) for o in out)
+    if not torch.is_tensor(out):
+        return out
+    return mark_relaxed(out, source.site_name, source.estimator)
+
+
+def _non_arithmetic_use(func, args, kwargs) -> RelaxedValue | None:
+    first = args[0] if args else None
+    if func in _NON_ARITHMETIC and isinstance(first, RelaxedValue):
+        # ``value == value`` is the NaN check of torch's argument validation.
+        if func in _EQUALITY and len(args) > 1 and args[1] is first:
+            return None
+        return first
+    if func in (torch.Tensor.to, torch.Tensor.type) and isinstance(first, RelaxedValue):
+        dtypes = [a for a in (*args[1:], *kwargs.values()) if isinstance(a, torch.dtype)]
+        if any(d in _INTEGER_DTYPES for d in dtypes):
+            return first
+    if func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__) and len(args) > 1:
+        index = args[1] if isinstance(args[1], tuple) else (args[1],)
+        for item in index:
+            if isinstance(item, RelaxedValue):
+                return item
+    return None
+
+
+def mark_relaxed(value: torch.Tensor, site: str, estimator: str) -> RelaxedValue:
+    marked = value.as_subclass(RelaxedValue)
+    marked.site_name = site
+    marked.estimator = estimator
+    return marked
+
+
+class RelaxedReplay(Messenger):
+    """Replay the guide with relaxed discrete values built from ``noise``.
+
+    Discrete sites to relax get ``relax(kind, logits', noise[name], temperature)`` where
+    ``logits'`` is what the guide computes in this pass; their distribution is rebuilt to
+    score relaxed values. With ``straight_through`` the value is the hard ``H(logits' + n)``
+    in the forward pass with the relaxed gradient. Reparameterized continuous sites are
+    redrawn with their recorded seed (same noise, recomputed parameters); other sites are
+    replayed with their hard-pass value.
+
+    With ``detach_scores`` the relaxed sites' guide densities ``q(sigma | ...)`` are
+    evaluated with stop-gradient logits: the control variate is then ``c(u, theta,
+    theta_bar)`` with the density's parameters held fixed, still a differentiable function
+    of the noise (so REBAR stays unbiased), minus a zero-mean direct term ``-grad_theta log
+    q_theta(sigma)`` that would only add variance.
+    """
+
+    def __init__(
+        self,
+        hard: HardPass,
+        noise: dict[str, torch.Tensor],
+        temperature,
+        straight_through: bool = False,
+        detach_scores: bool = False,
+        estimator: str = "the estimator",
+    ) -> None:
+        super().__init__()
+        self.estimator = estimator
+        self.detach_scores = detach_scores
+        self.hard = hard
+        self.noise = noise
+        self.temperature = temperature
+        self.straight_through = straight_through
+        self.relaxed_values: dict[str, torch.Tensor] = {}
+
+    def _pyro_sample(self, msg) -> None:
+        record = self.hard.records.get(msg["name"])
+        if record is None or msg["is_observed"]:
+            return
+        if record.relaxed:
+            logits = full_logits(msg["fn"])
+            value = relax(record.kind, logits, self.noise[record.name], self.temperature)
+            self.relaxed_values[record.name] = value
+            if self.straight_through:
+                hard = harden(record.kind, logits.detach(), self.noise[record.name].detach())
+                value = hard + (value - value.detach())
+            msg["value"] = mark_relaxed(value, record.name, self.estimator)
+            msg["fn"] = with_relaxed_scores(msg["fn"], detach=self.detach_scores)
+        elif record.seed is not None:
+            with seeded(record.seed, _device_of(msg["fn"])):
+                msg["value"] = msg["fn"].rsample()
+        else:
+            msg["value"] = record.value
+
+
+class RelaxedScores(Messenger):
+    """In the model, score the relaxed sites with the continuous extension of log p."""
+
+    def __init__(self, names: Iterable[str]) -> None:
+        super().__init__()
+        self.names = set(names)
+
+    def _pyro_sample(self, msg) -> None:
+        if msg["name"] in self.names and not msg["is_observed"]:
+            msg["fn"] = with_relaxed_scores(msg["fn"])
+
+
+# --------------------------------------------------------------------------------------
+# Traces
+# --------------------------------------------------------------------------------------
+
+
+def hard_traces(
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    max_plate_nesting: float,
+    estimator: str,
+    opt_out_key: str,
+):
+    """Like ``pyro.infer.enum.get_importance_trace`` with the guide sampled by noise."""
+    sampler = HardSampler(estimator, opt_out_key)
+    guide_trace = poutine.trace(sampler(guide)).get_trace(*args, **kwargs)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+        *args, **kwargs
+    )
+    if is_validation_enabled():
+        check_model_guide_match(model_trace, guide_trace, max_plate_nesting)
+    guide_trace = prune_subsample_sites(guide_trace)
+    model_trace = prune_subsample_sites(model_trace)
+    model_trace.compute_log_prob()
+    guide_trace.compute_score_parts()
+    if is_validation_enabled():
+        for trace in (model_trace, guide_trace):
+            for site in trace.nodes.values():
+                if site["type"] == "sample":
+                    check_site_shape(site, max_plate_nesting)
+    return model_trace, guide_trace, sampler.result
+
+
+def relaxed_traces(
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    hard: HardPass,
+    noise: dict[str, torch.Tensor],
+    temperature,
+    estimator: str,
+    straight_through: bool = False,
+    detach_scores: bool = False,
+):
+    """Model and guide traces of one relaxed pass, log-probabilities computed.
+
+    Any exception raised while the model or guide runs on relaxed values is re-raised as
+    an :class:`EstimatorError` naming the site that triggers it.
+    """
+    try:
+        return _relaxed_traces(model, guide, args, kwargs, hard, noise, temperature,
+                               straight_through, detach_scores, estimator)
+    except (IndexError, RuntimeError, TypeError, ValueError) as error:
+        if isinstance(error, EstimatorError):
+            raise
+        culprit = _find_culprit(model, guide, args, kwargs, hard, noise, temperature)
+        raise EstimatorError(
+            f"model uses site {culprit!r} as an index/in control flow; {estimator} needs"
+            f" arithmetic use of discrete latents (running on a relaxed value in (0, 1) of"
+            f" site {culprit!r} failed with {type(error).__name__}: {error})"
+        ) from error
+
+
+def _relaxed_traces(
+    model, guide, args, kwargs, hard, noise, temperature, straight_through,
+    detach_scores=False, estimator="the estimator",
+):
+    replay = RelaxedReplay(hard, noise, temperature, straight_through, detach_scores, estimator)
+    guide_trace = poutine.trace(replay(guide)).get_trace(*args, **kwargs)
+    names = [r.name for r in hard.relaxed]
+    model_trace = poutine.trace(
+        RelaxedScores(names)(poutine.replay(model, trace=guide_trace))
+    ).get_trace(*args, **kwargs)
+    guide_trace = prune_subsample_sites(guide_trace)
+    model_trace = prune_subsample_sites(model_trace)
+    model_trace.compute_log_prob()
+    guide_trace.compute_log_prob()
+    return model_trace, guide_trace, replay.relaxed_values
+
+
+def _find_culprit(model, guide, args, kwargs, hard, noise, temperature) -> str:
+    """The first relaxed site whose relaxation alone makes the model or guide fail."""
+    relaxed = hard.relaxed
+    for record in relaxed:
+        only = HardPass({
+            name: (r if name == record.name else SiteRecord(name, r.kind, False, r.value,
+                                                            seed=r.seed))
+            for name, r in hard.records.items()
+        })
+        try:
+            _relaxed_traces(model, guide, args, kwargs, only, noise, temperature, False)
+        except (IndexError, RuntimeError, TypeError, ValueError):
+            return record.name
+    return "+".join(r.name for r in relaxed)
+
+
+def log_weight_terms(model_trace, guide_trace, detach: bool) -> MultiFrameTensor:
+    """``log p - log q`` per site, keyed by plate frames (for Rao-Blackwellization)."""
+    terms = MultiFrameTensor()
+    stacks = get_plate_stacks(model_trace)
+    for name, site in model_trace.nodes.items():
+        if site["type"] != "sample":
+            continue
+        term = site["log_prob"]
+        if not site["is_observed"] and name in guide_trace.nodes:
+            term = term - guide_trace.nodes[name]["log_prob"]
+        terms.add((stacks[name], term.detach() if detach else term))
+    return terms
+
+
+def elbo_integrand(model_trace, guide_trace) -> torch.Tensor:
+    """``log p(x, z) - log q(z | x)`` summed over the trace (scales and masks applied)."""
+    return model_trace.log_prob_sum() - guide_trace.log_prob_sum()
+
+
+def graph_leaves(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """Leaf tensors requiring grad that ``tensors`` depend on (in discovery order)."""
+    found: dict[int, torch.Tensor] = {}
+    stack, seen = [], set()
+    for t in tensors:
+        if not torch.is_tensor(t) or not t.requires_grad:
+            continue
+        if t.grad_fn is None:
+            found.setdefault(id(t), t)
+        else:
+            stack.append(t.grad_fn)
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            found.setdefault(id(variable), variable)
+        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+    return list(found.values())

@@ -1,0 +1,487 @@
+"""REBAR: unbiased, low-variance gradients for discrete latent variables.
+
+Tucker, Mnih, Maddison, Lawson, Sohl-Dickstein. "REBAR: Low-variance, unbiased gradient
+estimates for discrete latent variable models." NeurIPS 2017.
+
+For a discrete guide site ``b = H(z)``, ``z = logits + logit(u)`` (Gumbel noise for one-hot
+sites), a conditional relaxed sample ``z~ ~ p(z | b)`` and the relaxed ELBO integrand
+``c(z) = f(sigma_lambda(z))`` where ``f = log p(x, .) - log q(. | x)``, the estimator of
+the ELBO gradient is
+
+.. math::
+
+    \\hat g = [f(b) - \\eta\\, c(\\tilde z)]\\, \\nabla \\log q(b)
+        + \\eta \\nabla c(z) - \\eta \\nabla c(\\tilde z) + \\nabla f(b),
+
+unbiased for every ``eta`` and ``lambda`` because ``E[c(z~) grad log q(b)] +
+E[grad c(z~)] = grad E[c(z)]``. ``eta`` and ``lambda`` are tuned online by descending
+``||g||^2`` (whose expectation is the variance plus a constant), as in the reference code
+(tensorflow/models, research/rebar).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pyro
+import torch
+from pyro.infer import Trace_ELBO
+from pyro.infer.elbo import ELBOModule
+from pyro.infer.util import MultiFrameTensor
+from pyro.util import warn_if_nan
+
+from lvmkit.inference.estimators._relax import (
+    BERNOULLI,
+    HardPass,
+    conditional_gumbel_noise,
+    conditional_logistic_noise,
+    elbo_integrand,
+    graph_leaves,
+    hard_traces,
+    log_weight_terms,
+    relaxed_traces,
+    uniform_like,
+)
+
+__all__ = ["RebarELBO"]
+
+
+class ControlParameters(torch.nn.Module):
+    """What a REBAR-type estimator learns: log temperature, eta logits, a control net.
+
+    A ``torch.nn.Module``, so that ``elbo(model, guide)`` (the ``nn.Module`` form used by
+    Lightning or DDP) exposes these as parameters of the returned module.
+    """
+
+    def __init__(self, temperature: float, learn_temperature: bool) -> None:
+        super().__init__()
+        self.log_temperature = torch.nn.Parameter(
+            torch.tensor(math.log(temperature)), requires_grad=learn_temperature
+        )
+        self.eta_logits = torch.nn.ParameterDict()
+        self.net: torch.nn.Module | None = None
+
+
+class _ELBOModuleWithControls(ELBOModule):
+    def __init__(self, model, guide, elbo: RebarELBO) -> None:
+        super().__init__(model, guide, elbo)
+        self.controls = elbo.controls
+
+
+@dataclass
+class _Estimate:
+    loss: torch.Tensor  # the (hard) negative ELBO estimate
+    surrogate: torch.Tensor  # its gradient w.r.t. model/guide params is the estimate
+    # (control parameter, gradient of the variance objective) pairs; empty if not learning
+    control_grads: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _score_weight(terms: MultiFrameTensor, site: dict) -> torch.Tensor:
+    return terms.sum_to(site["cond_indep_stack"])
+
+
+class RebarELBO(Trace_ELBO):
+    """REBAR estimator (Tucker et al. 2017) as a drop-in ``Trace_ELBO``.
+
+    Discrete guide sites (``Bernoulli`` / ``OneHotCategorical``, also under ``.to_event``,
+    ``.expand``, ``.mask``) are found from the guide trace and relaxed; a site with
+    ``infer={"rebar": False}`` keeps the plain score-function estimator. Reparameterized
+    continuous guide sites use their pathwise gradient and keep their noise in the relaxed
+    passes. The score-function terms are Rao-Blackwellized by plate as in ``Trace_ELBO``,
+    and the control variate's score weight ``c(z~)`` is summed the same way.
+
+    Multi-layer guides: the relaxed passes replay the guide with relaxed upstream values,
+    so downstream logits are recomputed from them; the conditional noise of a downstream
+    site is drawn given its hard value under the hard-pass logits (which is what makes
+    ``E[c(z~) | b]`` the conditional expectation of ``c(z)``).
+
+    The control variate only enters the gradients of the guide parameters that the
+    discrete sites' logits depend on (the model's parameters get the hard ``grad f(b)``),
+    found by walking the autograd graph, so module-local parameters work too. In ``c`` the
+    guide's discrete densities are evaluated with stop-gradient logits (``c`` may be any
+    differentiable function of the noise; this drops a zero-mean term that only adds
+    variance).
+
+    The model and guide must use discrete latents arithmetically. Casting a relaxed value
+    to an integer/bool, ``.item()``, equality tests, ``argmax`` or indexing with it raise
+    :class:`~lvmkit.inference.estimators._relax.EstimatorError` naming the site; so does any
+    exception raised while running on relaxed values. A cast applied after arithmetic
+    (``(b * 1).long()``) cannot be seen.
+
+    :param temperature: initial ``lambda`` of ``sigma_lambda`` (stored as ``log lambda``).
+    :param eta: initial control-variate scale; learned as ``eta = 2 sigmoid(w)`` (in (0, 2))
+        when ``learn_eta``, else any fixed float (``0`` gives the score-function estimator).
+    :param eta_per: ``"site"``: one eta per group of discrete sites that a parameter tensor
+        feeds (one per site when parameters are not shared); ``"param"``: one per parameter
+        tensor (as the reference code). A per-parameter eta keeps each gradient coordinate
+        unbiased; a per-site eta on shared parameters would not, hence the grouping.
+    :param variance_optim_lr: learning rate of the estimator's own Adam that tunes eta and
+        lambda in ``loss_and_grads`` (the reference uses 10x the model's learning rate).
+    :param variance_ema_decay: decay of the gradient-variance tracker in :meth:`diagnostics`.
+
+    With ``differentiable_loss`` (``elbo(model, guide)`` as an ``nn.Module``) the estimator
+    takes no optimizer step of its own: the returned surrogate carries the gradient of the
+    variance objective for the control parameters, which are parameters of the returned
+    module (``.controls``); they are created on the first call, so call :meth:`initialize`
+    (or run one step) before building the optimizer or wrapping in DDP.
+    """
+
+    estimator_name = "RebarELBO"
+    opt_out_key = "rebar"
+
+    def __init__(
+        self,
+        num_particles: int = 1,
+        temperature: float = 0.5,
+        eta: float = 1.0,
+        learn_temperature: bool = True,
+        learn_eta: bool = True,
+        eta_per: str = "site",
+        variance_optim_lr: float = 1e-2,
+        variance_ema_decay: float = 0.999,
+        max_plate_nesting: float = float("inf"),
+        vectorize_particles: bool = False,
+        retain_graph: bool | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(
+            num_particles=num_particles,
+            max_plate_nesting=max_plate_nesting,
+            vectorize_particles=vectorize_particles,
+            retain_graph=retain_graph,
+            **kwargs,
+        )
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        if learn_eta and not 0 < eta < 2:
+            raise ValueError(f"a learned eta = 2 sigmoid(w) lies in (0, 2); got eta={eta}")
+        if eta_per not in ("site", "param"):
+            raise ValueError(f"eta_per must be 'site' or 'param', got {eta_per!r}")
+        self.learn_temperature = learn_temperature
+        self.learn_eta = learn_eta
+        self.eta_per = eta_per
+        self.initial_eta = float(eta)
+        self.variance_optim_lr = variance_optim_lr
+        self.variance_ema_decay = variance_ema_decay
+        self.controls = ControlParameters(temperature, learn_temperature)
+        self._variance_optim: torch.optim.Optimizer | None = None
+        self._optimized: set[int] = set()
+        self._last: dict[str, float] = {}
+        self._ema: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._ema_steps = 0
+        self._keys_seen: list[str] = []
+
+    # ----------------------------------------------------------------------------------
+    # Public read-outs
+    # ----------------------------------------------------------------------------------
+
+    @property
+    def temperature(self) -> float:
+        """The current relaxation temperature ``lambda``."""
+        return float(self.controls.log_temperature.detach().exp())
+
+    @property
+    def eta(self) -> dict[str, float]:
+        """Current eta per group (site names joined by ``+``, or parameter names)."""
+        if not self.learn_eta or not len(self.controls.eta_logits):
+            return {key: self.initial_eta for key in self._keys_seen} or {"*": self.initial_eta}
+        return {
+            _unsanitize(k): float(2 * torch.sigmoid(w.detach()))
+            for k, w in self.controls.eta_logits.items()
+        }
+
+    def diagnostics(self) -> dict[str, float]:
+        """Floats to log each step: temperature, etas, last variance objective, and the log
+        of the EMA per-coordinate gradient variance averaged over guide coordinates."""
+        out = {"temperature": self.temperature}
+        out.update({f"eta/{k}": v for k, v in self.eta.items()})
+        out.update(self._last)
+        return out
+
+    def __call__(self, model: Callable, guide: Callable) -> ELBOModule:
+        return _ELBOModuleWithControls(model, guide, self)
+
+    def initialize(self, model: Callable, guide: Callable, *args, **kwargs) -> None:
+        """Create the control parameters (eta per group, control net) without stepping."""
+        self.differentiable_loss(model, guide, *args, **kwargs)
+
+    # ----------------------------------------------------------------------------------
+    # Pyro ELBO interface
+    # ----------------------------------------------------------------------------------
+
+    def differentiable_loss(self, model: Callable, guide: Callable, *args, **kwargs):
+        """Surrogate loss whose gradient is the REBAR estimate (see class docstring)."""
+        estimate = self._estimate(model, guide, args, kwargs)
+        surrogate = estimate.surrogate
+        if estimate.control_grads:
+            # Lets an optimizer over ``elbo(model, guide).parameters()`` train the controls.
+            surrogate = surrogate + sum((g.detach() * p).sum() for p, g in estimate.control_grads)
+        return estimate.loss + (surrogate - surrogate.detach())
+
+    def loss_and_grads(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
+        """Backpropagate the REBAR estimate, then take one variance-objective Adam step."""
+        estimate = self._estimate(model, guide, args, kwargs)
+        if estimate.surrogate.requires_grad:
+            estimate.surrogate.backward(retain_graph=self.retain_graph)
+        if estimate.control_grads:
+            self._step_controls(estimate.control_grads)
+        return float(estimate.loss)
+
+    # ----------------------------------------------------------------------------------
+    # The estimator
+    # ----------------------------------------------------------------------------------
+
+    def _particle_fns(self, model, guide, args, kwargs):
+        if self.vectorize_particles:
+            if self.max_plate_nesting == float("inf"):
+                self._guess_max_plate_nesting(model, guide, args, kwargs)
+            return (
+                self._vectorized_num_particles(model),
+                self._vectorized_num_particles(guide),
+                1,
+            )
+        return model, guide, self.num_particles
+
+    def _estimate(self, model, guide, args, kwargs) -> _Estimate:
+        model, guide, repeats = self._particle_fns(model, guide, args, kwargs)
+        loss = 0.0
+        surrogate_elbo = 0.0
+        cv_f = 0.0
+        cv_r = 0.0
+        scores: dict[str, list[torch.Tensor]] = {}
+        for _ in range(repeats):
+            model_trace, guide_trace, hard = hard_traces(
+                model, guide, args, kwargs, self.max_plate_nesting,
+                self.estimator_name, self.opt_out_key,
+            )
+            loss_p, surrogate_loss_p = Trace_ELBO._differentiable_loss_particle(
+                self, model_trace, guide_trace
+            )
+            # A vectorized trace holds all particles in one: divide by the count either way.
+            loss = loss + loss_p / self.num_particles
+            surrogate_elbo = surrogate_elbo - surrogate_loss_p / self.num_particles
+            if not hard.relaxed:
+                continue
+            f_part, r_part = self._control_variate(model, guide, args, kwargs, guide_trace, hard)
+            cv_f = cv_f + f_part / self.num_particles
+            cv_r = cv_r + r_part / self.num_particles
+            for record in hard.relaxed:
+                score = guide_trace.nodes[record.name]["score_parts"].score_function
+                scores.setdefault(record.name, []).append(score)
+        loss = torch.as_tensor(loss)
+        warn_if_nan(loss, "loss")
+        if not scores:
+            return _Estimate(loss, _as_tensor(surrogate_elbo).neg(), [])
+        return self._combine(surrogate_elbo, cv_f, cv_r, scores, model, guide, loss)
+
+    def _control_variate(self, model, guide, args, kwargs, guide_trace, hard: HardPass):
+        """``(B_f, B_r)``: surrogates whose guide-parameter gradients are the control-variate
+        parts ``-c(z~) grad log q(b) + grad c(z) - grad c(z~)`` of the relaxed ELBO (B_f)
+        and of an extra learned control (B_r, RELAX)."""
+        self._ensure_device(hard.relaxed[0].logits)
+        temperature = self.controls.log_temperature.exp()
+        noise = {r.name: r.noise for r in hard.relaxed}
+        conditional = {r.name: self._conditional_noise(r) for r in hard.relaxed}
+        passes = []
+        for n in (noise, conditional):
+            model_trace, relaxed_guide_trace, values = relaxed_traces(
+                model, guide, args, kwargs, hard, n, temperature, self.estimator_name,
+                detach_scores=True,
+            )
+            passes.append((model_trace, relaxed_guide_trace, values))
+        (mt_u, gt_u, values_u), (mt_c, gt_c, values_c) = passes
+        f_u = elbo_integrand(mt_u, gt_u)
+        f_c = elbo_integrand(mt_c, gt_c)
+        terms_c = log_weight_terms(mt_c, gt_c, detach=False)
+        cv_f = f_u - f_c + self._score_surrogate(guide_trace, hard, terms_c)
+        extra_u = self._extra_control(values_u, guide_trace, hard)
+        if extra_u is None:
+            return cv_f, 0.0
+        extra_c = self._extra_control(values_c, guide_trace, hard)
+        total_u = _total(extra_u)
+        total_c = _total(extra_c)
+        cv_r = total_u - total_c + self._score_surrogate(guide_trace, hard, extra_c)
+        return cv_f, cv_r
+
+    @staticmethod
+    def _score_surrogate(guide_trace, hard: HardPass, terms_c: MultiFrameTensor):
+        """Zero-valued term with gradient ``-sum_s grad log q(b_s) * c_s(z~)``.
+
+        ``(score - score.detach())`` is zero but carries the score's gradient, so the
+        weight ``c(z~)`` is not differentiated w.r.t. the guide parameters (as a detached
+        weight would not be), yet stays differentiable in lambda (and the control net)
+        for the variance objective.
+        """
+        total = 0.0
+        for record in hard.relaxed:
+            site = guide_trace.nodes[record.name]
+            score = site["score_parts"].score_function
+            weight = _score_weight(terms_c, site)
+            total = total - ((score - score.detach()) * weight).sum()
+        return total
+
+    def _extra_control(self, values, guide_trace, hard) -> MultiFrameTensor | None:
+        """Hook for RELAX's learned control ``r_rho``; REBAR has none."""
+        return None
+
+    def _conditional_noise(self, record) -> torch.Tensor:
+        v = uniform_like(record.logits.shape, record.logits)
+        if record.kind == BERNOULLI:
+            return conditional_logistic_noise(record.logits, record.value, v)
+        return conditional_gumbel_noise(record.logits, record.value, v)
+
+    def _ensure_device(self, like: torch.Tensor) -> None:
+        t = self.controls.log_temperature
+        if t.device != like.device or t.dtype != like.dtype:
+            self.controls.to(device=like.device, dtype=like.dtype)
+
+    # ----------------------------------------------------------------------------------
+    # Combining: per-parameter eta, the variance objective
+    # ----------------------------------------------------------------------------------
+
+    def _learnables_requested(self) -> bool:
+        return (self.learn_eta or self.learn_temperature or self._net_learnable()) and (
+            torch.is_grad_enabled()
+        )
+
+    def _net_learnable(self) -> bool:
+        return False
+
+    def _combine(self, surrogate_elbo, cv_f, cv_r, scores, model, guide, loss) -> _Estimate:
+        leaves, keys = self._leaves_and_keys(scores, model, guide)
+        learn = self._learnables_requested()
+        cv_grads = _grads(cv_f, leaves, create_graph=learn)
+        extra_grads = _grads(cv_r, leaves, create_graph=learn)
+        etas = {key: self._eta_tensor(key, leaves[0]) for key in dict.fromkeys(keys)}
+        # Per-parameter eta: coordinate-wise unbiased for any value (see class docstring).
+        control = [
+            etas[key] * g_f + g_r
+            for key, g_f, g_r in zip(keys, cv_grads, extra_grads, strict=True)
+        ]
+        surrogate = surrogate_elbo + sum(
+            (c.detach() * leaf).sum() for c, leaf in zip(control, leaves, strict=True)
+        )
+        control_grads = []
+        if learn:
+            base = _grads(surrogate_elbo, leaves, create_graph=False)
+            total = [b.detach() + c for b, c in zip(base, control, strict=True)]
+            objective = sum((g**2).sum() for g in total)
+            self._track_variance(total, float(objective.detach()))
+            learnables = self._learnables(etas)
+            if learnables and objective.requires_grad:
+                grads = torch.autograd.grad(
+                    objective, learnables, retain_graph=True, allow_unused=True
+                )
+                control_grads = [
+                    (p, g) for p, g in zip(learnables, grads, strict=True) if g is not None
+                ]
+        return _Estimate(loss, -surrogate, control_grads)
+
+    def _leaves_and_keys(self, scores, model, guide) -> tuple[list[torch.Tensor], list[str]]:
+        sites_of: dict[int, list[str]] = {}
+        leaves: dict[int, torch.Tensor] = {}
+        for name, tensors in scores.items():
+            for leaf in graph_leaves(tensors):
+                leaves.setdefault(id(leaf), leaf)
+                sites_of.setdefault(id(leaf), [])
+                if name not in sites_of[id(leaf)]:
+                    sites_of[id(leaf)].append(name)
+        ordered = list(leaves.values())
+        if self.eta_per == "site":
+            keys = ["+".join(sites_of[id(leaf)]) for leaf in ordered]
+        else:
+            keys = _leaf_names(ordered, model, guide)
+        self._keys_seen = list(dict.fromkeys(keys))
+        return ordered, keys
+
+    def _eta_tensor(self, key: str, like: torch.Tensor) -> torch.Tensor:
+        if not self.learn_eta:
+            return torch.tensor(self.initial_eta, dtype=like.dtype, device=like.device)
+        name = _sanitize(key)
+        if name not in self.controls.eta_logits:
+            w = math.log(self.initial_eta / (2 - self.initial_eta))
+            self.controls.eta_logits[name] = torch.nn.Parameter(
+                torch.tensor(w, dtype=like.dtype, device=like.device)
+            )
+        return 2 * torch.sigmoid(self.controls.eta_logits[name])
+
+    def _learnables(self, etas: dict) -> list[torch.Tensor]:
+        out = []
+        if self.learn_eta:
+            out += [self.controls.eta_logits[_sanitize(k)] for k in etas]
+        if self.learn_temperature:
+            out.append(self.controls.log_temperature)
+        if self._net_learnable() and self.controls.net is not None:
+            out += list(self.controls.net.parameters())
+        return out
+
+    def _step_controls(self, control_grads) -> None:
+        params = [p for p, _ in control_grads]
+        if self._variance_optim is None:
+            self._variance_optim = torch.optim.Adam(params, lr=self.variance_optim_lr)
+            self._optimized = {id(p) for p in params}
+        new = [p for p in params if id(p) not in self._optimized]
+        if new:
+            self._variance_optim.add_param_group({"params": new})
+            self._optimized.update(id(p) for p in new)
+        for p, g in control_grads:
+            p.grad = g.detach()
+        self._variance_optim.step()
+        for p, _ in control_grads:
+            p.grad = None
+
+    def _track_variance(self, grads: list[torch.Tensor], objective: float) -> None:
+        grads = [g.detach() for g in grads]
+        shapes = [g.shape for g in grads]
+        if self._ema is None or [m.shape for m, _ in self._ema] != shapes:
+            self._ema = [(torch.zeros_like(g), torch.zeros_like(g)) for g in grads]
+            self._ema_steps = 0
+        d = self.variance_ema_decay
+        self._ema = [(d * m + (1 - d) * g, d * s + (1 - d) * g**2)
+                     for (m, s), g in zip(self._ema, grads, strict=True)]
+        self._ema_steps += 1
+        correction = 1 - d**self._ema_steps
+        variance = torch.cat([
+            (s / correction - (m / correction) ** 2).clamp_min(0).reshape(-1)
+            for m, s in self._ema
+        ])
+        self._last = {"variance_objective": objective}
+        if self._ema_steps > 1:
+            self._last["log_grad_variance"] = float(variance.mean().clamp_min(1e-30).log())
+
+
+def _as_tensor(x) -> torch.Tensor:
+    return x if torch.is_tensor(x) else torch.tensor(float(x))
+
+
+def _total(terms: MultiFrameTensor) -> torch.Tensor:
+    return sum(value.sum() for value in terms.values())
+
+
+def _grads(output, leaves: list[torch.Tensor], create_graph: bool) -> list[torch.Tensor]:
+    if not torch.is_tensor(output) or not output.requires_grad:
+        return [torch.zeros_like(leaf) for leaf in leaves]
+    grads = torch.autograd.grad(
+        output, leaves, retain_graph=True, create_graph=create_graph, allow_unused=True
+    )
+    return [torch.zeros_like(leaf) if g is None else g for g, leaf in zip(grads, leaves,
+                                                                           strict=True)]
+
+
+def _leaf_names(leaves: list[torch.Tensor], model, guide) -> list[str]:
+    names = {id(t): n for n, t in pyro.get_param_store().named_parameters()}
+    for fn in (guide, model):
+        if isinstance(fn, torch.nn.Module):
+            for n, t in fn.named_parameters():
+                names.setdefault(id(t), n)
+    return [names.get(id(leaf), f"tensor{i}") for i, leaf in enumerate(leaves)]
+
+
+def _sanitize(key: str) -> str:
+    return key.replace(".", "\N{MIDDLE DOT}")
+
+
+def _unsanitize(key: str) -> str:
+    return key.replace("\N{MIDDLE DOT}", ".")

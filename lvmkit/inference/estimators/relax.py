@@ -1,0 +1,137 @@
+"""RELAX: REBAR with a learned neural control variate.
+
+Grathwohl, Choi, Wu, Roeder, Duvenaud. "Backpropagation through the Void: Optimizing
+control variates for black-box gradient estimation." ICLR 2018.
+
+The control variate is ``c(z) = eta f(sigma_lambda(z)) + r_rho(z)``: REBAR's relaxed ELBO
+plus a small network ``r_rho`` of the concatenated relaxed latents. The estimator
+
+.. math::
+
+    \\hat g = [f(b) - c(\\tilde z)]\\, \\nabla \\log q(b) + \\nabla c(z) - \\nabla c(\\tilde z)
+        + \\nabla f(b)
+
+is unbiased for any ``rho``; ``rho`` (and ``lambda``, optionally ``eta``) are trained on
+``||g||^2``, the same variance objective as REBAR's.
+"""
+
+from __future__ import annotations
+
+import torch
+from pyro.infer.util import MultiFrameTensor
+
+from lvmkit.inference.estimators._relax import EstimatorError, HardPass
+from lvmkit.inference.estimators.rebar import RebarELBO
+
+__all__ = ["RelaxELBO"]
+
+
+class RelaxELBO(RebarELBO):
+    """RELAX estimator (Grathwohl et al. 2018) as a drop-in ``Trace_ELBO``.
+
+    Everything of :class:`~lvmkit.inference.estimators.rebar.RebarELBO` applies (site
+    discovery, opt-out with ``infer={"relax": False}``, plates, particles, several layers,
+    continuous sites, ``loss_and_grads`` and ``differentiable_loss``). The control network
+    ``r_rho`` is an MLP ``features -> hidden_size -> 1`` (tanh), applied per element of the
+    plates that hold the discrete sites, on the concatenation of their relaxed values
+    (flattened event dimensions); its output is scaled like the sites (subsampling) and
+    Rao-Blackwellized by plate like the rest of the control variate. The last layer starts
+    at zero, so RELAX starts out as REBAR. The network is created on the first call
+    (its input size is known then); pass ``input_size`` to create it up front, e.g. before
+    handing ``elbo(model, guide).parameters()`` to an optimizer.
+
+    All discrete sites must sit in the same plates (the usual ``pyro.plate("data")``).
+
+    :param hidden_size: width of ``r_rho``'s hidden layer.
+    :param learn_net: train ``rho`` on the variance objective.
+    :param eta: scale of the relaxed-ELBO part; fixed at 1 by default (Grathwohl et al.).
+    """
+
+    estimator_name = "RelaxELBO"
+    opt_out_key = "relax"
+
+    def __init__(
+        self,
+        num_particles: int = 1,
+        temperature: float = 0.5,
+        eta: float = 1.0,
+        learn_temperature: bool = True,
+        learn_eta: bool = False,
+        learn_net: bool = True,
+        hidden_size: int = 16,
+        input_size: int | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(
+            num_particles=num_particles,
+            temperature=temperature,
+            eta=eta,
+            learn_temperature=learn_temperature,
+            learn_eta=learn_eta,
+            **kwargs,
+        )
+        if hidden_size < 1:
+            raise ValueError(f"hidden_size must be positive, got {hidden_size}")
+        self.learn_net = learn_net
+        self.hidden_size = hidden_size
+        if input_size is not None:
+            self._build_net(input_size, torch.zeros(()))
+
+    def _net_learnable(self) -> bool:
+        return self.learn_net
+
+    def _build_net(self, input_size: int, like: torch.Tensor) -> torch.nn.Module:
+        net = torch.nn.Sequential(
+            torch.nn.Linear(input_size, self.hidden_size),
+            torch.nn.Tanh(),
+            torch.nn.Linear(self.hidden_size, 1),
+        )
+        torch.nn.init.zeros_(net[2].weight)
+        torch.nn.init.zeros_(net[2].bias)
+        net.to(device=like.device, dtype=like.dtype)
+        for p in net.parameters():
+            p.requires_grad_(self.learn_net)
+        self.controls.net = net
+        return net
+
+    def _extra_control(self, values, guide_trace, hard: HardPass) -> MultiFrameTensor:
+        """``r_rho`` of the relaxed values, one term per plate element."""
+        features, site = self._features(values, guide_trace, hard)
+        net = self.controls.net
+        if net is None:
+            net = self._build_net(features.shape[-1], features)
+        elif net[0].in_features != features.shape[-1]:
+            raise EstimatorError(
+                f"{self.estimator_name}: the control network was built for "
+                f"{net[0].in_features} relaxed features per plate element, but the discrete"
+                f" sites now give {features.shape[-1]}"
+            )
+        out = net(features).squeeze(-1)
+        scale = site["scale"]
+        return MultiFrameTensor((site["cond_indep_stack"], out * scale))
+
+    def _features(self, values, guide_trace, hard: HardPass):
+        """Concatenate the relaxed values along a feature axis, broadcasting plate dims."""
+        first = None
+        pieces = []
+        for record in hard.relaxed:
+            site = guide_trace.nodes[record.name]
+            frames = frozenset(f for f in site["cond_indep_stack"] if f.vectorized)
+            if first is None:
+                first, first_frames = site, frames
+            elif frames != first_frames:
+                raise EstimatorError(
+                    f"{self.estimator_name}: site {record.name!r} is in plates "
+                    f"{sorted(f.name for f in frames)} but site {first['name']!r} in "
+                    f"{sorted(f.name for f in first_frames)}; the control network needs all"
+                    " discrete sites in the same plates"
+                )
+            value = values[record.name]
+            event_dim = site["fn"].event_dim
+            batch_shape = value.shape[: value.dim() - event_dim]
+            pieces.append(value.reshape(batch_shape + (-1,)))
+        ndim = max(p.dim() for p in pieces)
+        pieces = [p.reshape((1,) * (ndim - p.dim()) + p.shape) for p in pieces]
+        batch = torch.broadcast_shapes(*(p.shape[:-1] for p in pieces))
+        features = torch.cat([p.expand(batch + p.shape[-1:]) for p in pieces], dim=-1)
+        return features, first
