@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 OUT ?= results/demo
 
-.PHONY: install demo test test-slow lint bench notebooks clean
+.PHONY: install demo test test-slow lint bench notebooks notebooks-full clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 -q
+	LVMKIT_FAST=1 OMP_NUM_THREADS=1 $(PY) -m pytest --nbmake -n 2 -q tutorials/
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -n 2 -q -m slow
@@ -31,6 +32,13 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/runner.py
+
+notebooks: $(STAMP)
+	LVMKIT_FAST=1 OMP_NUM_THREADS=1 $(PY) -m pytest --nbmake -n 2 -q tutorials/
+
+# Re-executes the tutorials in full mode and saves their outputs (commit the result).
+notebooks-full: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m pytest --nbmake --overwrite -n 0 -q tutorials/
 
 clean:
 	rm -rf $(VENV) results .pytest_cache

@@ -387,6 +387,17 @@ def add_train_options(p: argparse.ArgumentParser, steps: int) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_threads_option(p)
+
+
+def add_threads_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads; the models here are small enough that one thread is "
+        "fastest, and more threads thrash on a busy machine (default: %(default)s)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -439,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="evaluate only the first LIMIT points")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_threads_option(p)
     add_data_options(p, default=None)
     p.set_defaults(func=cmd_evaluate)
 
@@ -478,6 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
     return args.func(args)
 
 

@@ -1,0 +1,264 @@
+"""NVIL: score-function gradients with an input-dependent baseline (Mnih & Gregor, 2014).
+
+Also holds the small trace helpers that the other score-function-style estimators of this
+package (:mod:`~lvmkit.inference.estimators.vimco`, :mod:`~lvmkit.inference.estimators.arm`)
+share.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.distributions.util import is_identically_zero
+from pyro.infer import Trace_ELBO
+from pyro.infer.trace_elbo import _compute_log_r
+from pyro.infer.util import torch_item
+from pyro.poutine.util import site_is_subsample
+from torch import nn
+
+__all__ = ["NVILELBO"]
+
+_PARTICLE_PLATE = "num_particles_vectorized"
+_instance_ids = itertools.count()
+
+
+def innermost(fn: dist.Distribution) -> dist.Distribution:
+    """The distribution under any ``Independent`` / ``Expanded`` / ``Masked`` wrappers."""
+    while isinstance(
+        fn,
+        dist.Independent
+        | torch.distributions.Independent
+        | dist.ExpandedDistribution
+        | dist.MaskedDistribution,
+    ):
+        fn = fn.base_dist
+    return fn
+
+
+def discrete_kind(fn: dist.Distribution) -> str | None:
+    """``"bernoulli"``, ``"onehot"``, ``"categorical"`` or ``None`` (not discrete)."""
+    base = innermost(fn)
+    if isinstance(base, torch.distributions.Bernoulli):
+        return "bernoulli"
+    if isinstance(base, torch.distributions.OneHotCategorical):
+        return "onehot"
+    if isinstance(base, torch.distributions.Categorical):
+        return "categorical"
+    return None
+
+
+def latent_guide_sites(guide_trace) -> list[tuple[str, dict]]:
+    """The guide's latent sample sites in execution order (no subsample sites)."""
+    return [
+        (name, site)
+        for name, site in guide_trace.nodes.items()
+        if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
+    ]
+
+
+def refuse_enumerated(name: str, site: dict, estimator: str) -> None:
+    """Raise if ``site`` asks for enumeration, which these Monte-Carlo estimators ignore."""
+    if site["infer"].get("enumerate"):
+        raise ValueError(
+            f"site {name!r}: {estimator} draws Monte-Carlo samples and does not support "
+            f"infer={{'enumerate': {site['infer']['enumerate']!r}}}; use TraceEnum_ELBO"
+        )
+
+
+def data_frame(guide_trace, x: torch.Tensor | None):
+    """The vectorized plate frame indexing the rows of ``x``, or ``None``.
+
+    The lvmkit convention names it ``"data"``; otherwise any vectorized plate whose
+    (subsample) size equals ``x.shape[0]`` is taken.
+    """
+    if x is None or x.dim() == 0:
+        return None
+    frames = {
+        frame
+        for _, site in latent_guide_sites(guide_trace)
+        for frame in site["cond_indep_stack"]
+        if frame.vectorized and frame.name != _PARTICLE_PLATE and frame.size == x.shape[0]
+    }
+    named = [f for f in frames if f.name == "data"]
+    if named:
+        return named[0]
+    return min(frames, key=lambda f: f.dim, default=None)
+
+
+def _first_tensor(args: tuple) -> torch.Tensor | None:
+    return next((a for a in args if torch.is_tensor(a)), None)
+
+
+class _RunningMoments(nn.Module):
+    """Exponential moving mean and variance of the centred learning signal (buffers)."""
+
+    def __init__(self, decay: float) -> None:
+        super().__init__()
+        self.decay = decay
+        self.register_buffer("mean", torch.zeros(()))
+        self.register_buffer("var", torch.ones(()))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def update(self, signal: torch.Tensor) -> None:
+        signal = signal.detach().to(self.mean.dtype)
+        batch_mean = signal.mean()
+        batch_var = signal.var(unbiased=False) if signal.numel() > 1 else torch.zeros(())
+        if int(self.count) == 0:
+            # The first batch initialises the statistics instead of decaying from 0 / 1.
+            self.mean.copy_(batch_mean)
+            self.var.copy_(batch_var)
+        else:
+            self.mean.mul_(self.decay).add_((1 - self.decay) * batch_mean)
+            self.var.mul_(self.decay).add_((1 - self.decay) * batch_var)
+        self.count += 1
+
+
+class NVILELBO(Trace_ELBO, nn.Module):
+    """Score-function ELBO gradient with NVIL variance reduction (Mnih & Gregor, 2014).
+
+    For every non-reparameterized guide site ``z`` (any distribution, discrete or not),
+    the surrogate objective replaces Trace_ELBO's learning signal
+    ``l = log p(x, z) - log q(z | x)`` (Rao-Blackwellised by plate, as in ``Trace_ELBO``) by
+
+    .. math::
+
+        \\hat l(x, z) = \\frac{l(x, z) - s\\,C_\\psi(x) - c}{\\max(1, \\sqrt{v})},
+
+    where ``C_psi`` is a small MLP on the guide's first tensor argument ``x`` (one output
+    per datum of the ``"data"`` plate; ``s`` is the sites' subsampling scale), ``c`` and
+    ``v`` are exponential moving averages (decay ``decay``, 0.8 in the paper) of the mean
+    and variance of ``l - s C_psi(x)``. A site outside the data plate sees the baseline
+    summed over the data. Reparameterized sites keep their pathwise gradient.
+
+    The baseline is fitted by squared error: the surrogate loss contains
+    ``sum (l - s C_psi(x) - c)^2`` with ``l`` detached, so it moves only ``psi``. The net is
+    registered with ``pyro.module`` under ``self.module_name`` on first use, so ``SVI``'s
+    optimizer updates it; the estimator is also an ``nn.Module``, so
+    ``elbo(model, guide).parameters()`` includes it after the first call (pass ``x_dim`` to
+    create it eagerly, before building a plain torch optimizer).
+
+    Bias: ``C_psi(x)`` and ``c`` do not depend on the current ``z`` (``c`` and ``v`` are
+    updated only *after* use), so centring keeps the estimator unbiased. The division by
+    ``max(1, sqrt(v))`` is the paper's variance normalisation: a data-dependent positive
+    step-size adaptation that rescales the score term relative to the pathwise and model
+    terms, so with ``normalize=True`` the estimate is *not* an unbiased estimate of the
+    ELBO gradient's scale. ``normalize=False`` drops only that division and is unbiased.
+
+    :param normalize: divide the centred signal by ``max(1, sqrt(v))``.
+    :param decay: decay of the running mean and variance.
+    :param hidden: tanh units of the baseline MLP (100 in the paper).
+    :param x_dim: input size of the baseline; inferred from the first call if ``None``.
+    :param module_name: param-store name of the baseline net (unique per instance).
+    """
+
+    def __init__(
+        self,
+        num_particles: int = 1,
+        *,
+        normalize: bool = True,
+        decay: float = 0.8,
+        hidden: int = 100,
+        x_dim: int | None = None,
+        module_name: str | None = None,
+        **kwargs,
+    ) -> None:
+        nn.Module.__init__(self)
+        Trace_ELBO.__init__(self, num_particles=num_particles, **kwargs)
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        if hidden < 1:
+            raise ValueError(f"hidden must be a positive number of units, got {hidden}")
+        self.normalize = normalize
+        self.hidden = hidden
+        self.module_name = module_name or f"nvil_baseline_{next(_instance_ids)}"
+        self.moments = _RunningMoments(decay)
+        self.baseline_net: nn.Module | None = None
+        self._x: torch.Tensor | None = None
+        if x_dim is not None:
+            self._build_baseline(x_dim)
+
+    def _build_baseline(self, x_dim: int) -> None:
+        net = nn.Sequential(nn.Linear(x_dim, self.hidden), nn.Tanh(), nn.Linear(self.hidden, 1))
+        # A zero output layer makes the initial baseline exactly the running mean.
+        nn.init.zeros_(net[-1].weight)
+        nn.init.zeros_(net[-1].bias)
+        self.baseline_net = net
+
+    def _get_traces(self, model, guide, args, kwargs):
+        self._x = _first_tensor(args)
+        yield from super()._get_traces(model, guide, args, kwargs)
+
+    def _baseline(self, x: torch.Tensor) -> torch.Tensor:
+        """``C_psi(x)``, one value per row of ``x``."""
+        flat = x.reshape(x.shape[0], -1)
+        if self.baseline_net is None:
+            self._build_baseline(flat.shape[1])
+        net = pyro.module(self.module_name, self.baseline_net)
+        if net[0].in_features != flat.shape[1]:
+            raise ValueError(
+                f"NVIL baseline was built for inputs of size {net[0].in_features}, "
+                f"got x of shape {tuple(x.shape)}"
+            )
+        return net(flat.to(net[0].weight.dtype)).squeeze(-1)
+
+    def _differentiable_loss_particle(self, model_trace, guide_trace):
+        elbo_particle = 0.0
+        surrogate = 0.0
+        for site in model_trace.nodes.values():
+            if site["type"] == "sample":
+                elbo_particle = elbo_particle + torch_item(site["log_prob_sum"])
+                surrogate = surrogate + site["log_prob_sum"]
+
+        score_sites = []
+        for name, site in latent_guide_sites(guide_trace):
+            refuse_enumerated(name, site, "NVILELBO")
+            _, score_term, entropy_term = site["score_parts"]
+            elbo_particle = elbo_particle - torch_item(site["log_prob_sum"])
+            if not is_identically_zero(entropy_term):
+                surrogate = surrogate - entropy_term.sum()
+            if not is_identically_zero(score_term):
+                score_sites.append((name, site, score_term))
+
+        if score_sites:
+            surrogate = surrogate + self._score_surrogate(model_trace, guide_trace, score_sites)
+        return -elbo_particle, -surrogate
+
+    def _score_surrogate(self, model_trace, guide_trace, score_sites) -> torch.Tensor:
+        log_r = _compute_log_r(model_trace, guide_trace)
+        frame = data_frame(guide_trace, self._x)
+        # One signal per datum and per vectorized particle.
+        frames = tuple(
+            f
+            for f in score_sites[0][1]["cond_indep_stack"]
+            if f.name == _PARTICLE_PLATE and f.vectorized
+        ) + ((frame,) if frame is not None else ())
+        per_datum = log_r.sum_to(frames)
+        if not torch.is_tensor(per_datum):
+            per_datum = torch.as_tensor(per_datum)
+        scale = float(score_sites[0][1]["scale"])
+        if frame is not None:
+            # Put the baseline's data axis at the plate's dim so it broadcasts like the signal.
+            baseline = scale * self._baseline(self._x).reshape((-1,) + (1,) * (-1 - frame.dim))
+        else:
+            baseline = per_datum.new_zeros(())
+        c = self.moments.mean.to(per_datum.dtype)
+        shift = baseline + c
+        residual = per_datum.detach() - shift
+        baseline_loss = residual.pow(2).sum()
+        divisor = max(1.0, math.sqrt(float(self.moments.var))) if self.normalize else 1.0
+        self.moments.update((per_datum.detach() - baseline.detach()).reshape(-1))
+
+        surrogate = -baseline_loss
+        for _, site, score_term in score_sites:
+            signal = log_r.sum_to(site["cond_indep_stack"])
+            site_shift = shift.detach()
+            if frame is not None and frame not in site["cond_indep_stack"]:
+                site_shift = site_shift.expand(per_datum.shape).sum(frame.dim, keepdim=True)
+            learning_signal = (signal - site_shift) / divisor
+            surrogate = surrogate + (learning_signal.detach() * score_term).sum()
+        return surrogate

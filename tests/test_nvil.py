@@ -1,0 +1,238 @@
+"""NVILELBO: unbiasedness without normalisation, baseline training, normalisation, errors."""
+
+import copy
+
+import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
+import pytest
+import torch
+from pyro.infer import SVI, Trace_ELBO
+from pyro.optim import Adam
+
+from lvmkit.inference.check import check_unbiased, gradient_variance
+from lvmkit.inference.estimators.nvil import NVILELBO
+
+D, H = 3, 2
+
+
+def _init(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 0.7
+
+
+def make_pair(*, layers=1, subsample=False, continuous=False, categorical=False, bernoulli=True):
+    """A tiny model/guide pair: few enough configurations to enumerate exactly."""
+
+    def plate(x):
+        return pyro.plate("data", x.shape[0], subsample_size=2 if subsample else None)
+
+    def model(x):
+        w = pyro.param("w", _init(H, D, seed=1))
+        with plate(x) as idx:
+            xb = x[idx]
+            logits = torch.zeros(len(idx), D)
+            if bernoulli:
+                if layers == 2:
+                    top_prior = pyro.param("top_prior", _init(1, seed=2))
+                    w2 = pyro.param("w2", _init(1, H, seed=3))
+                    top = pyro.sample(
+                        "top", dist.Bernoulli(logits=top_prior).expand([len(idx), 1]).to_event(1)
+                    )
+                    z_logits = top @ w2
+                else:
+                    z_logits = pyro.param("prior", _init(H, seed=4)).expand(len(idx), H)
+                z = pyro.sample("z", dist.Bernoulli(logits=z_logits).to_event(1))
+                logits = logits + z @ w
+            if categorical:
+                wc = pyro.param("wc", _init(3, D, seed=5))
+                c = pyro.sample("c", dist.OneHotCategorical(logits=torch.zeros(len(idx), 3)))
+                logits = logits + c @ wc
+            if continuous:
+                a = pyro.param("a", _init(1, D, seed=6))
+                y = pyro.sample("y", dist.Normal(0.0, 1.0).expand([len(idx), 1]).to_event(1))
+                logits = logits + y @ a
+            pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=xb)
+
+    def guide(x):
+        with plate(x) as idx:
+            xb = x[idx]
+            z_sum = torch.zeros(len(idx), 1)
+            if bernoulli:
+                v = pyro.param("v", _init(D, H, seed=7))
+                z = pyro.sample("z", dist.Bernoulli(logits=xb @ v - 0.2).to_event(1))
+                z_sum = z.sum(-1, keepdim=True)
+                if layers == 2:
+                    v2 = pyro.param("v2", _init(H, 1, seed=8))
+                    pyro.sample("top", dist.Bernoulli(logits=z @ v2 + 0.3).to_event(1))
+            if categorical:
+                vc = pyro.param("vc", _init(D, 3, seed=9))
+                pyro.sample("c", dist.OneHotCategorical(logits=xb @ vc))
+            if continuous:
+                m = pyro.param("m", _init(D, 1, seed=10))
+                pyro.sample("y", dist.Normal(xb @ m + 0.5 * z_sum, 0.8).to_event(1))
+
+    return model, guide
+
+
+X2 = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
+X4 = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+
+
+def _create_params(model, guide, x):
+    poutine.trace(poutine.replay(model, poutine.trace(guide).get_trace(x))).get_trace(x)
+
+
+def _grads(elbo, model, guide, x, seed, via):
+    pyro.set_rng_seed(seed)
+    params = dict(pyro.get_param_store().named_parameters())
+    for p in params.values():
+        p.grad = None
+    if via == "svi":
+        elbo.loss_and_grads(model, guide, x)
+    else:
+        elbo(model, guide)(x).backward()
+    return {n: p.grad.clone() for n, p in params.items() if p.grad is not None}
+
+
+def _randomize(net: torch.nn.Module) -> None:
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator))
+
+
+def test_unbiased_one_layer_with_nontrivial_baseline():
+    model, guide = make_pair()
+    elbo = NVILELBO(normalize=False, x_dim=D, num_particles=4, vectorize_particles=True)
+    _randomize(elbo.baseline_net)  # a poor, input-dependent baseline must not bias
+    result = check_unbiased(model, guide, elbo, X2, num_draws=150)
+    assert result.passed, result.summary()
+
+
+def test_unbiased_two_layers_subsampled():
+    model, guide = make_pair(layers=2, subsample=True)
+    elbo = NVILELBO(normalize=False, num_particles=4, vectorize_particles=True)
+    result = check_unbiased(model, guide, elbo, X4, num_draws=150)
+    assert result.passed, result.summary()
+
+
+def test_unbiased_categorical_beside_continuous():
+    model, guide = make_pair(bernoulli=False, categorical=True, continuous=True)
+    elbo = NVILELBO(normalize=False, x_dim=D, num_particles=4, vectorize_particles=True)
+    _randomize(elbo.baseline_net)
+    result = check_unbiased(model, guide, elbo, X2, num_draws=120, num_continuous_draws=16)
+    assert result.passed, result.summary()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "options",
+    [{"layers": 2}, {"subsample": True}, {"continuous": True}, {"categorical": True},
+     {"layers": 2, "continuous": True}],
+)
+def test_unbiased_slow(options):
+    model, guide = make_pair(**options)
+    x = X4 if options.get("subsample") else X2
+    elbo = NVILELBO(normalize=False, num_particles=4, vectorize_particles=True)
+    result = check_unbiased(model, guide, elbo, x, num_draws=2000, num_continuous_draws=64)
+    assert result.passed, result.summary()
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_svi_and_module_gradients_agree(normalize):
+    model, guide = make_pair(layers=2, continuous=True)
+    elbo = NVILELBO(normalize=normalize, x_dim=D)
+    _create_params(model, guide, X2)
+    _randomize(elbo.baseline_net)
+    elbo.moments.update(torch.tensor([-30.0, -10.0]))  # nontrivial running mean and variance
+    twin = copy.deepcopy(elbo)
+    twin.module_name = "twin_baseline"
+    svi = _grads(elbo, model, guide, X2, 3, "svi")
+    baseline_grads = [p.grad.clone() for p in elbo.baseline_net.parameters()]
+    module = _grads(twin, model, guide, X2, 3, "module")
+    assert {"v", "v2", "m", "w"} <= svi.keys()
+    for name in ("v", "v2", "m", "w", "w2", "a"):
+        torch.testing.assert_close(svi[name], module[name])
+    for grad, q in zip(baseline_grads, twin.baseline_net.parameters(), strict=True):
+        assert grad.abs().sum() > 0
+        torch.testing.assert_close(grad, q.grad)
+
+
+def test_normalisation_divides_only_the_score_term():
+    model, guide = make_pair()  # guide params enter through the score term alone
+    _create_params(model, guide, X2)
+    plain = NVILELBO(normalize=False, x_dim=D)
+    normalized = copy.deepcopy(plain)
+    normalized.normalize = True
+    for elbo in (plain, normalized):
+        elbo.moments.update(torch.tensor([-5.0, 5.0]))  # variance 25: divisor 5
+    a = _grads(plain, model, guide, X2, 5, "svi")
+    b = _grads(normalized, model, guide, X2, 5, "svi")
+    torch.testing.assert_close(b["v"], a["v"] / 5)
+    torch.testing.assert_close(b["w"], a["w"])  # model gradients are pathwise, unchanged
+
+
+def test_running_moments_follow_the_signal():
+    elbo = NVILELBO()
+    elbo.moments.update(torch.full((4,), 10.0))
+    elbo.moments.update(torch.tensor([0.0, 2.0]))
+    assert elbo.moments.mean.item() == pytest.approx(0.8 * 10.0 + 0.2 * 1.0)
+    assert elbo.moments.var.item() == pytest.approx(0.2 * 1.0)
+
+
+def test_baseline_is_trained_by_svi_and_reduces_variance():
+    model, guide = make_pair(layers=2)
+    elbo = NVILELBO(num_particles=4, vectorize_particles=True, normalize=False)
+    svi = SVI(model, guide, Adam({"lr": 0.02}), elbo)
+    for _ in range(80):
+        svi.step(X2)
+    stored = [n for n in pyro.get_param_store() if n.startswith(elbo.module_name)]
+    assert len(stored) == 4  # two Linear layers, weight and bias each
+    assert elbo.baseline_net[-1].weight.abs().sum() > 0  # moved away from its zero init
+    logvar = gradient_variance(
+        model, guide, {"score": Trace_ELBO(num_particles=4, vectorize_particles=True),
+                       "nvil": elbo}, X2, num_draws=60,
+    )
+    assert logvar["nvil"] < logvar["score"] - 2.0
+
+
+def test_refuses_enumerated_site():
+    def guide(x):
+        with pyro.plate("data", 2):
+            pyro.sample(
+                "z", dist.Bernoulli(0.5).expand([2, H]).to_event(1),
+                infer={"enumerate": "parallel"},
+            )
+
+    model, _ = make_pair()
+    with pytest.raises(ValueError, match="site 'z'.*enumerate"), pyro.validation_enabled(False):
+        NVILELBO().loss_and_grads(model, guide, X2)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="decay"):
+        NVILELBO(decay=1.0)
+    with pytest.raises(ValueError, match="hidden"):
+        NVILELBO(hidden=0)
+    model, guide = make_pair()
+    elbo = NVILELBO(x_dim=5)
+    with pytest.raises(ValueError, match="inputs of size 5, got x of shape \\(2, 3\\)"):
+        elbo.loss_and_grads(model, guide, X2)
+
+
+def test_baseline_is_a_parameter_of_the_elbo_module():
+    model, guide = make_pair()
+    elbo = NVILELBO(x_dim=D)
+    module_params = {id(p) for p in elbo(model, guide).parameters()}
+    assert {id(p) for p in elbo.baseline_net.parameters()} <= module_params
+    # a plain torch optimizer over the module trains the baseline through the surrogate
+    _create_params(model, guide, X2)
+    optim = torch.optim.Adam(
+        [*elbo.baseline_net.parameters(), *pyro.get_param_store().values()], lr=0.05
+    )
+    before = elbo.baseline_net[-1].bias.detach().clone()
+    for _ in range(3):
+        optim.zero_grad()
+        elbo(model, guide)(X2).backward()
+        optim.step()
+    assert not torch.equal(before, elbo.baseline_net[-1].bias)

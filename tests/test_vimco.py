@@ -1,0 +1,238 @@
+"""VIMCOELBO: unbiased for the K-sample bound's gradient (exact by enumeration), errors."""
+
+import copy
+import math
+
+import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
+import pytest
+import torch
+
+from lvmkit.inference.check import exact_elbo_gradient
+from lvmkit.inference.estimators.vimco import (
+    VIMCOELBO,
+    _iwae_gradient_draws,
+    exact_iwae_gradient,
+)
+
+D, H = 3, 2
+
+
+def _init(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 0.7
+
+
+def make_pair(*, layers=1, subsample=False, continuous=False, categorical=False, bernoulli=True):
+    """A tiny model/guide pair: few enough configurations to enumerate exactly."""
+
+    def plate(x):
+        return pyro.plate("data", x.shape[0], subsample_size=2 if subsample else None)
+
+    def model(x):
+        w = pyro.param("w", _init(H, D, seed=1))
+        with plate(x) as idx:
+            xb = x[idx]
+            logits = torch.zeros(len(idx), D)
+            if bernoulli:
+                if layers == 2:
+                    top_prior = pyro.param("top_prior", _init(1, seed=2))
+                    w2 = pyro.param("w2", _init(1, H, seed=3))
+                    top = pyro.sample(
+                        "top", dist.Bernoulli(logits=top_prior).expand([len(idx), 1]).to_event(1)
+                    )
+                    z_logits = top @ w2
+                else:
+                    z_logits = pyro.param("prior", _init(H, seed=4)).expand(len(idx), H)
+                z = pyro.sample("z", dist.Bernoulli(logits=z_logits).to_event(1))
+                logits = logits + z @ w
+            if categorical:
+                wc = pyro.param("wc", _init(3, D, seed=5))
+                c = pyro.sample("c", dist.OneHotCategorical(logits=torch.zeros(len(idx), 3)))
+                logits = logits + c @ wc
+            if continuous:
+                a = pyro.param("a", _init(1, D, seed=6))
+                y = pyro.sample("y", dist.Normal(0.0, 1.0).expand([len(idx), 1]).to_event(1))
+                logits = logits + y @ a
+            pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=xb)
+
+    def guide(x):
+        with plate(x) as idx:
+            xb = x[idx]
+            z_sum = torch.zeros(len(idx), 1)
+            if bernoulli:
+                v = pyro.param("v", _init(D, H, seed=7))
+                z = pyro.sample("z", dist.Bernoulli(logits=xb @ v - 0.2).to_event(1))
+                z_sum = z.sum(-1, keepdim=True)
+                if layers == 2:
+                    v2 = pyro.param("v2", _init(H, 1, seed=8))
+                    pyro.sample("top", dist.Bernoulli(logits=z @ v2 + 0.3).to_event(1))
+            if categorical:
+                vc = pyro.param("vc", _init(D, 3, seed=9))
+                pyro.sample("c", dist.OneHotCategorical(logits=xb @ vc))
+            if continuous:
+                m = pyro.param("m", _init(D, 1, seed=10))
+                pyro.sample("y", dist.Normal(xb @ m + 0.5 * z_sum, 0.8).to_event(1))
+
+    return model, guide
+
+
+X2 = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
+X4 = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+
+
+def _create_params(model, guide, x):
+    poutine.trace(poutine.replay(model, poutine.trace(guide).get_trace(x))).get_trace(x)
+
+
+def _z_scores(elbo, model, guide, x, exact, exact_se, num_draws, seed=1):
+    """Coordinate-wise z of the mean of ``num_draws`` estimates against ``exact``."""
+    params = dict(pyro.get_param_store().named_parameters())
+    pyro.set_rng_seed(seed)
+    draws = {name: [] for name in exact}
+    for _ in range(num_draws):
+        for p in params.values():
+            p.grad = None
+        elbo.loss_and_grads(model, guide, x)
+        for name in exact:
+            grad = params[name].grad
+            draws[name].append(torch.zeros_like(params[name]) if grad is None else grad.clone())
+    z = {}
+    for name, values in draws.items():
+        stacked = torch.stack(values).double()
+        se = (stacked.var(0) / num_draws + exact_se[name].double() ** 2).sqrt()
+        diff = stacked.mean(0) - exact[name].double()
+        # a coordinate with no spread must be exact (e.g. weights of a pixel that is 0)
+        z[name] = torch.where(se > 0, diff / se.clamp_min(1e-300), diff.abs() * 1e6)
+    return z
+
+
+def _bonferroni(z, alpha=1e-3):
+    count = sum(v.numel() for v in z.values())
+    return torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(1 - alpha / (2 * count))).item()
+
+
+def _assert_unbiased(elbo, model, guide, x, k, num_draws, **exact_kwargs):
+    _create_params(model, guide, x)
+    exact, exact_se = _iwae_gradient_draws(
+        model, guide, x, k, None, exact_kwargs.get("num_continuous_draws", 64), 0, 2**16
+    )
+    z = _z_scores(elbo, model, guide, x, exact, exact_se, num_draws)
+    worst = max(v.abs().max().item() for v in z.values())
+    assert worst < _bonferroni(z), {n: v.abs().max().item() for n, v in z.items()}
+    return exact
+
+
+def test_exact_bound_gradient_with_one_particle_is_the_elbo_gradient():
+    model, guide = make_pair(layers=2)
+    _create_params(model, guide, X2)
+    iwae = exact_iwae_gradient(model, guide, X2, num_particles=1)
+    elbo = exact_elbo_gradient(model, guide, X2, params=list(iwae))
+    for name in elbo:
+        torch.testing.assert_close(iwae[name], elbo[name], rtol=1e-4, atol=1e-5)
+
+
+def test_unbiased_one_layer_and_differs_from_elbo_gradient():
+    model, guide = make_pair()
+    exact = _assert_unbiased(VIMCOELBO(num_particles=3), model, guide, X2, 3, num_draws=300)
+    # the test has power: the K = 3 bound's gradient is not the ELBO's
+    elbo = exact_elbo_gradient(model, guide, X2, params=list(exact))
+    assert (exact["v"] - elbo["v"]).abs().max() > 0.02
+
+
+def test_unbiased_two_layers():
+    model, guide = make_pair(layers=2)
+    _assert_unbiased(VIMCOELBO(num_particles=2), model, guide, X2, 2, num_draws=300)
+
+
+def test_unbiased_with_continuous_site():
+    model, guide = make_pair(continuous=True)
+    _assert_unbiased(
+        VIMCOELBO(num_particles=2), model, guide, X2, 2, num_draws=200, num_continuous_draws=24
+    )
+
+
+@pytest.mark.filterwarnings("ignore:Found plate statements in guide but not model")
+def test_unbiased_with_subsampled_plate():
+    # Fix the subsample to rows (1, 3): the estimate is scale * the bound's gradient on them.
+    sub_model, sub_guide = make_pair(subsample=True)
+    rows = torch.tensor([1, 3])
+    fixed_model = poutine.condition(sub_model, data={"data": rows})
+    fixed_guide = poutine.condition(sub_guide, data={"data": rows})
+    model, guide = make_pair()
+    _create_params(model, guide, X4[rows])
+    exact = exact_iwae_gradient(model, guide, X4[rows], num_particles=2)
+    scaled = {n: 2.0 * g for n, g in exact.items()}  # N / subsample size = 4 / 2
+    zeros = {n: torch.zeros_like(g) for n, g in exact.items()}
+    z = _z_scores(VIMCOELBO(num_particles=2), fixed_model, fixed_guide, X4, scaled, zeros, 300)
+    assert max(v.abs().max().item() for v in z.values()) < _bonferroni(z)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options", [{"layers": 2, "continuous": True}, {"categorical": True}])
+@pytest.mark.parametrize("k", [2, 4])
+def test_unbiased_slow(options, k):
+    model, guide = make_pair(**options)
+    _assert_unbiased(VIMCOELBO(num_particles=k), model, guide, X2, k, num_draws=2000)
+
+
+def test_svi_and_module_gradients_agree():
+    model, guide = make_pair(layers=2, continuous=True)
+    _create_params(model, guide, X2)
+    elbo = VIMCOELBO(num_particles=3)
+    elbo.loss(model, guide, X2)  # guesses max_plate_nesting, which draws random numbers
+    params = dict(pyro.get_param_store().named_parameters())
+    grads = []
+    for via in ("svi", "module"):
+        pyro.set_rng_seed(4)
+        for p in params.values():
+            p.grad = None
+        if via == "svi":
+            copy.deepcopy(elbo).loss_and_grads(model, guide, X2)
+        else:
+            copy.deepcopy(elbo)(model, guide)(X2).backward()
+        grads.append({n: p.grad.clone() for n, p in params.items()})
+    for name in params:
+        torch.testing.assert_close(grads[0][name], grads[1][name])
+
+
+def test_loss_is_the_negative_bound_estimate():
+    model, guide = make_pair()
+    _create_params(model, guide, X2)
+    k = 5
+    elbo = VIMCOELBO(num_particles=k)
+    elbo.loss(model, guide, X2)  # guesses max_plate_nesting, which draws random numbers
+    pyro.set_rng_seed(2)
+    loss = elbo.loss(model, guide, X2)
+    # the same draws by hand
+    pyro.set_rng_seed(2)
+    particles = pyro.plate("num_particles_vectorized", k, dim=-2)
+    guide_trace = poutine.trace(particles(guide)).get_trace(X2)
+    model_trace = poutine.trace(poutine.replay(particles(model), guide_trace)).get_trace(X2)
+    log_w = model_trace.nodes["z"]["fn"].log_prob(model_trace.nodes["z"]["value"])
+    log_w = log_w + model_trace.nodes["x"]["fn"].log_prob(X2)
+    log_w = log_w - guide_trace.nodes["z"]["fn"].log_prob(guide_trace.nodes["z"]["value"])
+    bound = (torch.logsumexp(log_w, 0) - math.log(k)).sum()
+    assert loss == pytest.approx(-bound.item(), rel=1e-5)
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="num_particles >= 2"):
+        VIMCOELBO(num_particles=1)
+    with pytest.raises(ValueError, match="vectorizes"):
+        VIMCOELBO(num_particles=2, vectorize_particles=False)
+
+    def model(x):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", 4, subsample_size=2) as idx:
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x[idx])
+
+    def guide(x):
+        pyro.sample("z", dist.Normal(0.0, 1.0))  # global, unscaled: mixes scales
+
+    with pytest.raises(ValueError, match="same scale.*'z'"):
+        VIMCOELBO(num_particles=2).loss_and_grads(model, guide, torch.zeros(4))
+    big_model, big_guide = make_pair(layers=2, categorical=True)
+    _create_params(big_model, big_guide, X2)
+    with pytest.raises(ValueError, match="exceed max_terms"):
+        exact_iwae_gradient(big_model, big_guide, X2, num_particles=4)
