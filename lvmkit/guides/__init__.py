@@ -5,6 +5,8 @@ from lvmkit._lazy import lazy_exports
 # name -> submodule; add a line when a module gains a public name.
 _EXPORTS: dict[str, str] = {
     "GaussianEncoder": "lvmkit.guides.encoders",
+    "AutoHVM": "lvmkit.guides.hierarchical",
+    "AuxiliaryEncoder": "lvmkit.guides.hierarchical",
     "BernoulliEncoder": "lvmkit.guides.encoders",
     "OneHotEncoder": "lvmkit.guides.encoders",
     "TwoLayerEncoder": "lvmkit.guides.encoders",

@@ -3,7 +3,30 @@
 from lvmkit._lazy import lazy_exports
 
 # name -> submodule; add a line when a module gains a public name.
-_EXPORTS: dict[str, str] = {}
+_EXPORTS: dict[str, str] = {
+    "fit": "lvmkit.inference.training",
+    "History": "lvmkit.inference.training",
+    "log_likelihood": "lvmkit.inference.evaluate",
+    "elbo_per_datum": "lvmkit.inference.evaluate",
+    "log_weights": "lvmkit.inference.evaluate",
+    "to_arviz": "lvmkit.inference.diagnostics",
+    "psis_khat": "lvmkit.inference.diagnostics",
+    "compare_with_nuts": "lvmkit.inference.diagnostics",
+    "KhatResult": "lvmkit.inference.diagnostics",
+    "NutsComparison": "lvmkit.inference.diagnostics",
+    "NVILELBO": "lvmkit.inference.estimators.nvil",
+    "VIMCOELBO": "lvmkit.inference.estimators.vimco",
+    "ARMELBO": "lvmkit.inference.estimators.arm",
+    "DisARMELBO": "lvmkit.inference.estimators.arm",
+    "compare_estimators": "lvmkit.inference.compare",
+    "RebarELBO": "lvmkit.inference.estimators.rebar",
+    "RelaxELBO": "lvmkit.inference.estimators.relax",
+    "ConcreteELBO": "lvmkit.inference.estimators.concrete",
+    "check_unbiased": "lvmkit.inference.check",
+    "exact_elbo_gradient": "lvmkit.inference.check",
+    "gradient_variance": "lvmkit.inference.check",
+    "UnbiasedCheck": "lvmkit.inference.check",
+}
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 __all__ = sorted(_EXPORTS)
