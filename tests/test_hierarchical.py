@@ -346,13 +346,7 @@ def test_auxiliary_encoder_with_vae_shapes_and_bound():
         "RebarELBO",
         "RelaxELBO",
         "ConcreteELBO",
-        pytest.param(
-            "VIMCOELBO",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="VIMCOELBO sums only latent guide sites, dropping the reverse factor",
-            ),
-        ),
+        "VIMCOELBO",
     ],
 )
 def test_lvmkit_estimators_count_the_reverse_factor(name):

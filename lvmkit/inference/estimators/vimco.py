@@ -120,7 +120,11 @@ class VIMCOELBO(Trace_ELBO):
         guide_latents = latent_guide_sites(guide_trace)
         for name, site in guide_latents:
             refuse_enumerated(name, site, "VIMCOELBO")
-        sites = _sample_sites(model_trace) + guide_latents
+        # Every guide sample site enters the weight, observed ones too: a hierarchical guide
+        # adds its reverse model -log r(a|x,z) as a factor site, and dropping it would make
+        # the bound invalid. Only the latent sites carry a score term.
+        guide_sites = _sample_sites(guide_trace)
+        sites = _sample_sites(model_trace) + guide_sites
         particle_frame = next(
             f for f in sites[0][1]["cond_indep_stack"] if f.name == _PARTICLE_PLATE
         )
@@ -132,9 +136,10 @@ class VIMCOELBO(Trace_ELBO):
         log_w = 0.0
         for _, site in _sample_sites(model_trace):
             log_w = log_w + _sum_to(site["log_prob"] / scale, keep, ndim)
+        for _, site in guide_sites:
+            log_w = log_w - _sum_to(site["log_prob"] / scale, keep, ndim)
         score = 0.0
         for _, site in guide_latents:
-            log_w = log_w - _sum_to(site["log_prob"] / scale, keep, ndim)
             score_term = site["score_parts"].score_function
             if not is_identically_zero(score_term):
                 mask = _site_mask(site)
