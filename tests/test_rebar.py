@@ -3,6 +3,7 @@
 The small models below are shared with tests/test_relax.py and tests/test_concrete.py.
 """
 
+import copy
 import logging
 import math
 
@@ -13,7 +14,9 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 from pyro.optim import Adam
 
+import lvmkit.inference.estimators.rebar as rebar_module
 from lvmkit.inference.check import check_unbiased, exact_elbo_gradient, gradient_variance
+from lvmkit.inference.estimators import _relax
 from lvmkit.inference.estimators._relax import EstimatorError
 from lvmkit.inference.estimators.rebar import RebarELBO
 
@@ -465,3 +468,84 @@ def test_slow_toy_variances_to_ten_percent():
     torch.manual_seed(2)
     oracle = handwritten_rebar_toy(1_000_000, eta=1.0, temperature=0.5).var().item()
     assert 100 * math.exp(logvar["rebar"]) == pytest.approx(oracle, rel=0.1)
+
+
+# ----------------------------------------------------------------------------------------
+# Stacked relaxed passes, deep copies
+# ----------------------------------------------------------------------------------------
+
+
+def _rebar_grads(model, guide, x, seed, stacked: bool, monkeypatch) -> dict[str, torch.Tensor]:
+    """Parameter gradients of one REBAR step, with the two relaxed passes stacked into one
+    evaluation (``stacked``) or forced one after the other; records which path ran."""
+    taken = []
+
+    def spy(*args, **kwargs):
+        passes = _relax.stacked_relaxed_traces(*args, **kwargs) if stacked else None
+        taken.append(passes is not None)
+        return passes
+
+    monkeypatch.setattr(rebar_module, "stacked_relaxed_traces", spy)
+    clear_grads()
+    pyro.set_rng_seed(seed)
+    elbo = RebarELBO(num_particles=2)
+    loss = elbo.loss_and_grads(model, guide, x)
+    grads = param_grads()
+    grads["loss"] = torch.tensor(loss)
+    grads["temperature"] = torch.tensor(elbo.temperature)  # after one variance-Adam step
+    grads["path"] = torch.tensor(taken)
+    return grads
+
+
+@pytest.mark.parametrize("name", ["sbn", "two_layer", "categorical", "subsample", "masked"])
+def test_stacked_relaxed_passes_match_sequential_passes(name, monkeypatch):
+    model, guide, x, _ = MODELS[name]
+    stacked = _rebar_grads(model, guide, x, 11, True, monkeypatch)
+    sequential = _rebar_grads(model, guide, x, 11, False, monkeypatch)
+    assert stacked.pop("path").all(), "the stacked path was not taken"
+    assert not sequential.pop("path").any()
+    assert set(stacked) == set(sequential)
+    for key, g in sequential.items():
+        # Same numbers up to float rounding (a batched matmul sums in another order).
+        torch.testing.assert_close(stacked[key], g, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_stacked_passes_fall_back_for_models_that_do_not_broadcast(monkeypatch):
+    def model(x):
+        w = pyro.param("W", torch.tensor([[0.5, -0.3, 0.8, 0.1], [-0.6, 0.2, 0.4, -0.9],
+                                          [0.3, 0.7, -0.2, 0.5]]))
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Bernoulli(logits=torch.zeros(x.shape[0], 3)).to_event(1))
+            # Fine for any (data, 3) value; mixes or breaks a stacked leading dimension.
+            flat = z.reshape(x.shape[0], 3)
+            pyro.sample("x", dist.Bernoulli(logits=flat @ w).to_event(1), obs=x)
+
+    pyro.set_rng_seed(0)
+    x = torch.tensor([[1.0, 0.0, 1.0, 1.0], [0.0, 1.0, 0.0, 1.0]])
+    first = _rebar_grads(model, sbn_guide, x, 4, True, monkeypatch)
+    second = _rebar_grads(model, sbn_guide, x, 4, False, monkeypatch)
+    assert not first.pop("path").any(), "a non-broadcasting model took the stacked path"
+    second.pop("path")
+    for key, g in second.items():
+        assert torch.equal(first[key], g), key
+
+
+def test_deepcopy_trains_independently():
+    elbo = RebarELBO(variance_optim_lr=0.05)
+    svi = SVI(sbn_model, sbn_guide, Adam({"lr": 0.05}), elbo)
+    for _ in range(3):
+        svi.step(X2)
+    twin = copy.deepcopy(elbo)
+    assert twin.temperature == elbo.temperature and twin.eta == elbo.eta
+    before = (elbo.temperature, elbo.eta)
+    twin_svi = SVI(sbn_model, sbn_guide, Adam({"lr": 0.05}), twin)
+    for _ in range(5):
+        twin_svi.step(X2)  # used to fail: "some parameters appear in more than one ..."
+    assert (elbo.temperature, elbo.eta) == before, "training the copy moved the original"
+    assert twin.temperature != before[0] and twin.eta != before[1]
+    optimized = [p for g in twin._variance_optim.param_groups for p in g["params"]]
+    assert len({id(p) for p in optimized}) == len(optimized) == 2
+    own = {id(p) for p in twin.controls.parameters()}
+    assert all(id(p) in own for p in optimized), "the copy's Adam holds foreign parameters"
+    svi.step(X2)
+    assert elbo.temperature != before[0], "the original stopped training"

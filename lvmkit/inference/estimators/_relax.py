@@ -538,6 +538,80 @@ def _relaxed_traces(
     return model_trace, guide_trace, replay.relaxed_values
 
 
+def stacked_relaxed_traces(
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    hard: HardPass,
+    noises: list[dict[str, torch.Tensor]],
+    temperature,
+    estimator: str,
+    hard_model_trace,
+    hard_guide_trace,
+    detach_scores: bool = False,
+) -> list[tuple] | None:
+    """Several relaxed passes in one evaluation of the model and guide, or ``None``.
+
+    The noises are stacked along a new leftmost dimension, so one (vectorized) replay
+    computes every pass; this saves a model and guide evaluation per extra pass and runs
+    the nets on a bigger batch. Returns, per noise, ``(model_trace, guide_trace,
+    relaxed_values)`` like :func:`relaxed_traces`, where the traces are views that carry
+    that pass's slice of each site's ``log_prob`` (and ``log_prob_sum``); other fields are
+    the stacked pass's.
+
+    Returns ``None`` (the caller then runs the passes one by one, which also gives the
+    precise error messages) when the stacked pass cannot be trusted: a reparameterized
+    continuous site (its recorded noise has the unstacked shape), any exception, or a site
+    whose log-probability does not come out as ``(len(noises),) + hard shape``. A site
+    that does not depend on the relaxed values (same shape as in the hard pass) is shared
+    by all passes, except that observed and relaxed sites must always carry the stacked
+    dimension: a model that reduces over it would lose it there. Not detected: a model
+    that mixes data across the batch but keeps the shapes (e.g. adds a mean over all
+    latent values to every datum's logits); such a model does not vectorize over Pyro's
+    particle dimension either.
+    """
+    if any(r.seed is not None for r in hard.records.values()):
+        return None
+    count = len(noises)
+    stacked = {name: torch.stack([n[name] for n in noises]) for name in noises[0]}
+    try:
+        model_trace, guide_trace, values = _relaxed_traces(
+            model, guide, args, kwargs, hard, stacked, temperature, False, detach_scores,
+            estimator,
+        )
+    except (IndexError, RuntimeError, TypeError, ValueError):
+        return None
+    relaxed_names = {r.name for r in hard.relaxed}
+    passes = []
+    for i in range(count):
+        model_view = _pass_view(model_trace, hard_model_trace, i, count, relaxed_names)
+        guide_view = _pass_view(guide_trace, hard_guide_trace, i, count, relaxed_names)
+        if model_view is None or guide_view is None:
+            return None
+        passes.append((model_view, guide_view, {n: v[i] for n, v in values.items()}))
+    return passes
+
+
+def _pass_view(trace, hard_trace, index: int, count: int, must_stack: set[str]):
+    """A copy of ``trace`` whose sample sites hold pass ``index``'s log-probabilities."""
+    view = poutine.Trace(graph_type=trace.graph_type)
+    for name, site in trace.nodes.items():
+        if site["type"] == "sample" and name in hard_trace.nodes:
+            log_prob = site["log_prob"]
+            hard_shape = hard_trace.nodes[name]["log_prob"].shape
+            if log_prob.shape == (count, *hard_shape):
+                log_prob = log_prob[index]
+            elif (log_prob.shape != hard_shape or site["is_observed"]
+                  or name in must_stack):
+                return None
+            site = dict(site, log_prob=log_prob, log_prob_sum=log_prob.sum())
+        elif site["type"] == "sample":
+            return None
+        view.nodes[name] = site
+    return view
+
+
 def _find_culprit(model, guide, args, kwargs, hard, noise, temperature) -> str:
     """The first relaxed site whose relaxation alone makes the model or guide fail."""
     relaxed = hard.relaxed

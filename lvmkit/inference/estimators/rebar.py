@@ -42,6 +42,7 @@ from lvmkit.inference.estimators._relax import (
     hard_traces,
     log_weight_terms,
     relaxed_traces,
+    stacked_relaxed_traces,
     uniform_like,
 )
 
@@ -73,7 +74,10 @@ class _ELBOModuleWithControls(ELBOModule):
 @dataclass
 class _Estimate:
     loss: torch.Tensor  # the (hard) negative ELBO estimate
-    surrogate: torch.Tensor  # its gradient w.r.t. model/guide params is the estimate
+    # Either a surrogate whose gradient w.r.t. model/guide params is the estimate (no
+    # discrete site relaxed), or the estimate itself as (leaf, gradient of the loss) pairs.
+    surrogate: torch.Tensor | None
+    grads: list[tuple[torch.Tensor, torch.Tensor]]
     # (control parameter, gradient of the variance objective) pairs; empty if not learning
     control_grads: list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -167,7 +171,6 @@ class RebarELBO(Trace_ELBO):
         self.variance_ema_decay = variance_ema_decay
         self.controls = ControlParameters(temperature, learn_temperature)
         self._variance_optim: torch.optim.Optimizer | None = None
-        self._optimized: set[int] = set()
         self._last: dict[str, float] = {}
         self._ema: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._ema_steps = 0
@@ -198,6 +201,9 @@ class RebarELBO(Trace_ELBO):
         out = {"temperature": self.temperature}
         out.update({f"eta/{k}": v for k, v in self.eta.items()})
         out.update(self._last)
+        log_variance = self._log_grad_variance()
+        if log_variance is not None:
+            out["log_grad_variance"] = log_variance
         return out
 
     def __call__(self, model: Callable, guide: Callable) -> ELBOModule:
@@ -215,6 +221,9 @@ class RebarELBO(Trace_ELBO):
         """Surrogate loss whose gradient is the REBAR estimate (see class docstring)."""
         estimate = self._estimate(model, guide, args, kwargs)
         surrogate = estimate.surrogate
+        if surrogate is None:
+            # The gradients are already computed: a linear surrogate hands them on exactly.
+            surrogate = _linear_surrogate(estimate.grads)
         if estimate.control_grads:
             # Lets an optimizer over ``elbo(model, guide).parameters()`` train the controls.
             surrogate = surrogate + sum((g.detach() * p).sum() for p, g in estimate.control_grads)
@@ -223,7 +232,9 @@ class RebarELBO(Trace_ELBO):
     def loss_and_grads(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
         """Backpropagate the REBAR estimate, then take one variance-objective Adam step."""
         estimate = self._estimate(model, guide, args, kwargs)
-        if estimate.surrogate.requires_grad:
+        if estimate.surrogate is None:
+            _accumulate_grads(estimate.grads)
+        elif estimate.surrogate.requires_grad:
             estimate.surrogate.backward(retain_graph=self.retain_graph)
         if estimate.control_grads:
             self._step_controls(estimate.control_grads)
@@ -264,7 +275,9 @@ class RebarELBO(Trace_ELBO):
             surrogate_elbo = surrogate_elbo - surrogate_loss_p / self.num_particles
             if not hard.relaxed:
                 continue
-            f_part, r_part = self._control_variate(model, guide, args, kwargs, guide_trace, hard)
+            f_part, r_part = self._control_variate(
+                model, guide, args, kwargs, model_trace, guide_trace, hard
+            )
             cv_f = cv_f + f_part / self.num_particles
             cv_r = cv_r + r_part / self.num_particles
             for record in hard.relaxed:
@@ -273,24 +286,35 @@ class RebarELBO(Trace_ELBO):
         loss = torch.as_tensor(loss)
         warn_if_nan(loss, "loss")
         if not scores:
-            return _Estimate(loss, _as_tensor(surrogate_elbo).neg(), [])
+            return _Estimate(loss, _as_tensor(surrogate_elbo).neg(), [], [])
         return self._combine(surrogate_elbo, cv_f, cv_r, scores, model, guide, loss)
 
-    def _control_variate(self, model, guide, args, kwargs, guide_trace, hard: HardPass):
+    def _control_variate(
+        self, model, guide, args, kwargs, model_trace, guide_trace, hard: HardPass
+    ):
         """``(B_f, B_r)``: surrogates whose guide-parameter gradients are the control-variate
         parts ``-c(z~) grad log q(b) + grad c(z) - grad c(z~)`` of the relaxed ELBO (B_f)
-        and of an extra learned control (B_r, RELAX)."""
+        and of an extra learned control (B_r, RELAX).
+
+        Both relaxed passes (``z`` and ``z~``) run as one model and guide evaluation with
+        the two noises stacked along a new leftmost dimension when the model broadcasts
+        over it, else one after the other (see ``stacked_relaxed_traces``)."""
         self._ensure_device(hard.relaxed[0].logits)
         temperature = self.controls.log_temperature.exp()
         noise = {r.name: r.noise for r in hard.relaxed}
         conditional = {r.name: self._conditional_noise(r) for r in hard.relaxed}
-        passes = []
-        for n in (noise, conditional):
-            model_trace, relaxed_guide_trace, values = relaxed_traces(
-                model, guide, args, kwargs, hard, n, temperature, self.estimator_name,
-                detach_scores=True,
-            )
-            passes.append((model_trace, relaxed_guide_trace, values))
+        passes = stacked_relaxed_traces(
+            model, guide, args, kwargs, hard, [noise, conditional], temperature,
+            self.estimator_name, model_trace, guide_trace, detach_scores=True,
+        )
+        if passes is None:
+            passes = [
+                relaxed_traces(
+                    model, guide, args, kwargs, hard, n, temperature, self.estimator_name,
+                    detach_scores=True,
+                )
+                for n in (noise, conditional)
+            ]
         (mt_u, gt_u, values_u), (mt_c, gt_c, values_c) = passes
         f_u = elbo_integrand(mt_u, gt_u)
         f_c = elbo_integrand(mt_c, gt_c)
@@ -353,31 +377,40 @@ class RebarELBO(Trace_ELBO):
         leaves, keys = self._leaves_and_keys(scores, model, guide)
         learn = self._learnables_requested()
         cv_grads = _grads(cv_f, leaves, create_graph=learn)
-        extra_grads = _grads(cv_r, leaves, create_graph=learn)
         etas = {key: self._eta_tensor(key, leaves[0]) for key in dict.fromkeys(keys)}
         # Per-parameter eta: coordinate-wise unbiased for any value (see class docstring).
-        control = [
-            etas[key] * g_f + g_r
-            for key, g_f, g_r in zip(keys, cv_grads, extra_grads, strict=True)
-        ]
-        surrogate = surrogate_elbo + sum(
-            (c.detach() * leaf).sum() for c, leaf in zip(control, leaves, strict=True)
-        )
+        control = [etas[key] * g_f for key, g_f in zip(keys, cv_grads, strict=True)]
+        if torch.is_tensor(cv_r) and cv_r.requires_grad:  # only RELAX has an extra control
+            extra_grads = _grads(cv_r, leaves, create_graph=learn)
+            control = [c + g_r for c, g_r in zip(control, extra_grads, strict=True)]
+        # One backward pass over the hard traces gives the guide leaves' base gradients
+        # (needed by the variance objective) and every other parameter's gradient at once.
+        guide_ids = {id(leaf) for leaf in leaves}
+        others = [t for t in graph_leaves([surrogate_elbo]) if id(t) not in guide_ids]
+        retain = learn or bool(self.retain_graph)
+        base = _grads(surrogate_elbo, leaves + others, create_graph=False, retain_graph=retain)
+        # With ``learn`` these stay differentiable in the control parameters.
+        squared = [b + c for b, c in zip(base, control, strict=False)]
+        total = [g.detach() for g in squared]
+        # Gradients of the loss, the negative ELBO (fresh tensors: negated).
+        grads = [(leaf, -g) for leaf, g in zip(leaves, total, strict=True)]
+        grads += [(leaf, -g) for leaf, g in zip(others, base[len(leaves):], strict=True)]
         control_grads = []
         if learn:
-            base = _grads(surrogate_elbo, leaves, create_graph=False)
-            total = [b.detach() + c for b, c in zip(base, control, strict=True)]
-            objective = sum((g**2).sum() for g in total)
+            objective = sum((g**2).sum() for g in squared)
             self._track_variance(total, float(objective.detach()))
             learnables = self._learnables(etas)
             if learnables and objective.requires_grad:
-                grads = torch.autograd.grad(
-                    objective, learnables, retain_graph=True, allow_unused=True
+                variance_grads = torch.autograd.grad(
+                    objective, learnables, retain_graph=bool(self.retain_graph),
+                    allow_unused=True,
                 )
                 control_grads = [
-                    (p, g) for p, g in zip(learnables, grads, strict=True) if g is not None
+                    (p, g)
+                    for p, g in zip(learnables, variance_grads, strict=True)
+                    if g is not None
                 ]
-        return _Estimate(loss, -surrogate, control_grads)
+        return _Estimate(loss, None, grads, control_grads)
 
     def _leaves_and_keys(self, scores, model, guide) -> tuple[list[torch.Tensor], list[str]]:
         sites_of: dict[int, list[str]] = {}
@@ -421,11 +454,12 @@ class RebarELBO(Trace_ELBO):
         params = [p for p, _ in control_grads]
         if self._variance_optim is None:
             self._variance_optim = torch.optim.Adam(params, lr=self.variance_optim_lr)
-            self._optimized = {id(p) for p in params}
-        new = [p for p in params if id(p) not in self._optimized]
+        # Asked of the optimizer itself, not of remembered ids: ids go stale in a deep copy
+        # (which copies the optimizer's parameters along with the controls).
+        known = {id(p) for group in self._variance_optim.param_groups for p in group["params"]}
+        new = [p for p in params if id(p) not in known]
         if new:
             self._variance_optim.add_param_group({"params": new})
-            self._optimized.update(id(p) for p in new)
         for p, g in control_grads:
             p.grad = g.detach()
         self._variance_optim.step()
@@ -438,18 +472,26 @@ class RebarELBO(Trace_ELBO):
         if self._ema is None or [m.shape for m, _ in self._ema] != shapes:
             self._ema = [(torch.zeros_like(g), torch.zeros_like(g)) for g in grads]
             self._ema_steps = 0
-        d = self.variance_ema_decay
-        self._ema = [(d * m + (1 - d) * g, d * s + (1 - d) * g**2)
-                     for (m, s), g in zip(self._ema, grads, strict=True)]
+        # In place: this runs every step over every guide coordinate.
+        weight = 1 - self.variance_ema_decay
+        with torch.no_grad():
+            for (m, s), g in zip(self._ema, grads, strict=True):
+                m.lerp_(g, weight)
+                s.lerp_(g * g, weight)
         self._ema_steps += 1
-        correction = 1 - d**self._ema_steps
+        self._last = {"variance_objective": objective}
+
+    def _log_grad_variance(self) -> float | None:
+        """Log of the debiased EMA per-coordinate variance, averaged over coordinates; read
+        out on demand (in :meth:`diagnostics`) rather than computed every step."""
+        if self._ema is None or self._ema_steps < 2:
+            return None
+        correction = 1 - self.variance_ema_decay**self._ema_steps
         variance = torch.cat([
             (s / correction - (m / correction) ** 2).clamp_min(0).reshape(-1)
             for m, s in self._ema
         ])
-        self._last = {"variance_objective": objective}
-        if self._ema_steps > 1:
-            self._last["log_grad_variance"] = float(variance.mean().clamp_min(1e-30).log())
+        return float(variance.mean().clamp_min(1e-30).log())
 
 
 def _as_tensor(x) -> torch.Tensor:
@@ -460,14 +502,33 @@ def _total(terms: MultiFrameTensor) -> torch.Tensor:
     return sum(value.sum() for value in terms.values())
 
 
-def _grads(output, leaves: list[torch.Tensor], create_graph: bool) -> list[torch.Tensor]:
+def _grads(
+    output, leaves: list[torch.Tensor], create_graph: bool, retain_graph: bool = True
+) -> list[torch.Tensor]:
     if not torch.is_tensor(output) or not output.requires_grad:
         return [torch.zeros_like(leaf) for leaf in leaves]
     grads = torch.autograd.grad(
-        output, leaves, retain_graph=True, create_graph=create_graph, allow_unused=True
+        output, leaves, retain_graph=retain_graph, create_graph=create_graph,
+        allow_unused=True,
     )
     return [torch.zeros_like(leaf) if g is None else g for g, leaf in zip(grads, leaves,
                                                                            strict=True)]
+
+
+def _linear_surrogate(grads: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Zero-valued scalar whose gradient w.r.t. each leaf is the given (detached) gradient."""
+    if not grads:
+        return torch.zeros(())
+    total = sum((g.detach() * leaf).sum() for leaf, g in grads)
+    return total - total.detach()
+
+
+def _accumulate_grads(grads: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Add gradients into ``.grad`` as ``backward`` would; ``grads`` must be fresh tensors
+    (no aliases of each other or of graph buffers), which ``.grad`` then owns."""
+    for leaf, g in grads:
+        g = g.detach()
+        leaf.grad = g if leaf.grad is None else leaf.grad + g
 
 
 def _leaf_names(leaves: list[torch.Tensor], model, guide) -> list[str]:
