@@ -150,6 +150,10 @@ def train_one(
     model_kwargs = model_kwargs or {}
     x_dim = dataset.x.shape[1]
     model, guide = build_pair(model_name, x_dim, model_kwargs)
+    if hasattr(model, "init_output_bias"):
+        # SBNs collapse to the prior without it (see SigmoidBeliefNet.init_output_bias);
+        # a resumed checkpoint overwrites it.
+        model.init_output_bias(dataset.x)
     elbo = make_elbo(elbo_name, num_particles)
     write_json(
         out / "run.json",
@@ -483,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1000,
         help="importance samples K for the test log-likelihood (default: %(default)s)",
     )
-    add_train_options(p, steps=3000)
+    add_train_options(p, steps=2000)
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -46,12 +46,15 @@ def default_estimators() -> tuple[dict[str, ELBO], dict[str, str]]:
     return found, missing
 
 
-def _as_pair(model_name_or_pair, x_dim: int, seed: int) -> tuple[str, Callable, Callable]:
+def _as_pair(model_name_or_pair, x: torch.Tensor, seed: int) -> tuple[str, Callable, Callable]:
     if isinstance(model_name_or_pair, str):
         from lvmkit.models import build
 
         torch.manual_seed(seed)
-        model, guide = build(model_name_or_pair, x_dim)
+        model, guide = build(model_name_or_pair, x.shape[1])
+        if hasattr(model, "init_output_bias"):
+            # SBNs collapse to the prior without it (see SigmoidBeliefNet.init_output_bias)
+            model.init_output_bias(x)
         return model_name_or_pair, model, guide
     model, guide = model_name_or_pair
     return getattr(model, "__name__", type(model).__name__), model, guide
@@ -171,7 +174,7 @@ def compare_estimators(
     if batch_size > n:
         raise ValueError(f"batch_size {batch_size} exceeds the {n} rows of data")
     pyro.clear_param_store()
-    name, model, guide = _as_pair(model_name_or_pair, x_all.shape[1], seed)
+    name, model, guide = _as_pair(model_name_or_pair, x_all, seed)
     x_fixed = x_all[:batch_size]
     scale = n / batch_size
     model_s, guide_s = _scaled(model, scale), _scaled(guide, scale)
