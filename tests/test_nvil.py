@@ -9,73 +9,10 @@ import pytest
 import torch
 from pyro.infer import SVI, Trace_ELBO
 from pyro.optim import Adam
+from small_models import X2, X4, D, H, make_pair
 
 from lvmkit.inference.check import check_unbiased, gradient_variance
 from lvmkit.inference.estimators.nvil import NVILELBO
-
-D, H = 3, 2
-
-
-def _init(*shape: int, seed: int) -> torch.Tensor:
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 0.7
-
-
-def make_pair(*, layers=1, subsample=False, continuous=False, categorical=False, bernoulli=True):
-    """A tiny model/guide pair: few enough configurations to enumerate exactly."""
-
-    def plate(x):
-        return pyro.plate("data", x.shape[0], subsample_size=2 if subsample else None)
-
-    def model(x):
-        w = pyro.param("w", _init(H, D, seed=1))
-        with plate(x) as idx:
-            xb = x[idx]
-            logits = torch.zeros(len(idx), D)
-            if bernoulli:
-                if layers == 2:
-                    top_prior = pyro.param("top_prior", _init(1, seed=2))
-                    w2 = pyro.param("w2", _init(1, H, seed=3))
-                    top = pyro.sample(
-                        "top", dist.Bernoulli(logits=top_prior).expand([len(idx), 1]).to_event(1)
-                    )
-                    z_logits = top @ w2
-                else:
-                    z_logits = pyro.param("prior", _init(H, seed=4)).expand(len(idx), H)
-                z = pyro.sample("z", dist.Bernoulli(logits=z_logits).to_event(1))
-                logits = logits + z @ w
-            if categorical:
-                wc = pyro.param("wc", _init(3, D, seed=5))
-                c = pyro.sample("c", dist.OneHotCategorical(logits=torch.zeros(len(idx), 3)))
-                logits = logits + c @ wc
-            if continuous:
-                a = pyro.param("a", _init(1, D, seed=6))
-                y = pyro.sample("y", dist.Normal(0.0, 1.0).expand([len(idx), 1]).to_event(1))
-                logits = logits + y @ a
-            pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=xb)
-
-    def guide(x):
-        with plate(x) as idx:
-            xb = x[idx]
-            z_sum = torch.zeros(len(idx), 1)
-            if bernoulli:
-                v = pyro.param("v", _init(D, H, seed=7))
-                z = pyro.sample("z", dist.Bernoulli(logits=xb @ v - 0.2).to_event(1))
-                z_sum = z.sum(-1, keepdim=True)
-                if layers == 2:
-                    v2 = pyro.param("v2", _init(H, 1, seed=8))
-                    pyro.sample("top", dist.Bernoulli(logits=z @ v2 + 0.3).to_event(1))
-            if categorical:
-                vc = pyro.param("vc", _init(D, 3, seed=9))
-                pyro.sample("c", dist.OneHotCategorical(logits=xb @ vc))
-            if continuous:
-                m = pyro.param("m", _init(D, 1, seed=10))
-                pyro.sample("y", dist.Normal(xb @ m + 0.5 * z_sum, 0.8).to_event(1))
-
-    return model, guide
-
-
-X2 = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
-X4 = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
 
 
 def _create_params(model, guide, x):
