@@ -164,6 +164,24 @@ def clear_grads() -> None:
         p.grad = None
 
 
+def assert_both_paths_agree(make_elbo, model, guide, x, seed: int):
+    """``loss_and_grads`` (SVI) and ``differentiable_loss`` (the nn.Module path) give the
+    same loss value and bit-identical parameter gradients; returns the module."""
+    first, second = make_elbo(), make_elbo()
+    pyro.set_rng_seed(seed)
+    loss = first.loss_and_grads(model, guide, x)
+    expected = param_grads()
+    clear_grads()
+    pyro.set_rng_seed(seed)
+    module = second(model, guide)
+    surrogate = module(x)
+    surrogate.backward()
+    assert surrogate.item() == pytest.approx(loss)
+    for n, g in param_grads().items():
+        assert torch.equal(expected[n], g), n
+    return module
+
+
 # ----------------------------------------------------------------------------------------
 # Unbiasedness
 # ----------------------------------------------------------------------------------------
@@ -310,18 +328,7 @@ def test_toy_rebar_matches_handwritten_oracle():
 @pytest.mark.parametrize("name", ["two_layer", "categorical", "continuous"])
 def test_loss_and_grads_equals_differentiable_loss(name):
     model, guide, x, _ = MODELS[name]
-    first, second = RebarELBO(num_particles=3), RebarELBO(num_particles=3)
-    pyro.set_rng_seed(3)
-    loss = first.loss_and_grads(model, guide, x)
-    expected = param_grads()
-    clear_grads()
-    pyro.set_rng_seed(3)
-    module = second(model, guide)
-    surrogate = module(x)
-    surrogate.backward()
-    assert surrogate.item() == pytest.approx(loss)
-    for n, g in param_grads().items():
-        assert torch.equal(expected[n], g), n
+    module = assert_both_paths_agree(lambda: RebarELBO(num_particles=3), model, guide, x, 3)
     # The control parameters belong to the module and receive the variance-objective
     # gradient, so a Lightning/DDP optimizer over module.parameters() trains them.
     names = dict(module.named_parameters())

@@ -7,7 +7,16 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer import Trace_ELBO
-from test_rebar import MODELS, X2, clear_grads, param_grads, run_check, sbn_guide, sbn_model
+from test_rebar import (
+    MODELS,
+    X2,
+    assert_both_paths_agree,
+    clear_grads,
+    param_grads,
+    run_check,
+    sbn_guide,
+    sbn_model,
+)
 
 from lvmkit.inference.check import gradient_variance
 from lvmkit.inference.estimators._relax import EstimatorError
@@ -54,18 +63,7 @@ def test_relax_lowers_variance_on_sbn():
 @pytest.mark.parametrize("name", ["two_layer", "categorical"])
 def test_loss_and_grads_equals_differentiable_loss(name):
     model, guide, x, _ = MODELS[name]
-    first, second = RelaxELBO(num_particles=2), RelaxELBO(num_particles=2)
-    pyro.set_rng_seed(4)
-    loss = first.loss_and_grads(model, guide, x)
-    expected = param_grads()
-    clear_grads()
-    pyro.set_rng_seed(4)
-    module = second(model, guide)
-    surrogate = module(x)
-    surrogate.backward()
-    assert surrogate.item() == pytest.approx(loss)
-    for n, g in param_grads().items():
-        assert torch.equal(expected[n], g), n
+    module = assert_both_paths_agree(lambda: RelaxELBO(num_particles=2), model, guide, x, 4)
     net_params = [p for n, p in module.named_parameters() if n.startswith("controls.net")]
     assert len(net_params) == 4
     assert all(p.grad is not None for p in net_params)
