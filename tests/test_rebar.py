@@ -312,12 +312,62 @@ def test_toy_rebar_matches_handwritten_oracle():
     assert oracle.mean().item() == pytest.approx(0.025, abs=0.002)
     rebar = fixed_rebar(num_particles=100, vectorize_particles=True)
     logvar = gradient_variance(toy_model, toy_guide, {"rebar": rebar}, num_draws=150)
-    # Same estimator, same variance: 0.0227, above the score function's 0.0159 -- on this
-    # toy at theta = 0 no (eta, lambda) with eta in (0, 2) beats it (checked with the
-    # oracle over a grid). Relative sd of a 150-draw sample variance ~ 12%: allow 40%.
+    # Same estimator, same variance: 0.0227 at these initial values, above the score
+    # function's 0.0159 (the online tuning below fixes that). Relative sd of a 150-draw
+    # sample variance ~ 12%: allow 40%.
     assert 100 * math.exp(logvar["rebar"]) == pytest.approx(oracle.var().item(), rel=0.4)
     result = check_unbiased(toy_model, toy_guide, rebar, num_draws=40)
     assert result.passed, result.summary()
+
+
+def plated_toy(n: int):
+    """``n`` independent copies of the toy, one theta each: thanks to Rao-Blackwellization
+    by plate, one step gives ``n`` independent single-sample gradients of one copy."""
+
+    def model():
+        with pyro.plate("copies", n):
+            b = pyro.sample("b", dist.Bernoulli(0.5))
+            pyro.factor("f", -((b - T) ** 2))
+
+    def guide():
+        theta = pyro.param("theta", torch.zeros(n))
+        with pyro.plate("copies", n):
+            pyro.sample("b", dist.Bernoulli(logits=theta))
+
+    return model, guide
+
+
+def toy_gradient_draws(elbo, n: int) -> torch.Tensor:
+    """``n`` independent draws of the estimator's gradient of E[(b - t)^2] at theta = 0."""
+    model, guide = plated_toy(n)
+    pyro.clear_param_store()
+    elbo.loss_and_grads(model, guide)
+    # The loss is E f(b) + KL(q || Bernoulli(1/2)), and the KL's gradient is 0 at theta = 0.
+    return pyro.get_param_store()["theta"].grad.detach()
+
+
+def test_toy_rebar_tuned_online_has_lower_variance_than_score_function():
+    """The toy's requirement: REBAR's variance below REINFORCE's 0.01594.
+
+    At theta = 0 REBAR's relaxed control variate helps only as a near-constant baseline:
+    its variance falls as lambda grows and eta approaches 2 (plain-torch oracle, 2M draws:
+    0.0227 at eta 1, lambda 0.5; 0.0154 at eta 2, lambda 10; 0.0153 as lambda -> inf), so
+    the best a learned eta in (0, 2) can do is about 4% below the score function. The
+    estimator's own variance optimiser must find that from its defaults.
+    """
+    pyro.set_rng_seed(0)
+    sf_var = float(toy_gradient_draws(Trace_ELBO(), 400_000).var())
+    assert sf_var == pytest.approx(0.01594, rel=0.01)
+
+    rebar = RebarELBO(variance_optim_lr=0.1)  # defaults: eta 1, lambda 0.5
+    for _ in range(400):
+        toy_gradient_draws(rebar, 2000)
+    # measured: lambda ~ 16, eta ~ 1.8
+    assert rebar.temperature > 5 and rebar.eta["b"] > 1.5
+    draws = toy_gradient_draws(rebar, 400_000)
+    assert float(draws.mean()) == pytest.approx(0.025, abs=4 * float(draws.std()) / 400_000**0.5)
+    # measured over seeds 0-3: 0.01538-0.01540 (3.5% below), seed-to-seed spread 0.1%
+    assert float(draws.var()) < 0.98 * 0.01594
 
 
 # ----------------------------------------------------------------------------------------
