@@ -6,6 +6,7 @@ The small models below are shared with tests/test_relax.py and tests/test_concre
 import copy
 import logging
 import math
+import zlib
 
 import pyro
 import pyro.distributions as dist
@@ -545,11 +546,12 @@ def _rebar_grads(model, guide, x, seed, stacked: bool, monkeypatch) -> dict[str,
     monkeypatch.setattr(rebar_module, "stacked_relaxed_traces", spy)
     clear_grads()
     pyro.set_rng_seed(seed)
-    elbo = RebarELBO(num_particles=2)
+    elbo = RebarELBO(num_particles=2, fuse_passes=False)
     loss = elbo.loss_and_grads(model, guide, x)
     grads = param_grads()
     grads["loss"] = torch.tensor(loss)
     grads["temperature"] = torch.tensor(elbo.temperature)  # after one variance-Adam step
+    assert len(taken) == 2, "the relaxed passes did not run once per particle"
     grads["path"] = torch.tensor(taken)
     return grads
 
@@ -584,6 +586,102 @@ def test_stacked_passes_fall_back_for_models_that_do_not_broadcast(monkeypatch):
     assert not first.pop("path").any(), "a non-broadcasting model took the stacked path"
     second.pop("path")
     for key, g in second.items():
+        assert torch.equal(first[key], g), key
+
+
+# ----------------------------------------------------------------------------------------
+# The fused pass (hard + both relaxed passes in one evaluation)
+# ----------------------------------------------------------------------------------------
+
+
+def fixed_uniforms():
+    """A ``draw_uniform`` whose draws depend only on (site, role, how many times that pair
+    was drawn), not on the order of the calls: two code paths that draw the same noises in
+    different orders then see the same numbers."""
+    counts: dict[tuple[str, str], int] = {}
+
+    def draw(shape, like, site, role):
+        key = (site, role)
+        counts[key] = counts.get(key, 0) + 1
+        seed = zlib.crc32(f"{site}/{role}/{counts[key]}".encode())
+        u = torch.rand(shape, generator=torch.Generator().manual_seed(seed), dtype=like.dtype)
+        return u.clamp(torch.finfo(like.dtype).tiny, 1 - torch.finfo(like.dtype).eps)
+
+    return draw
+
+
+def _fused_or_not_grads(model, guide, x, fuse: bool, monkeypatch, **kwargs):
+    monkeypatch.setattr(_relax, "draw_uniform", fixed_uniforms())
+    monkeypatch.setattr(rebar_module, "draw_uniform", _relax.draw_uniform)
+    fused = []
+
+    def spy(*args, **kw):
+        result = _relax.fused_traces(*args, **kw)
+        fused.append(True)
+        return result
+
+    monkeypatch.setattr(rebar_module, "fused_traces", spy)
+    clear_grads()
+    pyro.set_rng_seed(3)
+    elbo = RebarELBO(fuse_passes=fuse, **kwargs)
+    loss = elbo.loss_and_grads(model, guide, x)
+    grads = param_grads()
+    grads["loss"] = torch.tensor(loss)
+    grads["temperature"] = torch.tensor(elbo.temperature)  # after one variance-Adam step
+    grads.update({f"eta/{k}": torch.tensor(v) for k, v in elbo.eta.items()})
+    return grads, bool(fused)
+
+
+@pytest.mark.parametrize("particles", [{}, {"num_particles": 3, "vectorize_particles": True}])
+@pytest.mark.parametrize("name", ["sbn", "two_layer", "categorical", "subsample", "masked"])
+def test_fused_pass_matches_separate_passes(name, particles, monkeypatch):
+    model, guide, x, _ = MODELS[name]
+    fused, took_fused = _fused_or_not_grads(model, guide, x, True, monkeypatch, **particles)
+    separate, took_separate = _fused_or_not_grads(model, guide, x, False, monkeypatch,
+                                                  **particles)
+    assert took_fused and not took_separate
+    assert set(fused) == set(separate)
+    for key, g in separate.items():
+        # Same numbers up to float rounding (a batched matmul sums in another order).
+        torch.testing.assert_close(fused[key], g, rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("name", ["continuous", "opt_out", "no_broadcast"])
+def test_fused_pass_falls_back_where_it_cannot_run(name, monkeypatch):
+    """Continuous or opted-out guide latents, or a model that does not broadcast over the
+    pass plate: the separate passes run, with the same random draws as without fusing."""
+    if name == "continuous":
+        model, guide, x, _ = MODELS["continuous"]
+    elif name == "opt_out":
+        model, x = sbn_model, X2
+
+        def guide(x):
+            v = pyro.param("V", torch.tensor([[0.4, -0.2, 0.1], [0.3, 0.5, -0.6],
+                                              [-0.2, 0.1, 0.3], [0.6, -0.4, 0.2]]))
+            with pyro.plate("data", x.shape[0]):
+                pyro.sample("z", dist.Bernoulli(logits=x @ v).to_event(1),
+                            infer={"rebar": False})
+    else:
+        guide, x = sbn_guide, X2
+
+        def model(x):
+            w = pyro.param("W", torch.ones(3, 4))
+            with pyro.plate("data", x.shape[0]):
+                z = pyro.sample("z", dist.Bernoulli(logits=torch.zeros(x.shape[0], 3))
+                                .to_event(1))
+                flat = z.reshape(x.shape[0], 3)  # breaks on a stacked leading dimension
+                pyro.sample("x", dist.Bernoulli(logits=flat @ w).to_event(1), obs=x)
+
+    clear_grads()
+    pyro.set_rng_seed(8)
+    elbo = RebarELBO()
+    elbo.loss_and_grads(model, guide, x)
+    assert elbo._not_fusable, "the fused pass claimed a case it cannot run"
+    first = param_grads()
+    clear_grads()
+    pyro.set_rng_seed(8)
+    RebarELBO(fuse_passes=False).loss_and_grads(model, guide, x)
+    for key, g in param_grads().items():
         assert torch.equal(first[key], g), key
 
 

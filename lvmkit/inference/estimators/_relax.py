@@ -23,10 +23,12 @@ import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
+import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
 import torch.nn.functional as F
+from pyro.distributions.score_parts import ScoreParts
 from pyro.infer.util import MultiFrameTensor, get_plate_stacks, is_validation_enabled
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
@@ -46,6 +48,15 @@ def uniform_like(shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
     finfo = torch.finfo(like.dtype)
     u = torch.rand(shape, dtype=like.dtype, device=like.device)
     return u.clamp(finfo.tiny, 1 - finfo.eps)
+
+
+def draw_uniform(shape: torch.Size, like: torch.Tensor, site: str, role: str) -> torch.Tensor:
+    """The uniforms behind one site's noise; ``role`` is ``"hard"`` or ``"conditional"``.
+
+    Every pass draws through here, so a test can substitute fixed uniforms per site and
+    role and compare two code paths that draw in different orders.
+    """
+    return uniform_like(shape, like)
 
 
 def logistic_noise(u: torch.Tensor) -> torch.Tensor:
@@ -152,44 +163,64 @@ def full_logits(fn: dist.Distribution) -> torch.Tensor:
     return innermost(fn).logits.expand(fn.shape())
 
 
+def _keep_grad(logits: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """``logits`` with the gradient kept where ``keep`` is 1 and cut where it is 0 (the
+    value is unchanged; ``keep`` broadcasts against ``logits``)."""
+    if keep is None:
+        return logits
+    frozen = logits.detach()
+    return frozen + keep * (logits - frozen)
+
+
 class _RelaxedBernoulliScore(dist.Bernoulli):
     """Bernoulli whose ``log_prob`` is the continuous extension ``v log p + (1-v) log(1-p)``."""
 
+    grad_keep: torch.Tensor | None = None
+
     def log_prob(self, value):
-        return value * F.logsigmoid(self.logits) + (1 - value) * F.logsigmoid(-self.logits)
+        logits = _keep_grad(self.logits, self.grad_keep)
+        return value * F.logsigmoid(logits) + (1 - value) * F.logsigmoid(-logits)
 
 
 class _RelaxedOneHotScore(dist.OneHotCategorical):
     """One-hot categorical whose ``log_prob`` is ``sum_i v_i log p_i`` for relaxed ``v``."""
 
+    grad_keep: torch.Tensor | None = None
+
     def log_prob(self, value):
-        return (value * self.logits).sum(-1)
+        return (value * _keep_grad(self.logits, self.grad_keep)).sum(-1)
 
 
-def with_relaxed_scores(fn: dist.Distribution, detach: bool = False) -> dist.Distribution:
+def with_relaxed_scores(
+    fn: dist.Distribution, detach: bool = False, grad_keep: torch.Tensor | None = None
+) -> dist.Distribution:
     """Rebuild ``fn`` (keeping ``.to_event``, ``.expand``, ``.mask``) to score relaxed values.
 
     Validation must be off for the rebuilt distribution: a ``Bernoulli`` with
     ``validate_args=True`` rejects values in (0, 1) even under ``validation_enabled(False)``.
-    With ``detach`` the logits are cut from the graph (the value keeps its gradient).
+    With ``detach`` the logits are cut from the graph (the value keeps its gradient); with
+    ``grad_keep`` (0/1, broadcasting against the logits) only where it is 0.
     """
     if isinstance(fn, dist.MaskedDistribution):
-        return dist.MaskedDistribution(with_relaxed_scores(fn.base_dist, detach), fn._mask)
+        return dist.MaskedDistribution(
+            with_relaxed_scores(fn.base_dist, detach, grad_keep), fn._mask
+        )
     if isinstance(fn, dist.Independent | torch.distributions.Independent):
         return dist.Independent(
-            with_relaxed_scores(fn.base_dist, detach),
+            with_relaxed_scores(fn.base_dist, detach, grad_keep),
             fn.reinterpreted_batch_ndims,
             validate_args=False,
         )
     if isinstance(fn, dist.ExpandedDistribution):
-        return with_relaxed_scores(fn.base_dist, detach).expand(fn.batch_shape)
+        return with_relaxed_scores(fn.base_dist, detach, grad_keep).expand(fn.batch_shape)
     kind = discrete_kind(fn)
     if kind not in (BERNOULLI, ONEHOT):
         return fn
     logits = fn.logits.detach() if detach else fn.logits
-    if kind == BERNOULLI:
-        return _RelaxedBernoulliScore(logits=logits, validate_args=False)
-    return _RelaxedOneHotScore(logits=logits, validate_args=False)
+    cls = _RelaxedBernoulliScore if kind == BERNOULLI else _RelaxedOneHotScore
+    relaxed = cls(logits=logits, validate_args=False)
+    relaxed.grad_keep = grad_keep
+    return relaxed
 
 
 # --------------------------------------------------------------------------------------
@@ -215,6 +246,10 @@ class HardPass:
     """Records of every guide site in sampling order."""
 
     records: dict[str, SiteRecord] = field(default_factory=dict)
+    # Autograd nodes of fused stacked values (hard, relaxed, conditional): a hard-pass
+    # quantity gets no gradient through them (the hard slice is constant), so walks of
+    # its graph stop there (see ``graph_leaves``).
+    graph_stops: list = field(default_factory=list)
 
     @property
     def relaxed(self) -> list[SiteRecord]:
@@ -274,7 +309,7 @@ class HardSampler(Messenger):
             )
         if kind is not None:
             logits = full_logits(fn)
-            u = uniform_like(logits.shape, logits)
+            u = draw_uniform(logits.shape, logits, name, "hard")
             noise = logistic_noise(u) if kind == BERNOULLI else gumbel_noise(u)
             value = harden(kind, logits.detach(), noise)
             msg["value"] = value
@@ -593,6 +628,183 @@ def stacked_relaxed_traces(
     return passes
 
 
+# --------------------------------------------------------------------------------------
+# The hard pass and two relaxed passes fused into one evaluation
+# --------------------------------------------------------------------------------------
+
+PASS_PLATE = "_lvmkit_passes"
+FUSED_PASSES = 3  # hard, relaxed from the hard noise, relaxed from the conditional noise
+
+
+class NotFusable(Exception):
+    """The fused pass cannot run this model and guide; the caller falls back."""
+
+
+class FusedSampler(Messenger):
+    """Sample every discrete guide site for three passes at once.
+
+    Runs inside ``pyro.plate(PASS_PLATE, 3, dim=pass_dim)``, so each site's distribution
+    carries the pass dimension. At a discrete site with logits ``L`` (pass ``k`` is
+    ``L[k]``): the hard value ``b = H(L[0] + n)``, the relaxed ``sigma_lambda(L[1] + n)``
+    and the conditional relaxed ``sigma_lambda(L[2] + n~)`` with ``n~ ~ p(n | b)`` drawn
+    from the hard logits ``L[0]``; the value is the three stacked. Downstream sites see
+    pass ``k``'s upstream value, exactly as three separate passes would. The density is
+    scored by its continuous extension (exact on the binary ``b``) with the gradient of
+    ``L[1]`` and ``L[2]`` cut, as ``RelaxedReplay(detach_scores=True)`` does.
+
+    Raises :class:`NotFusable` at a site it does not handle (continuous or opted-out
+    latents, index-valued categoricals): the caller then runs the separate passes, which
+    also give the precise error messages.
+    """
+
+    def __init__(
+        self,
+        estimator: str,
+        opt_out_key: str,
+        temperature,
+        pass_dim: int,
+        conditional_noise: Callable[[SiteRecord], torch.Tensor],
+    ) -> None:
+        super().__init__()
+        self.estimator = estimator
+        self.opt_out_key = opt_out_key
+        self.temperature = temperature
+        self.pass_dim = pass_dim
+        self.conditional_noise = conditional_noise
+        self.result = HardPass()
+        self.relaxed_values: list[dict[str, torch.Tensor]] = [{}, {}]
+
+    def _pyro_sample(self, msg) -> None:
+        if msg["is_observed"] or msg["value"] is not None or site_is_subsample(msg):
+            return
+        name, fn = msg["name"], msg["fn"]
+        kind = discrete_kind(fn)
+        if kind not in (BERNOULLI, ONEHOT) or msg["infer"].get(self.opt_out_key, True) is False:
+            raise NotFusable(name)
+        logits = full_logits(fn)
+        axis = self.pass_dim - fn.event_dim  # the pass dimension, counted from the right
+        if logits.dim() < -axis or logits.shape[axis] != FUSED_PASSES:
+            raise NotFusable(name)
+        hard_logits = logits.select(axis, 0)
+        u = draw_uniform(hard_logits.shape, hard_logits, name, "hard")
+        noise = logistic_noise(u) if kind == BERNOULLI else gumbel_noise(u)
+        b = harden(kind, hard_logits.detach(), noise)
+        record = SiteRecord(name, kind, True, b, hard_logits, noise)
+        relaxed = relax(kind, logits.select(axis, 1), noise, self.temperature)
+        conditional = relax(kind, logits.select(axis, 2), self.conditional_noise(record),
+                            self.temperature)
+        self.result.records[name] = record
+        self.relaxed_values[0][name] = relaxed
+        self.relaxed_values[1][name] = conditional
+        value = torch.stack([b, relaxed, conditional], dim=axis)
+        if value.grad_fn is not None:
+            self.result.graph_stops.append(value.grad_fn)
+        msg["value"] = mark_relaxed(value, name, self.estimator)
+        keep = torch.zeros(FUSED_PASSES, dtype=logits.dtype, device=logits.device)
+        keep[0] = 1
+        msg["fn"] = with_relaxed_scores(fn, grad_keep=keep.reshape((-1,) + (1,) * (-axis - 1)))
+
+
+def fused_traces(
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    pass_dim: int,
+    temperature,
+    estimator: str,
+    opt_out_key: str,
+    conditional_noise: Callable[[SiteRecord], torch.Tensor],
+    max_plate_nesting: float,
+):
+    """The hard pass and the two relaxed passes of REBAR in one model and guide evaluation.
+
+    Both run inside ``pyro.plate(PASS_PLATE, 3, dim=pass_dim)`` (left of every plate of
+    the model, as Pyro's vectorized particles are), with :class:`FusedSampler` on the guide
+    and relaxed sites scored by their continuous extension in the model. Returns
+    ``(hard_model_trace, hard_guide_trace, hard, [(model_trace, guide_trace,
+    relaxed_values)] * 2)`` where every trace is a view of one pass (its slice of each
+    site's log-probability, the pass plate removed from the plate stacks), with the same
+    fields as :func:`hard_traces` and :func:`relaxed_traces` give, so callers use them
+    alike. This saves one model and guide evaluation per step over ``hard_traces`` plus
+    ``stacked_relaxed_traces``.
+
+    Raises :class:`NotFusable` (the caller falls back to the separate passes) when a site
+    is not handled, the guide has no discrete site, any exception is raised while running
+    on stacked values, or a site's log-probability lacks the pass dimension.
+    """
+    sampler = FusedSampler(estimator, opt_out_key, temperature, pass_dim, conditional_noise)
+    passes = pyro.plate(PASS_PLATE, FUSED_PASSES, dim=pass_dim)
+    try:
+        # The sampler sits outside the plate so that it sees the broadcast distributions.
+        guide_trace = poutine.trace(sampler(passes(guide))).get_trace(*args, **kwargs)
+        if not sampler.result.records:
+            raise NotFusable("no discrete site")
+        names = list(sampler.result.records)
+        model_trace = poutine.trace(
+            # Replay outside the plate: it marks sites done, which stops broadcasting.
+            RelaxedScores(names)(poutine.replay(passes(model), trace=guide_trace))
+        ).get_trace(*args, **kwargs)
+        if is_validation_enabled():
+            check_model_guide_match(model_trace, guide_trace)
+        guide_trace = prune_subsample_sites(guide_trace)
+        model_trace = prune_subsample_sites(model_trace)
+        model_trace.compute_log_prob()
+        # Score parts as Pyro computes them: the score-function part is unscaled and
+        # unmasked (also by masks inside the distribution, which RELAX's control needs).
+        guide_trace.compute_score_parts()
+    except NotFusable:
+        raise
+    except (IndexError, RuntimeError, TypeError, ValueError) as error:
+        raise NotFusable(f"{type(error).__name__}: {error}") from error
+    views = [
+        (_fused_view(model_trace, pass_dim, k), _fused_view(guide_trace, pass_dim, k))
+        for k in range(FUSED_PASSES)
+    ]
+    hard_model, hard_guide = views[0]
+    if is_validation_enabled():
+        for trace in (hard_model, hard_guide):
+            for site in trace.nodes.values():
+                if site["type"] == "sample":
+                    check_site_shape(site, max_plate_nesting)
+    relaxed = [(*views[k], sampler.relaxed_values[k - 1]) for k in (1, 2)]
+    return hard_model, hard_guide, sampler.result, relaxed
+
+
+def _fused_view(trace, pass_dim: int, index: int):
+    """A copy of a fused ``trace`` holding pass ``index`` of every sample site."""
+    view = poutine.Trace(graph_type=trace.graph_type)
+    for name, site in trace.nodes.items():
+        if site["type"] == "sample":
+            log_prob = site["log_prob"]
+            if log_prob.dim() < -pass_dim or log_prob.shape[pass_dim] != FUSED_PASSES:
+                raise NotFusable(f"site {name!r} does not carry the pass dimension")
+            site = dict(
+                site,
+                log_prob=log_prob.select(pass_dim, index),
+                unscaled_log_prob=site["unscaled_log_prob"].select(pass_dim, index),
+                cond_indep_stack=tuple(
+                    f for f in site["cond_indep_stack"] if f.name != PASS_PLATE
+                ),
+                value=_select_pass(site["value"], pass_dim - site["fn"].event_dim, index),
+            )
+            site["log_prob_sum"] = site["log_prob"].sum()
+            if "score_parts" in site:
+                # Only discrete guide sites are fused: the entropy part is 0.
+                score_function = site["score_parts"].score_function
+                site["score_parts"] = ScoreParts(
+                    site["log_prob"], _select_pass(score_function, pass_dim, index), 0
+                )
+        view.nodes[name] = site
+    return view
+
+
+def _select_pass(value, axis: int, index: int):
+    if torch.is_tensor(value) and value.dim() >= -axis and value.shape[axis] == FUSED_PASSES:
+        return value.select(axis, index)
+    return value
+
+
 def _pass_view(trace, hard_trace, index: int, count: int, must_stack: set[str]):
     """A copy of ``trace`` whose sample sites hold pass ``index``'s log-probabilities."""
     view = poutine.Trace(graph_type=trace.graph_type)
@@ -647,10 +859,11 @@ def elbo_integrand(model_trace, guide_trace) -> torch.Tensor:
     return model_trace.log_prob_sum() - guide_trace.log_prob_sum()
 
 
-def graph_leaves(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-    """Leaf tensors requiring grad that ``tensors`` depend on (in discovery order)."""
+def graph_leaves(tensors: Iterable[torch.Tensor], stops: Iterable = ()) -> list[torch.Tensor]:
+    """Leaf tensors requiring grad that ``tensors`` depend on (in discovery order), not
+    looking past the autograd nodes in ``stops``."""
     found: dict[int, torch.Tensor] = {}
-    stack, seen = [], set()
+    stack, seen = [], set(stops)
     for t in tensors:
         if not torch.is_tensor(t) or not t.requires_grad:
             continue

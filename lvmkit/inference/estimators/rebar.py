@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import pyro
 import torch
+from pyro import poutine
 from pyro.infer import Trace_ELBO
 from pyro.infer.elbo import ELBOModule
 from pyro.infer.util import MultiFrameTensor
@@ -35,15 +36,17 @@ from pyro.util import warn_if_nan
 from lvmkit.inference.estimators._relax import (
     BERNOULLI,
     HardPass,
+    NotFusable,
     conditional_gumbel_noise,
     conditional_logistic_noise,
+    draw_uniform,
     elbo_integrand,
+    fused_traces,
     graph_leaves,
     hard_traces,
     log_weight_terms,
     relaxed_traces,
     stacked_relaxed_traces,
-    uniform_like,
 )
 
 __all__ = ["RebarELBO"]
@@ -124,6 +127,11 @@ class RebarELBO(Trace_ELBO):
     :param variance_optim_lr: learning rate of the estimator's own Adam that tunes eta and
         lambda in ``loss_and_grads`` (the reference uses 10x the model's learning rate).
     :param variance_ema_decay: decay of the gradient-variance tracker in :meth:`diagnostics`.
+    :param fuse_passes: run the hard pass and both relaxed passes as one model and guide
+        evaluation inside a plate of size 3 left of the model's plates (like Pyro's
+        vectorized particles) when every guide latent is a relaxable discrete site and the
+        model broadcasts over that plate; else, and with ``False``, a hard pass and one
+        stacked relaxed pass. Same estimator either way; fusing saves per-trace overhead.
 
     With ``differentiable_loss`` (``elbo(model, guide)`` as an ``nn.Module``) the estimator
     takes no optimizer step of its own: the returned surrogate carries the gradient of the
@@ -145,6 +153,7 @@ class RebarELBO(Trace_ELBO):
         eta_per: str = "site",
         variance_optim_lr: float = 1e-2,
         variance_ema_decay: float = 0.999,
+        fuse_passes: bool = True,
         max_plate_nesting: float = float("inf"),
         vectorize_particles: bool = False,
         retain_graph: bool | None = None,
@@ -175,6 +184,9 @@ class RebarELBO(Trace_ELBO):
         self._ema: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._ema_steps = 0
         self._keys_seen: list[str] = []
+        self.fuse_passes = fuse_passes
+        self._not_fusable: set[tuple[int, int]] = set()
+        self._guessed_nesting: int | None = None
 
     # ----------------------------------------------------------------------------------
     # Public read-outs
@@ -256,17 +268,24 @@ class RebarELBO(Trace_ELBO):
         return model, guide, self.num_particles
 
     def _estimate(self, model, guide, args, kwargs) -> _Estimate:
+        pair = (id(model), id(guide))
         model, guide, repeats = self._particle_fns(model, guide, args, kwargs)
         loss = 0.0
         surrogate_elbo = 0.0
         cv_f = 0.0
         cv_r = 0.0
         scores: dict[str, list[torch.Tensor]] = {}
+        stops: list = []
         for _ in range(repeats):
-            model_trace, guide_trace, hard = hard_traces(
-                model, guide, args, kwargs, self.max_plate_nesting,
-                self.estimator_name, self.opt_out_key,
-            )
+            fused = self._fused_traces(pair, model, guide, args, kwargs)
+            if fused is None:
+                model_trace, guide_trace, hard = hard_traces(
+                    model, guide, args, kwargs, self.max_plate_nesting,
+                    self.estimator_name, self.opt_out_key,
+                )
+                passes = None
+            else:
+                model_trace, guide_trace, hard, passes = fused
             loss_p, surrogate_loss_p = Trace_ELBO._differentiable_loss_particle(
                 self, model_trace, guide_trace
             )
@@ -276,10 +295,11 @@ class RebarELBO(Trace_ELBO):
             if not hard.relaxed:
                 continue
             f_part, r_part = self._control_variate(
-                model, guide, args, kwargs, model_trace, guide_trace, hard
+                model, guide, args, kwargs, model_trace, guide_trace, hard, passes
             )
             cv_f = cv_f + f_part / self.num_particles
             cv_r = cv_r + r_part / self.num_particles
+            stops += hard.graph_stops
             for record in hard.relaxed:
                 score = guide_trace.nodes[record.name]["score_parts"].score_function
                 scores.setdefault(record.name, []).append(score)
@@ -287,34 +307,23 @@ class RebarELBO(Trace_ELBO):
         warn_if_nan(loss, "loss")
         if not scores:
             return _Estimate(loss, _as_tensor(surrogate_elbo).neg(), [], [])
-        return self._combine(surrogate_elbo, cv_f, cv_r, scores, model, guide, loss)
+        return self._combine(surrogate_elbo, cv_f, cv_r, scores, model, guide, loss, stops)
 
     def _control_variate(
-        self, model, guide, args, kwargs, model_trace, guide_trace, hard: HardPass
+        self, model, guide, args, kwargs, model_trace, guide_trace, hard: HardPass,
+        passes: list | None = None,
     ):
         """``(B_f, B_r)``: surrogates whose guide-parameter gradients are the control-variate
         parts ``-c(z~) grad log q(b) + grad c(z) - grad c(z~)`` of the relaxed ELBO (B_f)
         and of an extra learned control (B_r, RELAX).
 
-        Both relaxed passes (``z`` and ``z~``) run as one model and guide evaluation with
-        the two noises stacked along a new leftmost dimension when the model broadcasts
-        over it, else one after the other (see ``stacked_relaxed_traces``)."""
-        self._ensure_device(hard.relaxed[0].logits)
-        temperature = self.controls.log_temperature.exp()
-        noise = {r.name: r.noise for r in hard.relaxed}
-        conditional = {r.name: self._conditional_noise(r) for r in hard.relaxed}
-        passes = stacked_relaxed_traces(
-            model, guide, args, kwargs, hard, [noise, conditional], temperature,
-            self.estimator_name, model_trace, guide_trace, detach_scores=True,
-        )
+        ``passes``: the two relaxed passes (``z`` and ``z~``) if the fused evaluation
+        already ran them; else they run here as one model and guide evaluation with the two
+        noises stacked along a new leftmost dimension when the model broadcasts over it,
+        else one after the other (see ``stacked_relaxed_traces``)."""
         if passes is None:
-            passes = [
-                relaxed_traces(
-                    model, guide, args, kwargs, hard, n, temperature, self.estimator_name,
-                    detach_scores=True,
-                )
-                for n in (noise, conditional)
-            ]
+            passes = self._relaxed_passes(model, guide, args, kwargs, model_trace,
+                                          guide_trace, hard)
         (mt_u, gt_u, values_u), (mt_c, gt_c, values_c) = passes
         f_u = elbo_integrand(mt_u, gt_u)
         f_c = elbo_integrand(mt_c, gt_c)
@@ -328,6 +337,67 @@ class RebarELBO(Trace_ELBO):
         total_c = _total(extra_c)
         cv_r = total_u - total_c + self._score_surrogate(guide_trace, hard, extra_c)
         return cv_f, cv_r
+
+    def _relaxed_passes(self, model, guide, args, kwargs, model_trace, guide_trace,
+                        hard: HardPass) -> list:
+        self._ensure_device(hard.relaxed[0].logits)
+        temperature = self.controls.log_temperature.exp()
+        noise = {r.name: r.noise for r in hard.relaxed}
+        conditional = {r.name: self._conditional_noise(r) for r in hard.relaxed}
+        passes = stacked_relaxed_traces(
+            model, guide, args, kwargs, hard, [noise, conditional], temperature,
+            self.estimator_name, model_trace, guide_trace, detach_scores=True,
+        )
+        if passes is not None:
+            return passes
+        return [
+            relaxed_traces(
+                model, guide, args, kwargs, hard, n, temperature, self.estimator_name,
+                detach_scores=True,
+            )
+            for n in (noise, conditional)
+        ]
+
+    def _fused_traces(self, pair: tuple[int, int], model, guide, args, kwargs):
+        """The hard and both relaxed passes in one evaluation (``fused_traces``), or
+        ``None`` where that cannot run; a model/guide pair that failed once is not tried
+        again (keyed by the ids of the callables the user passed)."""
+        if not self.fuse_passes or pair in self._not_fusable:
+            return None
+        # A failed attempt leaves the random stream as it found it, so that a seeded run
+        # draws the same numbers as with ``fuse_passes=False``.
+        rng = _RandomState()
+        try:
+            nesting = self._plate_nesting(model, guide, args, kwargs)
+            temperature = self.controls.log_temperature.exp()
+            return fused_traces(
+                model, guide, args, kwargs, -nesting - 1, temperature, self.estimator_name,
+                self.opt_out_key, self._conditional_noise, self.max_plate_nesting,
+            )
+        except NotFusable:
+            self._not_fusable.add(pair)
+            rng.restore()
+            return None
+
+    def _plate_nesting(self, model, guide, args, kwargs) -> int:
+        """Plate dimensions the model and guide use (``max_plate_nesting`` if set, else
+        found once from one run of both, as Pyro does for vectorized particles)."""
+        if self.max_plate_nesting != float("inf"):
+            return int(self.max_plate_nesting)
+        if self._guessed_nesting is None:
+            with poutine.block():
+                guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+                model_trace = poutine.trace(
+                    poutine.replay(model, trace=guide_trace)
+                ).get_trace(*args, **kwargs)
+            dims = [
+                frame.dim
+                for trace in (model_trace, guide_trace)
+                for site in trace.nodes.values() if site["type"] == "sample"
+                for frame in site["cond_indep_stack"] if frame.vectorized
+            ]
+            self._guessed_nesting = -min(dims) if dims else 0
+        return self._guessed_nesting
 
     @staticmethod
     def _score_surrogate(guide_trace, hard: HardPass, terms_c: MultiFrameTensor):
@@ -351,7 +421,7 @@ class RebarELBO(Trace_ELBO):
         return None
 
     def _conditional_noise(self, record) -> torch.Tensor:
-        v = uniform_like(record.logits.shape, record.logits)
+        v = draw_uniform(record.logits.shape, record.logits, record.name, "conditional")
         if record.kind == BERNOULLI:
             return conditional_logistic_noise(record.logits, record.value, v)
         return conditional_gumbel_noise(record.logits, record.value, v)
@@ -373,28 +443,43 @@ class RebarELBO(Trace_ELBO):
     def _net_learnable(self) -> bool:
         return False
 
-    def _combine(self, surrogate_elbo, cv_f, cv_r, scores, model, guide, loss) -> _Estimate:
-        leaves, keys = self._leaves_and_keys(scores, model, guide)
+    def _combine(
+        self, surrogate_elbo, cv_f, cv_r, scores, model, guide, loss, stops=()
+    ) -> _Estimate:
+        leaves, keys = self._leaves_and_keys(scores, model, guide, stops)
         learn = self._learnables_requested()
-        cv_grads = _grads(cv_f, leaves, create_graph=learn)
         etas = {key: self._eta_tensor(key, leaves[0]) for key in dict.fromkeys(keys)}
-        # Per-parameter eta: coordinate-wise unbiased for any value (see class docstring).
-        control = [etas[key] * g_f for key, g_f in zip(keys, cv_grads, strict=True)]
-        if torch.is_tensor(cv_r) and cv_r.requires_grad:  # only RELAX has an extra control
-            extra_grads = _grads(cv_r, leaves, create_graph=learn)
-            control = [c + g_r for c, g_r in zip(control, extra_grads, strict=True)]
-        # One backward pass over the hard traces gives the guide leaves' base gradients
-        # (needed by the variance objective) and every other parameter's gradient at once.
-        guide_ids = {id(leaf) for leaf in leaves}
-        others = [t for t in graph_leaves([surrogate_elbo]) if id(t) not in guide_ids]
+        has_extra = torch.is_tensor(cv_r) and cv_r.requires_grad  # RELAX's learned control
+        skip = {id(leaf) for leaf in leaves} | self._control_ids()
+        others = [t for t in graph_leaves([surrogate_elbo], stops) if id(t) not in skip]
         retain = learn or bool(self.retain_graph)
-        base = _grads(surrogate_elbo, leaves + others, create_graph=False, retain_graph=retain)
-        # With ``learn`` these stay differentiable in the control parameters.
-        squared = [b + c for b, c in zip(base, control, strict=False)]
+        if len(etas) == 1:
+            # One eta for every guide leaf (the usual case): the guide's estimate is the
+            # gradient of one scalar, so one backward pass gives it (with ``learn``, kept
+            # differentiable in the control parameters). The model's parameters get the
+            # hard gradient only, from a second pass that autograd prunes to the model.
+            (eta,) = etas.values()
+            estimate = surrogate_elbo + eta * cv_f + (cv_r if has_extra else 0.0)
+            squared = _grads(estimate, leaves, create_graph=learn)
+            base_others = _grads(surrogate_elbo, others, create_graph=False,
+                                 retain_graph=retain) if others else []
+        else:
+            cv_grads = _grads(cv_f, leaves, create_graph=learn)
+            # Per-parameter eta: coordinate-wise unbiased for any value (class docstring).
+            control = [etas[key] * g_f for key, g_f in zip(keys, cv_grads, strict=True)]
+            if has_extra:
+                extra_grads = _grads(cv_r, leaves, create_graph=learn)
+                control = [c + g_r for c, g_r in zip(control, extra_grads, strict=True)]
+            # One backward pass over the hard traces gives the guide leaves' base gradients
+            # (needed by the variance objective) and every other parameter's gradient.
+            base = _grads(surrogate_elbo, leaves + others, create_graph=False,
+                          retain_graph=retain)
+            squared = [b + c for b, c in zip(base, control, strict=False)]
+            base_others = base[len(leaves):]
         total = [g.detach() for g in squared]
         # Gradients of the loss, the negative ELBO (fresh tensors: negated).
         grads = [(leaf, -g) for leaf, g in zip(leaves, total, strict=True)]
-        grads += [(leaf, -g) for leaf, g in zip(others, base[len(leaves):], strict=True)]
+        grads += [(leaf, -g) for leaf, g in zip(others, base_others, strict=True)]
         control_grads = []
         if learn:
             objective = sum((g**2).sum() for g in squared)
@@ -412,11 +497,18 @@ class RebarELBO(Trace_ELBO):
                 ]
         return _Estimate(loss, None, grads, control_grads)
 
-    def _leaves_and_keys(self, scores, model, guide) -> tuple[list[torch.Tensor], list[str]]:
+    def _leaves_and_keys(
+        self, scores, model, guide, stops=()
+    ) -> tuple[list[torch.Tensor], list[str]]:
         sites_of: dict[int, list[str]] = {}
         leaves: dict[int, torch.Tensor] = {}
+        # In a fused pass the hard slice shares a graph with the relaxed ones, which reach
+        # the temperature: the estimator's own parameters are never guide leaves.
+        controls = self._control_ids()
         for name, tensors in scores.items():
-            for leaf in graph_leaves(tensors):
+            for leaf in graph_leaves(tensors, stops):
+                if id(leaf) in controls:
+                    continue
                 leaves.setdefault(id(leaf), leaf)
                 sites_of.setdefault(id(leaf), [])
                 if name not in sites_of[id(leaf)]:
@@ -428,6 +520,9 @@ class RebarELBO(Trace_ELBO):
             keys = _leaf_names(ordered, model, guide)
         self._keys_seen = list(dict.fromkeys(keys))
         return ordered, keys
+
+    def _control_ids(self) -> set[int]:
+        return {id(p) for p in self.controls.parameters()}
 
     def _eta_tensor(self, key: str, like: torch.Tensor) -> torch.Tensor:
         if not self.learn_eta:
@@ -492,6 +587,19 @@ class RebarELBO(Trace_ELBO):
             for m, s in self._ema
         ])
         return float(variance.mean().clamp_min(1e-30).log())
+
+
+class _RandomState:
+    """torch's CPU (and initialised CUDA) generator states, to restore later."""
+
+    def __init__(self) -> None:
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
 
 
 def _as_tensor(x) -> torch.Tensor:
