@@ -25,6 +25,20 @@ def test_rejects_bad_batches_naming_site(x, kwargs, match):
         check_observations(x, **kwargs)
 
 
+def test_a_passed_batch_is_checked_again_after_in_place_changes_or_other_rules():
+    x = torch.rand(3, 4)
+    check_observations(x, event_shape=(4,), support="unit")
+    check_observations(x, event_shape=(4,), support="unit")  # remembered: no new scan
+    with pytest.raises(ValueError, match=r"\(batch, 2, 2\)"):
+        check_observations(x, event_shape=(2, 2))
+    check_observations(x, event_shape=(4,), support="unit")
+    with pytest.raises(ValueError, match="outside"):
+        check_observations(x, event_shape=(4,), support="binary")
+    x[1, 2] = float("nan")  # bumps the version counter
+    with pytest.raises(ValueError, match=r"non-finite value nan at index \[1, 2\]"):
+        check_observations(x, event_shape=(4,), support="unit")
+
+
 def test_rejects_non_tensor_and_integer_data():
     with pytest.raises(TypeError, match="site 'pixels'"):
         check_observations([[0.0, 1.0]], site="pixels")

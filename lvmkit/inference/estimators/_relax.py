@@ -749,18 +749,22 @@ def fused_traces(
             check_model_guide_match(model_trace, guide_trace)
         guide_trace = prune_subsample_sites(guide_trace)
         model_trace = prune_subsample_sites(model_trace)
-        model_trace.compute_log_prob()
-        # Score parts as Pyro computes them: the score-function part is unscaled and
-        # unmasked (also by masks inside the distribution, which RELAX's control needs).
-        guide_trace.compute_score_parts()
+        # Only our relaxed-score distributions see the marked values here, so the guard
+        # against non-arithmetic use (a Python call per torch op) can be off.
+        with torch._C.DisableTorchFunctionSubclass():
+            model_trace.compute_log_prob()
+            # Score parts as Pyro computes them: the score-function part is unscaled and
+            # unmasked (also by masks inside the distribution, which RELAX's control needs).
+            guide_trace.compute_score_parts()
     except NotFusable:
         raise
     except (IndexError, RuntimeError, TypeError, ValueError) as error:
         raise NotFusable(f"{type(error).__name__}: {error}") from error
-    views = [
-        (_fused_view(model_trace, pass_dim, k), _fused_view(guide_trace, pass_dim, k))
-        for k in range(FUSED_PASSES)
-    ]
+    with torch._C.DisableTorchFunctionSubclass():
+        views = [
+            (_fused_view(model_trace, pass_dim, k), _fused_view(guide_trace, pass_dim, k))
+            for k in range(FUSED_PASSES)
+        ]
     hard_model, hard_guide = views[0]
     if is_validation_enabled():
         for trace in (hard_model, hard_guide):

@@ -548,7 +548,8 @@ class RebarELBO(Trace_ELBO):
     def _step_controls(self, control_grads) -> None:
         params = [p for p, _ in control_grads]
         if self._variance_optim is None:
-            self._variance_optim = torch.optim.Adam(params, lr=self.variance_optim_lr)
+            self._variance_optim = torch.optim.Adam(params, lr=self.variance_optim_lr,
+                                                    foreach=True)
         # Asked of the optimizer itself, not of remembered ids: ids go stale in a deep copy
         # (which copies the optimizer's parameters along with the controls).
         known = {id(p) for group in self._variance_optim.param_groups for p in group["params"]}
@@ -570,9 +571,10 @@ class RebarELBO(Trace_ELBO):
         # In place: this runs every step over every guide coordinate.
         weight = 1 - self.variance_ema_decay
         with torch.no_grad():
-            for (m, s), g in zip(self._ema, grads, strict=True):
-                m.lerp_(g, weight)
-                s.lerp_(g * g, weight)
+            means = [m for m, _ in self._ema]
+            squares = [s for _, s in self._ema]
+            torch._foreach_lerp_(means, grads, weight)
+            torch._foreach_lerp_(squares, torch._foreach_mul(grads, grads), weight)
         self._ema_steps += 1
         self._last = {"variance_objective": objective}
 
