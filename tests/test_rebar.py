@@ -646,6 +646,29 @@ def test_fused_pass_matches_separate_passes(name, particles, monkeypatch):
         torch.testing.assert_close(fused[key], g, rtol=1e-5, atol=1e-6, msg=key)
 
 
+def test_fused_pass_in_double_precision(monkeypatch):
+    def model(x):
+        w = pyro.param("Wd", torch.full((3, 4), 0.3, dtype=torch.float64))
+        with pyro.plate("data", x.shape[0]):
+            prior = torch.zeros(x.shape[0], 3, dtype=torch.float64)
+            z = pyro.sample("z", dist.Bernoulli(logits=prior).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=z @ w).to_event(1), obs=x)
+
+    def guide(x):
+        v = pyro.param("Vd", torch.full((4, 3), 0.2, dtype=torch.float64))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Bernoulli(logits=x @ v).to_event(1))
+
+    x = X2.double()
+    fused, took = _fused_or_not_grads(model, guide, x, True, monkeypatch)
+    separate, _ = _fused_or_not_grads(model, guide, x, False, monkeypatch)
+    assert took
+    for key, g in separate.items():
+        assert fused[key].dtype == g.dtype
+        torch.testing.assert_close(fused[key], g, msg=key)
+    assert fused["Vd"].dtype == torch.float64
+
+
 @pytest.mark.parametrize("name", ["continuous", "opt_out", "no_broadcast"])
 def test_fused_pass_falls_back_where_it_cannot_run(name, monkeypatch):
     """Continuous or opted-out guide latents, or a model that does not broadcast over the

@@ -661,7 +661,7 @@ class FusedSampler(Messenger):
         self,
         estimator: str,
         opt_out_key: str,
-        temperature,
+        temperature: Callable[[torch.Tensor], torch.Tensor],
         pass_dim: int,
         conditional_noise: Callable[[SiteRecord], torch.Tensor],
     ) -> None:
@@ -690,9 +690,10 @@ class FusedSampler(Messenger):
         noise = logistic_noise(u) if kind == BERNOULLI else gumbel_noise(u)
         b = harden(kind, hard_logits.detach(), noise)
         record = SiteRecord(name, kind, True, b, hard_logits, noise)
-        relaxed = relax(kind, logits.select(axis, 1), noise, self.temperature)
+        temperature = self.temperature(logits)
+        relaxed = relax(kind, logits.select(axis, 1), noise, temperature)
         conditional = relax(kind, logits.select(axis, 2), self.conditional_noise(record),
-                            self.temperature)
+                            temperature)
         self.result.records[name] = record
         self.relaxed_values[0][name] = relaxed
         self.relaxed_values[1][name] = conditional
@@ -711,7 +712,7 @@ def fused_traces(
     args: tuple,
     kwargs: dict,
     pass_dim: int,
-    temperature,
+    temperature: Callable[[torch.Tensor], torch.Tensor],
     estimator: str,
     opt_out_key: str,
     conditional_noise: Callable[[SiteRecord], torch.Tensor],
@@ -728,6 +729,8 @@ def fused_traces(
     fields as :func:`hard_traces` and :func:`relaxed_traces` give, so callers use them
     alike. This saves one model and guide evaluation per step over ``hard_traces`` plus
     ``stacked_relaxed_traces``.
+
+    ``temperature(logits)`` gives lambda at a site (on the logits' device and dtype).
 
     Raises :class:`NotFusable` (the caller falls back to the separate passes) when a site
     is not handled, the guide has no discrete site, any exception is raised while running

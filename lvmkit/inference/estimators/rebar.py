@@ -369,10 +369,10 @@ class RebarELBO(Trace_ELBO):
         rng = _RandomState()
         try:
             nesting = self._plate_nesting(model, guide, args, kwargs)
-            temperature = self.controls.log_temperature.exp()
             return fused_traces(
-                model, guide, args, kwargs, -nesting - 1, temperature, self.estimator_name,
-                self.opt_out_key, self._conditional_noise, self.max_plate_nesting,
+                model, guide, args, kwargs, -nesting - 1, self._temperature_like,
+                self.estimator_name, self.opt_out_key, self._conditional_noise,
+                self.max_plate_nesting,
             )
         except NotFusable:
             self._not_fusable.add(pair)
@@ -425,6 +425,10 @@ class RebarELBO(Trace_ELBO):
         if record.kind == BERNOULLI:
             return conditional_logistic_noise(record.logits, record.value, v)
         return conditional_gumbel_noise(record.logits, record.value, v)
+
+    def _temperature_like(self, like: torch.Tensor) -> torch.Tensor:
+        self._ensure_device(like)
+        return self.controls.log_temperature.exp()
 
     def _ensure_device(self, like: torch.Tensor) -> None:
         t = self.controls.log_temperature
