@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 OUT ?= results/demo
 
-.PHONY: install demo test test-slow lint bench bench-runner bench-estimators bench-hierarchical notebooks notebooks-full clean
+.PHONY: install demo test test-slow lint bench bench-runner bench-estimators bench-step-time bench-hierarchical notebooks notebooks-full clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,7 +31,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check lvmkit tests benchmarks
 
 # Benchmarks (see the README's table); each writes results/bench_*.json and .md.
-bench: bench-runner bench-estimators bench-hierarchical
+bench: bench-runner bench-estimators bench-step-time bench-hierarchical
 
 bench-runner: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) benchmarks/runner.py
@@ -40,6 +40,9 @@ bench-runner: $(STAMP)
 bench-estimators: $(STAMP)
 	$(PIP) install -q -c constraints.txt storchastic
 	OMP_NUM_THREADS=1 $(PY) benchmarks/estimators.py
+
+bench-step-time: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) benchmarks/step_time.py
 
 bench-hierarchical: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) benchmarks/hierarchical.py

@@ -434,11 +434,15 @@ class RelaxedReplay(Messenger):
     redrawn with their recorded seed (same noise, recomputed parameters); other sites are
     replayed with their hard-pass value.
 
-    With ``detach_scores`` the relaxed sites' guide densities ``q(sigma | ...)`` are
-    evaluated with stop-gradient logits: the control variate is then ``c(u, theta,
-    theta_bar)`` with the density's parameters held fixed, still a differentiable function
-    of the noise (so REBAR stays unbiased), minus a zero-mean direct term ``-grad_theta log
-    q_theta(sigma)`` that would only add variance.
+    With ``detach_scores`` a relaxed site's guide density ``q(sigma | ...)`` is evaluated
+    with stop-gradient logits when those logits do not depend on the relaxed values of
+    earlier sites: the control variate is then ``c(u, theta, theta_bar)`` with the
+    density's parameters held fixed, still one differentiable function of the noise (so
+    REBAR stays unbiased), minus a direct term ``-grad_theta log q_theta(sigma)`` that only
+    adds variance. Logits computed from relaxed upstream values depend on the noise, and
+    cutting them would cut the noise's path too: ``c`` would then be a different function
+    at each draw and the estimator biased (measured on a two-layer guide), so those
+    densities keep their full gradient (see :func:`detach_safe`).
     """
 
     def __init__(
@@ -458,6 +462,7 @@ class RelaxedReplay(Messenger):
         self.temperature = temperature
         self.straight_through = straight_through
         self.relaxed_values: dict[str, torch.Tensor] = {}
+        self._sampled_nodes: list = []  # autograd nodes of values sampled in this pass
 
     def _pyro_sample(self, msg) -> None:
         record = self.hard.records.get(msg["name"])
@@ -470,13 +475,39 @@ class RelaxedReplay(Messenger):
             if self.straight_through:
                 hard = harden(record.kind, logits.detach(), self.noise[record.name].detach())
                 value = hard + (value - value.detach())
+            detach = self.detach_scores and detach_safe(logits, self._sampled_nodes)
+            self._remember(value)
             msg["value"] = mark_relaxed(value, record.name, self.estimator)
-            msg["fn"] = with_relaxed_scores(msg["fn"], detach=self.detach_scores)
+            msg["fn"] = with_relaxed_scores(msg["fn"], detach=detach)
         elif record.seed is not None:
             with seeded(record.seed, _device_of(msg["fn"])):
                 msg["value"] = msg["fn"].rsample()
+            self._remember(msg["value"])
         else:
             msg["value"] = record.value
+
+    def _remember(self, value: torch.Tensor) -> None:
+        if value.grad_fn is not None:
+            self._sampled_nodes.append(value.grad_fn)
+
+
+def detach_safe(logits: torch.Tensor, sampled_nodes: list) -> bool:
+    """Whether a relaxed pass may evaluate a site's guide density with stop-gradient
+    ``logits``: only if they do not depend on values sampled earlier in the same pass
+    (given by their autograd nodes), as those depend on the noise."""
+    if not sampled_nodes or logits.grad_fn is None:
+        return True
+    targets = set(sampled_nodes)
+    stack, seen = [logits.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node in targets:
+            return False
+        if node in seen:
+            continue
+        seen.add(node)
+        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+    return True
 
 
 class RelaxedScores(Messenger):
@@ -650,7 +681,8 @@ class FusedSampler(Messenger):
     from the hard logits ``L[0]``; the value is the three stacked. Downstream sites see
     pass ``k``'s upstream value, exactly as three separate passes would. The density is
     scored by its continuous extension (exact on the binary ``b``) with the gradient of
-    ``L[1]`` and ``L[2]`` cut, as ``RelaxedReplay(detach_scores=True)`` does.
+    ``L[1]`` and ``L[2]`` cut where :func:`detach_safe` allows, as
+    ``RelaxedReplay(detach_scores=True)`` does.
 
     Raises :class:`NotFusable` at a site it does not handle (continuous or opted-out
     latents, index-valued categoricals): the caller then runs the separate passes, which
@@ -698,12 +730,15 @@ class FusedSampler(Messenger):
         self.relaxed_values[0][name] = relaxed
         self.relaxed_values[1][name] = conditional
         value = torch.stack([b, relaxed, conditional], dim=axis)
+        keep = None
+        if detach_safe(logits, self.result.graph_stops):
+            keep = torch.zeros(FUSED_PASSES, dtype=logits.dtype, device=logits.device)
+            keep[0] = 1
+            keep = keep.reshape((-1,) + (1,) * (-axis - 1))
         if value.grad_fn is not None:
             self.result.graph_stops.append(value.grad_fn)
         msg["value"] = mark_relaxed(value, name, self.estimator)
-        keep = torch.zeros(FUSED_PASSES, dtype=logits.dtype, device=logits.device)
-        keep[0] = 1
-        msg["fn"] = with_relaxed_scores(fn, grad_keep=keep.reshape((-1,) + (1,) * (-axis - 1)))
+        msg["fn"] = with_relaxed_scores(fn, grad_keep=keep)
 
 
 def fused_traces(
