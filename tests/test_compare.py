@@ -8,9 +8,11 @@ import pytest
 import torch
 from pyro.infer import Trace_ELBO
 
+from lvmkit.inference.check import gradient_variance
 from lvmkit.inference.compare import compare_estimators, markdown_table
 from lvmkit.inference.estimators.arm import DisARMELBO
 from lvmkit.inference.estimators.nvil import NVILELBO
+from lvmkit.inference.estimators.rebar import RebarELBO
 
 D, H = 6, 3
 
@@ -73,6 +75,33 @@ def test_writes_json_markdown_and_plots(results):
     assert table == markdown_table(result)
     for name in ("elbo.png", "log_variance.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("make", [Trace_ELBO, NVILELBO, RebarELBO])
+def test_measuring_variance_does_not_change_training(make):
+    """Regression: the variance draws left their gradients on the model's parameters, so
+    the next training step added them (and an SBN trained markedly worse when measured
+    often). Training with and without measurements must now be identical."""
+
+    def run(variance_every):
+        result = compare_estimators(
+            (model, guide), DATA, {"e": make()}, steps=8, batch_size=8, lr=0.01,
+            variance_every=variance_every, variance_draws=4, progress=False,
+        )
+        return result["estimators"]["e"]["elbo"]
+
+    assert run(2) == run(1000)
+
+
+def test_gradient_variance_leaves_gradients_as_it_found_them():
+    pyro.clear_param_store()
+    guide(DATA)
+    model(DATA)
+    store = pyro.get_param_store()
+    store["w"].grad = torch.full_like(store["w"], 7.0)  # e.g. mid-way through a step
+    gradient_variance(model, guide, {"sf": Trace_ELBO()}, DATA, num_draws=3)
+    assert torch.equal(store["w"].grad, torch.full_like(store["w"], 7.0))
+    assert store["v"].grad is None
 
 
 def test_skips_estimators_that_refuse_the_model():

@@ -324,18 +324,39 @@ def _gradient_draws(
     tensors: dict[str, torch.Tensor],
     num_draws: int,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Yield ``num_draws`` gradient estimates from ``elbo.loss_and_grads``."""
+    """Yield ``num_draws`` gradient estimates from ``elbo.loss_and_grads``.
+
+    ``loss_and_grads`` writes ``.grad`` of every parameter it reaches, the model's too: the
+    ``.grad`` of every parameter in the param store or in ``model`` / ``guide`` (if they
+    are modules) is put back as it was afterwards, so that measuring inside a training
+    loop does not add the draws to the next step's gradient.
+    """
     leaves = list(tensors.values())
-    for _ in range(num_draws):
-        for t in leaves:
-            t.grad = None
-        elbo.loss_and_grads(model, guide, *args, **kwargs)
-        yield {
-            n: (torch.zeros_like(t) if t.grad is None else t.grad.detach().clone())
-            for n, t in tensors.items()
-        }
-    for t in leaves:
-        t.grad = None
+    saved = [(p, p.grad) for p in _all_params(model, guide, leaves)]
+    try:
+        for _ in range(num_draws):
+            for p, _ in saved:
+                p.grad = None
+            elbo.loss_and_grads(model, guide, *args, **kwargs)
+            yield {
+                n: (torch.zeros_like(t) if t.grad is None else t.grad.detach().clone())
+                for n, t in tensors.items()
+            }
+    finally:
+        for p, grad in saved:
+            p.grad = grad
+
+
+def _all_params(model: Callable, guide: Callable, extra: list[torch.Tensor]
+                ) -> list[torch.Tensor]:
+    found = {id(p): p for p in extra}
+    for _, p in pyro.get_param_store().named_parameters():
+        found.setdefault(id(p), p)
+    for fn in (model, guide):
+        if isinstance(fn, torch.nn.Module):
+            for p in fn.parameters():
+                found.setdefault(id(p), p)
+    return list(found.values())
 
 
 class _Moments:
