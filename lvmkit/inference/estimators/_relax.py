@@ -13,6 +13,10 @@ Three kinds of guide passes are needed:
 * the noise for the *conditional* relaxed pass, ``n~ ~ p(n | b)`` (Tucker et al. 2017,
   Appendix), computed from the hard-pass logits so that it stays differentiable in them.
 
+REBAR and RELAX run the three as one *fused* evaluation where they can
+(:func:`fused_traces`: a size-3 plate left of the model's plates, each site sampling all
+three passes at once) and fall back to a hard pass plus stacked or separate relaxed passes.
+
 Numerics: uniforms are clamped to ``[tiny, 1 - eps]`` and every formula is written with
 ``logsigmoid`` / ``logaddexp`` so that logits of +-50 give finite values and gradients.
 """
