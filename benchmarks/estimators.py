@@ -22,19 +22,18 @@ goals are met.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from _report import write_report  # noqa: E402
 from handwritten_rebar import HandwrittenRebar, _mlp, time_steps  # noqa: E402
 
 MODELS = {"sbn-nonlinear": True, "sbn-linear": False}
@@ -263,13 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
         report["goals"] += goals_for(model, result["estimators"],
                                      reference["handwritten-rebar"])
     report["config"]["wall_seconds"] = round(time.perf_counter() - started, 1)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    table = markdown(report)
-    out.with_suffix(".md").write_text(table)
-    print()
-    print(table)
+    write_report(report, args.out, markdown(report))
     missed = [g for g in report["goals"] if not g["met"]]
     print(f"{len(report['goals']) - len(missed)} of {len(report['goals'])} goals met; missed:"
           if missed else "all goals met")

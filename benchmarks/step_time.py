@@ -23,18 +23,17 @@ step and at most 1.5x the hand-written REBAR.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from _report import write_report  # noqa: E402
 from handwritten_rebar import HandwrittenRebar  # noqa: E402
 
 MODELS = {"sbn-nonlinear": True, "sbn-linear": False}
@@ -174,13 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
             "median_ratios": {k: statistics.median(rd["ratios"][k] for rd in rounds)
                               for k in rounds[0]["ratios"]},
         }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    table = markdown(report)
-    out.with_suffix(".md").write_text(table)
-    print()
-    print(table)
+    write_report(report, args.out, markdown(report))
     return report
 
 
