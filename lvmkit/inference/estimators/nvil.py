@@ -93,6 +93,25 @@ def _first_tensor(args: tuple) -> torch.Tensor | None:
     return next((a for a in args if torch.is_tensor(a)), None)
 
 
+def _first_batch_moments(signal: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Centring and variance for the first call, before any running statistics exist.
+
+    Each signal is centred on the mean of the *other* signals of the batch (independent of
+    its own latent draw, so the score term stays unbiased) and the variance is the batch's.
+    The running defaults (0 and 1) would make the first step's score term orders of
+    magnitude larger than every later one (learning signals here are in the thousands of
+    nats once scaled by N / batch size), and Adam's second-moment estimate would remember
+    it for thousands of steps: measured on the nonlinear SBN (MNIST-5k, batch 24), the
+    normalised NVIL then never left the independent-pixel plateau in 800 steps.
+    """
+    flat = signal.reshape(-1)
+    n = flat.numel()
+    if n < 2:
+        return torch.zeros_like(signal), 0.0
+    leave_one_out = ((flat.sum() - flat) / (n - 1)).reshape(signal.shape)
+    return leave_one_out, float(flat.var(unbiased=False))
+
+
 class _RunningMoments(nn.Module):
     """Exponential moving mean and variance of the centred learning signal (buffers)."""
 
@@ -143,7 +162,9 @@ class NVILELBO(Trace_ELBO, nn.Module):
     create it eagerly, before building a plain torch optimizer).
 
     Bias: ``C_psi(x)`` and ``c`` do not depend on the current ``z`` (``c`` and ``v`` are
-    updated only *after* use), so centring keeps the estimator unbiased. The division by
+    updated only *after* use; on the very first call, before any statistics exist, each
+    signal is centred on the mean of the batch's *other* signals and ``v`` is the batch
+    variance), so centring keeps the estimator unbiased. The division by
     ``max(1, sqrt(v))`` is the paper's variance normalisation: a data-dependent positive
     step-size adaptation that rescales the score term relative to the pathwise and model
     terms, so with ``normalize=True`` the estimate is *not* an unbiased estimate of the
@@ -246,11 +267,14 @@ class NVILELBO(Trace_ELBO, nn.Module):
             baseline = scale * self._baseline(self._x).reshape((-1,) + (1,) * (-1 - frame.dim))
         else:
             baseline = per_datum.new_zeros(())
-        c = self.moments.mean.to(per_datum.dtype)
+        if int(self.moments.count) == 0:
+            c, var = _first_batch_moments(per_datum.detach() - baseline.detach())
+        else:
+            c, var = self.moments.mean.to(per_datum.dtype), float(self.moments.var)
         shift = baseline + c
         residual = per_datum.detach() - shift
         baseline_loss = residual.pow(2).sum()
-        divisor = max(1.0, math.sqrt(float(self.moments.var))) if self.normalize else 1.0
+        divisor = max(1.0, math.sqrt(var)) if self.normalize else 1.0
         self.moments.update((per_datum.detach() - baseline.detach()).reshape(-1))
 
         surrogate = -baseline_loss
