@@ -643,6 +643,8 @@ def stacked_relaxed_traces(
     """
     if any(r.seed is not None for r in hard.records.values()):
         return None
+    if not _stack_dim_is_leftmost(hard, hard_model_trace, hard_guide_trace):
+        return None
     count = len(noises)
     stacked = {name: torch.stack([n[name] for n in noises]) for name in noises[0]}
     try:
@@ -849,6 +851,25 @@ def _select_pass(value, axis: int, index: int):
     if torch.is_tensor(value) and value.dim() >= -axis and value.shape[axis] == FUSED_PASSES:
         return value.select(axis, index)
     return value
+
+
+def _stack_dim_is_leftmost(hard: HardPass, model_trace, guide_trace) -> bool:
+    """Whether a new leftmost dimension on the relaxed values stays left of every plate.
+
+    A relaxed site with fewer batch dimensions than the deepest plate (a global latent
+    beside a data plate, say) would get the stacked dimension where the data dimension is:
+    broadcasting then pairs pass k with datum k, silently (measured: a global Bernoulli
+    beside a plate of 2 data points, REBAR's mean gradient 30 standard errors off)."""
+    dims = [
+        frame.dim
+        for trace in (model_trace, guide_trace)
+        for site in trace.nodes.values() if site["type"] == "sample"
+        for frame in site["cond_indep_stack"] if frame.vectorized
+    ]
+    nesting = -min(dims) if dims else 0
+    return all(
+        len(guide_trace.nodes[r.name]["fn"].batch_shape) >= nesting for r in hard.relaxed
+    )
 
 
 def _pass_view(trace, hard_trace, index: int, count: int, must_stack: set[str]):
