@@ -748,6 +748,26 @@ def test_fused_pass_in_double_precision(monkeypatch):
     assert fused["Vd"].dtype == torch.float64
 
 
+def test_one_estimator_fuses_models_with_different_plate_nesting():
+    def nested_model(x):
+        w = pyro.param("Wn", torch.tensor([0.5, -0.3, 0.8, 0.1]))
+        with pyro.plate("data", x.shape[0], dim=-2), pyro.plate("pixels", 4, dim=-1):
+            z = pyro.sample("zn", dist.Bernoulli(logits=torch.zeros(x.shape[0], 4)))
+            pyro.sample("x", dist.Bernoulli(logits=z * w), obs=x)
+
+    def nested_guide(x):
+        v = pyro.param("Vn", torch.tensor([0.4, -0.2, 0.1, 0.3]))
+        with pyro.plate("data", x.shape[0], dim=-2), pyro.plate("pixels", 4, dim=-1):
+            pyro.sample("zn", dist.Bernoulli(logits=x * v))
+
+    elbo = RebarELBO()
+    elbo.loss_and_grads(sbn_model, sbn_guide, X2)  # one plate
+    elbo.loss_and_grads(nested_model, nested_guide, X2)  # two: the pass plate moves left
+    assert not elbo._not_fusable
+    result = check_unbiased(nested_model, nested_guide, elbo, X2, num_draws=100)
+    assert result.passed, result.summary()
+
+
 @pytest.mark.parametrize("name", ["continuous", "opt_out", "no_broadcast"])
 def test_fused_pass_falls_back_where_it_cannot_run(name, monkeypatch):
     """Continuous or opted-out guide latents, or a model that does not broadcast over the

@@ -186,7 +186,7 @@ class RebarELBO(Trace_ELBO):
         self._keys_seen: list[str] = []
         self.fuse_passes = fuse_passes
         self._not_fusable: set[tuple[int, int]] = set()
-        self._guessed_nesting: int | None = None
+        self._guessed_nesting: dict[tuple[int, int], int] = {}
 
     # ----------------------------------------------------------------------------------
     # Public read-outs
@@ -368,7 +368,7 @@ class RebarELBO(Trace_ELBO):
         # draws the same numbers as with ``fuse_passes=False``.
         rng = _RandomState()
         try:
-            nesting = self._plate_nesting(model, guide, args, kwargs)
+            nesting = self._plate_nesting(pair, model, guide, args, kwargs)
             return fused_traces(
                 model, guide, args, kwargs, -nesting - 1, self._temperature_like,
                 self.estimator_name, self.opt_out_key, self._conditional_noise,
@@ -379,12 +379,13 @@ class RebarELBO(Trace_ELBO):
             rng.restore()
             return None
 
-    def _plate_nesting(self, model, guide, args, kwargs) -> int:
+    def _plate_nesting(self, pair: tuple[int, int], model, guide, args, kwargs) -> int:
         """Plate dimensions the model and guide use (``max_plate_nesting`` if set, else
-        found once from one run of both, as Pyro does for vectorized particles)."""
+        found once per model/guide pair from one run of both, as Pyro does for vectorized
+        particles)."""
         if self.max_plate_nesting != float("inf"):
             return int(self.max_plate_nesting)
-        if self._guessed_nesting is None:
+        if pair not in self._guessed_nesting:
             with poutine.block():
                 guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
                 model_trace = poutine.trace(
@@ -396,8 +397,8 @@ class RebarELBO(Trace_ELBO):
                 for site in trace.nodes.values() if site["type"] == "sample"
                 for frame in site["cond_indep_stack"] if frame.vectorized
             ]
-            self._guessed_nesting = -min(dims) if dims else 0
-        return self._guessed_nesting
+            self._guessed_nesting[pair] = -min(dims) if dims else 0
+        return self._guessed_nesting[pair]
 
     @staticmethod
     def _score_surrogate(guide_trace, hard: HardPass, terms_c: MultiFrameTensor):
