@@ -860,16 +860,21 @@ def _stack_dim_is_leftmost(hard: HardPass, model_trace, guide_trace) -> bool:
     beside a data plate, say) would get the stacked dimension where the data dimension is:
     broadcasting then pairs pass k with datum k, silently (measured: a global Bernoulli
     beside a plate of 2 data points, REBAR's mean gradient 30 standard errors off)."""
-    dims = [
-        frame.dim
-        for trace in (model_trace, guide_trace)
-        for site in trace.nodes.values() if site["type"] == "sample"
-        for frame in site["cond_indep_stack"] if frame.vectorized
-    ]
-    nesting = -min(dims) if dims else 0
+    nesting = plate_nesting(model_trace, guide_trace)
     return all(
         len(guide_trace.nodes[r.name]["fn"].batch_shape) >= nesting for r in hard.relaxed
     )
+
+
+def plate_nesting(*traces) -> int:
+    """How many batch dimensions the plates of ``traces`` use (Pyro's max_plate_nesting)."""
+    dims = [
+        frame.dim
+        for trace in traces
+        for site in trace.nodes.values() if site["type"] == "sample"
+        for frame in site["cond_indep_stack"] if frame.vectorized
+    ]
+    return -min(dims) if dims else 0
 
 
 def _pass_view(trace, hard_trace, index: int, count: int, must_stack: set[str]):

@@ -45,6 +45,7 @@ from lvmkit.inference.estimators._relax import (
     graph_leaves,
     hard_traces,
     log_weight_terms,
+    plate_nesting,
     relaxed_traces,
     stacked_relaxed_traces,
 )
@@ -391,13 +392,7 @@ class RebarELBO(Trace_ELBO):
                 model_trace = poutine.trace(
                     poutine.replay(model, trace=guide_trace)
                 ).get_trace(*args, **kwargs)
-            dims = [
-                frame.dim
-                for trace in (model_trace, guide_trace)
-                for site in trace.nodes.values() if site["type"] == "sample"
-                for frame in site["cond_indep_stack"] if frame.vectorized
-            ]
-            self._guessed_nesting[pair] = -min(dims) if dims else 0
+            self._guessed_nesting[pair] = plate_nesting(model_trace, guide_trace)
         return self._guessed_nesting[pair]
 
     @staticmethod
@@ -451,11 +446,12 @@ class RebarELBO(Trace_ELBO):
     def _combine(
         self, surrogate_elbo, cv_f, cv_r, scores, model, guide, loss, stops=()
     ) -> _Estimate:
-        leaves, keys = self._leaves_and_keys(scores, model, guide, stops)
+        controls = self._control_ids()
+        leaves, keys = self._leaves_and_keys(scores, model, guide, stops, controls)
         learn = self._learnables_requested()
         etas = {key: self._eta_tensor(key, leaves[0]) for key in dict.fromkeys(keys)}
         has_extra = torch.is_tensor(cv_r) and cv_r.requires_grad  # RELAX's learned control
-        skip = {id(leaf) for leaf in leaves} | self._control_ids()
+        skip = {id(leaf) for leaf in leaves} | controls
         others = [t for t in graph_leaves([surrogate_elbo], stops) if id(t) not in skip]
         retain = learn or bool(self.retain_graph)
         if len(etas) == 1:
@@ -503,13 +499,12 @@ class RebarELBO(Trace_ELBO):
         return _Estimate(loss, None, grads, control_grads)
 
     def _leaves_and_keys(
-        self, scores, model, guide, stops=()
+        self, scores, model, guide, stops=(), controls: set[int] = frozenset()
     ) -> tuple[list[torch.Tensor], list[str]]:
         sites_of: dict[int, list[str]] = {}
         leaves: dict[int, torch.Tensor] = {}
         # In a fused pass the hard slice shares a graph with the relaxed ones, which reach
-        # the temperature: the estimator's own parameters are never guide leaves.
-        controls = self._control_ids()
+        # the temperature: the estimator's own parameters (``controls``) are never leaves.
         for name, tensors in scores.items():
             for leaf in graph_leaves(tensors, stops):
                 if id(leaf) in controls:
