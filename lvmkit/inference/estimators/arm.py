@@ -21,6 +21,7 @@ from lvmkit.inference.estimators.nvil import (
     discrete_kind,
     innermost,
     latent_guide_sites,
+    model_terms,
     refuse_enumerated,
 )
 
@@ -175,12 +176,7 @@ class ARMELBO(Trace_ELBO):
         return model_trace, guide_trace
 
     def _differentiable_loss_particle(self, model_trace, guide_trace):
-        elbo_particle = 0.0
-        surrogate = 0.0
-        for site in model_trace.nodes.values():
-            if site["type"] == "sample":
-                elbo_particle = elbo_particle + torch_item(site["log_prob_sum"])
-                surrogate = surrogate + site["log_prob_sum"]
+        elbo_particle, surrogate = model_terms(model_trace)
         log_r = None
         for _, site in latent_guide_sites(guide_trace):
             elbo_particle = elbo_particle - torch_item(site["log_prob_sum"])

@@ -60,6 +60,18 @@ def latent_guide_sites(guide_trace) -> list[tuple[str, dict]]:
     ]
 
 
+def model_terms(model_trace) -> tuple[float, torch.Tensor | float]:
+    """``(value, surrogate)`` of ``sum log p`` over the model's sample sites, as
+    ``Trace_ELBO`` starts its ELBO and its surrogate."""
+    value = 0.0
+    surrogate = 0.0
+    for site in model_trace.nodes.values():
+        if site["type"] == "sample":
+            value = value + torch_item(site["log_prob_sum"])
+            surrogate = surrogate + site["log_prob_sum"]
+    return value, surrogate
+
+
 def refuse_enumerated(name: str, site: dict, estimator: str) -> None:
     """Raise if ``site`` asks for enumeration, which these Monte-Carlo estimators ignore."""
     if site["infer"].get("enumerate"):
@@ -228,12 +240,7 @@ class NVILELBO(Trace_ELBO, nn.Module):
         return net(flat.to(net[0].weight.dtype)).squeeze(-1)
 
     def _differentiable_loss_particle(self, model_trace, guide_trace):
-        elbo_particle = 0.0
-        surrogate = 0.0
-        for site in model_trace.nodes.values():
-            if site["type"] == "sample":
-                elbo_particle = elbo_particle + torch_item(site["log_prob_sum"])
-                surrogate = surrogate + site["log_prob_sum"]
+        elbo_particle, surrogate = model_terms(model_trace)
 
         score_sites = []
         for name, site in latent_guide_sites(guide_trace):
