@@ -165,6 +165,40 @@ def clear_grads() -> None:
         p.grad = None
 
 
+def train_controls(elbo, model, guide, x, steps: int) -> None:
+    """Let the estimator tune its own controls for ``steps`` calls (the model and guide
+    parameters are not stepped), then clear the gradients those calls left."""
+    for _ in range(steps):
+        elbo.loss_and_grads(model, guide, x)
+    clear_grads()
+
+
+def opt_out_guide(key: str):
+    """The SBN guide with its only discrete site opted out by ``infer={key: False}``."""
+
+    def guide(x):
+        v = pyro.param("V", torch.tensor([[0.4, -0.2, 0.1], [0.3, 0.5, -0.6],
+                                          [-0.2, 0.1, 0.3], [0.6, -0.4, 0.2]]))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Bernoulli(logits=x @ v).to_event(1), infer={key: False})
+
+    return guide
+
+
+def assert_opt_out_gives_score_function(elbo, key: str, seed: int) -> None:
+    """With every discrete site opted out, the estimator's gradients are Trace_ELBO's,
+    bit for bit."""
+    guide = opt_out_guide(key)
+    pyro.set_rng_seed(seed)
+    elbo.loss_and_grads(sbn_model, guide, X2)
+    estimated = param_grads()
+    clear_grads()
+    pyro.set_rng_seed(seed)
+    Trace_ELBO().loss_and_grads(sbn_model, guide, X2)
+    for name, g in param_grads().items():
+        assert torch.equal(estimated[name], g), name
+
+
 def assert_both_paths_agree(make_elbo, model, guide, x, seed: int):
     """``loss_and_grads`` (SVI) and ``differentiable_loss`` (the nn.Module path) give the
     same loss value and bit-identical parameter gradients; returns the module."""
@@ -200,9 +234,7 @@ def test_rebar_unbiased_after_learning_eta_and_temperature(name, eta_per):
     model, guide, x, _ = MODELS[name]
     elbo = RebarELBO(num_particles=50, vectorize_particles=True, eta_per=eta_per,
                      variance_optim_lr=0.05)
-    for _ in range(15):
-        elbo.loss_and_grads(model, guide, x)
-    clear_grads()
+    train_controls(elbo, model, guide, x, steps=15)
     assert abs(elbo.temperature - 0.5) > 1e-3
     assert all(abs(v - 1.0) > 1e-3 for v in elbo.eta.values())
     if eta_per == "param":
@@ -273,20 +305,7 @@ def test_global_latent_beside_a_plate_unbiased(fuse):
 
 
 def test_rebar_opt_out_site_gets_plain_score_function():
-    def guide(x):
-        v = pyro.param("V", torch.tensor([[0.4, -0.2, 0.1], [0.3, 0.5, -0.6], [-0.2, 0.1, 0.3],
-                                          [0.6, -0.4, 0.2]]))
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample("z", dist.Bernoulli(logits=x @ v).to_event(1), infer={"rebar": False})
-
-    pyro.set_rng_seed(5)
-    RebarELBO().loss_and_grads(sbn_model, guide, X2)
-    rebar = param_grads()
-    clear_grads()
-    pyro.set_rng_seed(5)
-    Trace_ELBO().loss_and_grads(sbn_model, guide, X2)
-    for name, g in param_grads().items():
-        assert torch.equal(rebar[name], g), name
+    assert_opt_out_gives_score_function(RebarELBO(), "rebar", seed=5)
 
 
 def test_rebar_lowers_variance_on_sbn():
@@ -549,9 +568,7 @@ def test_slow_rebar_unbiased_learning_on_every_model(name, eta_per):
     model, guide, x, _ = MODELS[name]
     elbo = RebarELBO(num_particles=100, vectorize_particles=True, eta_per=eta_per,
                      variance_optim_lr=0.05)
-    for _ in range(30):
-        elbo.loss_and_grads(model, guide, x)
-    clear_grads()
+    train_controls(elbo, model, guide, x, steps=30)
     result = run_check(name, elbo, num_draws=200)
     assert result.passed, result.summary()
 
@@ -775,14 +792,7 @@ def test_fused_pass_falls_back_where_it_cannot_run(name, monkeypatch):
     if name == "continuous":
         model, guide, x, _ = MODELS["continuous"]
     elif name == "opt_out":
-        model, x = sbn_model, X2
-
-        def guide(x):
-            v = pyro.param("V", torch.tensor([[0.4, -0.2, 0.1], [0.3, 0.5, -0.6],
-                                              [-0.2, 0.1, 0.3], [0.6, -0.4, 0.2]]))
-            with pyro.plate("data", x.shape[0]):
-                pyro.sample("z", dist.Bernoulli(logits=x @ v).to_event(1),
-                            infer={"rebar": False})
+        model, guide, x = sbn_model, opt_out_guide("rebar"), X2
     else:
         guide, x = sbn_guide, X2
 

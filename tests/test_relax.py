@@ -11,11 +11,11 @@ from test_rebar import (
     MODELS,
     X2,
     assert_both_paths_agree,
-    clear_grads,
-    param_grads,
+    assert_opt_out_gives_score_function,
     run_check,
     sbn_guide,
     sbn_model,
+    train_controls,
 )
 
 from lvmkit.inference.check import gradient_variance
@@ -30,9 +30,7 @@ logging.getLogger("pyro").setLevel(logging.WARNING)
 def test_relax_unbiased_after_training_the_control_network(name):
     model, guide, x, _ = MODELS[name]
     elbo = RelaxELBO(num_particles=50, vectorize_particles=True, variance_optim_lr=0.05)
-    for _ in range(10):
-        elbo.loss_and_grads(model, guide, x)
-    clear_grads()
+    train_controls(elbo, model, guide, x, steps=10)
     net = elbo.controls.net
     # The net's output layer starts at zero; training moved it, so r_rho is in play.
     assert net[2].weight.abs().sum() > 0
@@ -42,18 +40,14 @@ def test_relax_unbiased_after_training_the_control_network(name):
 
 def test_relax_unbiased_with_learned_eta_and_sequential_particles():
     elbo = RelaxELBO(num_particles=2, learn_eta=True, variance_optim_lr=0.05)
-    for _ in range(5):
-        elbo.loss_and_grads(sbn_model, sbn_guide, X2)
-    clear_grads()
+    train_controls(elbo, sbn_model, sbn_guide, X2, steps=5)
     result = run_check("sbn", elbo, num_draws=50)
     assert result.passed, result.summary()
 
 
 def test_relax_lowers_variance_on_sbn():
     relax = RelaxELBO(num_particles=20, vectorize_particles=True, variance_optim_lr=0.02)
-    for _ in range(10):
-        relax.loss_and_grads(sbn_model, sbn_guide, X2)
-    clear_grads()
+    train_controls(relax, sbn_model, sbn_guide, X2, steps=10)
     estimators = {"score": Trace_ELBO(num_particles=20, vectorize_particles=True),
                   "relax": relax}
     logvar = gradient_variance(sbn_model, sbn_guide, estimators, X2, num_draws=60)
@@ -102,19 +96,7 @@ def test_error_for_sites_in_different_plates():
 
 
 def test_opt_out_key_is_relax():
-    def guide(x):
-        v = pyro.param("V", torch.zeros(4, 3))
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample("z", dist.Bernoulli(logits=x @ v).to_event(1), infer={"relax": False})
-
-    pyro.set_rng_seed(2)
-    RelaxELBO().loss_and_grads(sbn_model, guide, X2)
-    relax = param_grads()
-    clear_grads()
-    pyro.set_rng_seed(2)
-    Trace_ELBO().loss_and_grads(sbn_model, guide, X2)
-    for n, g in param_grads().items():
-        assert torch.equal(relax[n], g), n
+    assert_opt_out_gives_score_function(RelaxELBO(), "relax", seed=2)
 
 
 @pytest.mark.slow
@@ -123,8 +105,6 @@ def test_slow_relax_unbiased_on_every_model(name):
     model, guide, x, _ = MODELS[name]
     elbo = RelaxELBO(num_particles=100, vectorize_particles=True, learn_eta=True,
                      variance_optim_lr=0.05)
-    for _ in range(30):
-        elbo.loss_and_grads(model, guide, x)
-    clear_grads()
+    train_controls(elbo, model, guide, x, steps=30)
     result = run_check(name, elbo, num_draws=200)
     assert result.passed, result.summary()
