@@ -5,6 +5,7 @@ Small enough that every discrete configuration can be enumerated for exact gradi
 
 import pyro
 import pyro.distributions as dist
+import pyro.poutine as poutine
 import torch
 
 D, H = 3, 2
@@ -70,3 +71,23 @@ def make_pair(*, layers=1, subsample=False, continuous=False, categorical=False,
 
 X2 = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
 X4 = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+
+
+def create_params(model, guide, x) -> None:
+    """Run the guide and the model once, so that every param exists in the store."""
+    poutine.trace(poutine.replay(model, poutine.trace(guide).get_trace(x))).get_trace(x)
+
+
+def grads_of(elbo, model, guide, x, seed: int, via: str) -> dict[str, torch.Tensor]:
+    """Param-store gradients of one estimate drawn with ``seed``, through
+    ``loss_and_grads`` (``via="svi"``) or the ``nn.Module`` form (``via="module"``)."""
+    create_params(model, guide, x)
+    pyro.set_rng_seed(seed)
+    params = dict(pyro.get_param_store().named_parameters())
+    for p in params.values():
+        p.grad = None
+    if via == "svi":
+        elbo.loss_and_grads(model, guide, x)
+    else:
+        elbo(model, guide)(x).backward()
+    return {n: p.grad.clone() for n, p in params.items() if p.grad is not None}

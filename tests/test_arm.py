@@ -9,24 +9,10 @@ import pytest
 import torch
 from pyro.infer import SVI
 from pyro.optim import Adam
-from small_models import X2, X4, D, H, make_pair
+from small_models import X2, X4, D, H, grads_of, make_pair
 
 from lvmkit.inference.check import check_unbiased, gradient_variance
 from lvmkit.inference.estimators.arm import ARMELBO, DisARMELBO
-
-
-def _grads(elbo, model, guide, x, seed, via):
-    # Create every param before reading the store.
-    poutine.trace(poutine.replay(model, poutine.trace(guide).get_trace(x))).get_trace(x)
-    pyro.set_rng_seed(seed)
-    params = dict(pyro.get_param_store().named_parameters())
-    for p in params.values():
-        p.grad = None
-    if via == "svi":
-        elbo.loss_and_grads(model, guide, x)
-    else:
-        elbo(model, guide)(x).backward()
-    return {n: p.grad.clone() for n, p in params.items() if p.grad is not None}
 
 
 @pytest.mark.parametrize("estimator", [ARMELBO, DisARMELBO])
@@ -73,8 +59,8 @@ def test_svi_and_module_gradients_agree(estimator):
     model, guide = make_pair(layers=2, continuous=True)
     elbo = estimator(num_particles=2, vectorize_particles=True)
     elbo.loss(model, guide, X2)  # guesses max_plate_nesting, which draws random numbers
-    svi = _grads(elbo, model, guide, X2, 3, "svi")
-    module = _grads(copy.deepcopy(elbo), model, guide, X2, 3, "module")
+    svi = grads_of(elbo, model, guide, X2, 3, "svi")
+    module = grads_of(copy.deepcopy(elbo), model, guide, X2, 3, "module")
     assert svi.keys() == module.keys() and {"v", "v2", "m", "w"} <= svi.keys()
     for name in svi:
         torch.testing.assert_close(svi[name], module[name])
@@ -100,7 +86,9 @@ def test_masked_elements_get_no_gradient():
             pyro.sample("z", dist.Bernoulli(logits=logits).to_event(1))
 
     for estimator in (ARMELBO, DisARMELBO):
-        grads = [_grads(estimator(), model, guide, X2, seed, "svi")["logits"] for seed in range(20)]
+        grads = [
+            grads_of(estimator(), model, guide, X2, seed, "svi")["logits"] for seed in range(20)
+        ]
         stacked = torch.stack(grads)
         assert torch.all(stacked[:, 0] == 0)
         assert stacked[:, 1].abs().sum() > 0

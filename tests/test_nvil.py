@@ -9,26 +9,10 @@ import pytest
 import torch
 from pyro.infer import SVI, Trace_ELBO
 from pyro.optim import Adam
-from small_models import X2, X4, D, H, make_pair
+from small_models import X2, X4, D, H, create_params, grads_of, make_pair
 
 from lvmkit.inference.check import check_unbiased, gradient_variance
 from lvmkit.inference.estimators.nvil import NVILELBO
-
-
-def _create_params(model, guide, x):
-    poutine.trace(poutine.replay(model, poutine.trace(guide).get_trace(x))).get_trace(x)
-
-
-def _grads(elbo, model, guide, x, seed, via):
-    pyro.set_rng_seed(seed)
-    params = dict(pyro.get_param_store().named_parameters())
-    for p in params.values():
-        p.grad = None
-    if via == "svi":
-        elbo.loss_and_grads(model, guide, x)
-    else:
-        elbo(model, guide)(x).backward()
-    return {n: p.grad.clone() for n, p in params.items() if p.grad is not None}
 
 
 def _randomize(net: torch.nn.Module) -> None:
@@ -78,11 +62,10 @@ def test_first_step_is_not_orders_of_magnitude_larger_than_the_next():
     for normalize in (True, False):
         pyro.clear_param_store()
         elbo = NVILELBO(normalize=normalize, x_dim=D, num_particles=8, vectorize_particles=True)
-        _create_params(scaled(model), scaled(guide), X2)
         guide_params = ["v"]
         norms = []
         for seed in range(3):
-            grads = _grads(elbo, scaled(model), scaled(guide), X2, seed, "svi")
+            grads = grads_of(elbo, scaled(model), scaled(guide), X2, seed, "svi")
             norms.append(sum(float(grads[n].norm()) for n in guide_params if n in grads))
         assert norms[0] < 10 * max(norms[1:]), (normalize, norms)
 
@@ -120,14 +103,14 @@ def test_unbiased_slow(options):
 def test_svi_and_module_gradients_agree(normalize):
     model, guide = make_pair(layers=2, continuous=True)
     elbo = NVILELBO(normalize=normalize, x_dim=D)
-    _create_params(model, guide, X2)
+    create_params(model, guide, X2)
     _randomize(elbo.baseline_net)
     elbo.moments.update(torch.tensor([-30.0, -10.0]))  # nontrivial running mean and variance
     twin = copy.deepcopy(elbo)
     twin.module_name = "twin_baseline"
-    svi = _grads(elbo, model, guide, X2, 3, "svi")
+    svi = grads_of(elbo, model, guide, X2, 3, "svi")
     baseline_grads = [p.grad.clone() for p in elbo.baseline_net.parameters()]
-    module = _grads(twin, model, guide, X2, 3, "module")
+    module = grads_of(twin, model, guide, X2, 3, "module")
     assert {"v", "v2", "m", "w"} <= svi.keys()
     for name in ("v", "v2", "m", "w", "w2", "a"):
         torch.testing.assert_close(svi[name], module[name])
@@ -138,14 +121,14 @@ def test_svi_and_module_gradients_agree(normalize):
 
 def test_normalisation_divides_only_the_score_term():
     model, guide = make_pair()  # guide params enter through the score term alone
-    _create_params(model, guide, X2)
+    create_params(model, guide, X2)
     plain = NVILELBO(normalize=False, x_dim=D)
     normalized = copy.deepcopy(plain)
     normalized.normalize = True
     for elbo in (plain, normalized):
         elbo.moments.update(torch.tensor([-5.0, 5.0]))  # variance 25: divisor 5
-    a = _grads(plain, model, guide, X2, 5, "svi")
-    b = _grads(normalized, model, guide, X2, 5, "svi")
+    a = grads_of(plain, model, guide, X2, 5, "svi")
+    b = grads_of(normalized, model, guide, X2, 5, "svi")
     torch.testing.assert_close(b["v"], a["v"] / 5)
     torch.testing.assert_close(b["w"], a["w"])  # model gradients are pathwise, unchanged
 
@@ -204,7 +187,7 @@ def test_baseline_is_a_parameter_of_the_elbo_module():
     module_params = {id(p) for p in elbo(model, guide).parameters()}
     assert {id(p) for p in elbo.baseline_net.parameters()} <= module_params
     # a plain torch optimizer over the module trains the baseline through the surrogate
-    _create_params(model, guide, X2)
+    create_params(model, guide, X2)
     optim = torch.optim.Adam(
         [*elbo.baseline_net.parameters(), *pyro.get_param_store().values()], lr=0.05
     )

@@ -8,7 +8,7 @@ import pyro.distributions as dist
 import pyro.poutine as poutine
 import pytest
 import torch
-from small_models import X2, X4, make_pair
+from small_models import X2, X4, create_params, make_pair
 
 from lvmkit.inference.check import exact_elbo_gradient
 from lvmkit.inference.estimators.vimco import (
@@ -16,10 +16,6 @@ from lvmkit.inference.estimators.vimco import (
     _iwae_gradient_draws,
     exact_iwae_gradient,
 )
-
-
-def _create_params(model, guide, x):
-    poutine.trace(poutine.replay(model, poutine.trace(guide).get_trace(x))).get_trace(x)
 
 
 def _z_scores(elbo, model, guide, x, exact, exact_se, num_draws, seed=1):
@@ -50,7 +46,7 @@ def _bonferroni(z, alpha=1e-3):
 
 
 def _assert_unbiased(elbo, model, guide, x, k, num_draws, **exact_kwargs):
-    _create_params(model, guide, x)
+    create_params(model, guide, x)
     exact, exact_se = _iwae_gradient_draws(
         model, guide, x, k, None, exact_kwargs.get("num_continuous_draws", 64), 0, 2**16
     )
@@ -62,7 +58,7 @@ def _assert_unbiased(elbo, model, guide, x, k, num_draws, **exact_kwargs):
 
 def test_exact_bound_gradient_with_one_particle_is_the_elbo_gradient():
     model, guide = make_pair(layers=2)
-    _create_params(model, guide, X2)
+    create_params(model, guide, X2)
     iwae = exact_iwae_gradient(model, guide, X2, num_particles=1)
     elbo = exact_elbo_gradient(model, guide, X2, params=list(iwae))
     for name in elbo:
@@ -97,7 +93,7 @@ def test_unbiased_with_subsampled_plate():
     fixed_model = poutine.condition(sub_model, data={"data": rows})
     fixed_guide = poutine.condition(sub_guide, data={"data": rows})
     model, guide = make_pair()
-    _create_params(model, guide, X4[rows])
+    create_params(model, guide, X4[rows])
     exact = exact_iwae_gradient(model, guide, X4[rows], num_particles=2)
     scaled = {n: 2.0 * g for n, g in exact.items()}  # N / subsample size = 4 / 2
     zeros = {n: torch.zeros_like(g) for n, g in exact.items()}
@@ -115,7 +111,7 @@ def test_unbiased_slow(options, k):
 
 def test_svi_and_module_gradients_agree():
     model, guide = make_pair(layers=2, continuous=True)
-    _create_params(model, guide, X2)
+    create_params(model, guide, X2)
     elbo = VIMCOELBO(num_particles=3)
     elbo.loss(model, guide, X2)  # guesses max_plate_nesting, which draws random numbers
     params = dict(pyro.get_param_store().named_parameters())
@@ -135,7 +131,7 @@ def test_svi_and_module_gradients_agree():
 
 def test_loss_is_the_negative_bound_estimate():
     model, guide = make_pair()
-    _create_params(model, guide, X2)
+    create_params(model, guide, X2)
     k = 5
     elbo = VIMCOELBO(num_particles=k)
     elbo.loss(model, guide, X2)  # guesses max_plate_nesting, which draws random numbers
@@ -170,6 +166,6 @@ def test_errors():
     with pytest.raises(ValueError, match="same scale.*'z'"):
         VIMCOELBO(num_particles=2).loss_and_grads(model, guide, torch.zeros(4))
     big_model, big_guide = make_pair(layers=2, categorical=True)
-    _create_params(big_model, big_guide, X2)
+    create_params(big_model, big_guide, X2)
     with pytest.raises(ValueError, match="exceed max_terms"):
         exact_iwae_gradient(big_model, big_guide, X2, num_particles=4)
