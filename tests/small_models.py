@@ -1,4 +1,4 @@
-"""Tiny model/guide pairs shared by the comparator-estimator tests (NVIL, VIMCO, ARM).
+"""Tiny model/guide pairs shared by the estimator tests, and their helpers.
 
 Small enough that every discrete configuration can be enumerated for exact gradients.
 """
@@ -9,6 +9,22 @@ import pyro.poutine as poutine
 import torch
 
 D, H = 3, 2
+
+
+# Toy problem E[(b - t)^2], b ~ Bernoulli(sigmoid(theta)), theta = 0, t = 0.45 (Tucker et
+# al. 2017, Section 6.1): log p(b) - log q(b) = 0 at theta = 0, so the ELBO integrand is
+# -(b - t)^2; the score-function gradient has variance 0.01594.
+T = 0.45
+
+
+def toy_model():
+    b = pyro.sample("b", dist.Bernoulli(0.5))
+    pyro.factor("f", -((b - T) ** 2))
+
+
+def toy_guide():
+    theta = pyro.param("theta", torch.tensor(0.0))
+    pyro.sample("b", dist.Bernoulli(logits=theta))
 
 
 def _init(*shape: int, seed: int) -> torch.Tensor:

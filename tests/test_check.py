@@ -7,6 +7,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer import Trace_ELBO
+from small_models import toy_guide, toy_model
 
 from lvmkit.inference.check import (
     UnbiasedCheck,
@@ -182,22 +183,10 @@ def test_exact_refuses_non_reparameterizable_continuous_site():
 
 
 def test_gradient_variance_matches_analytic_score_function_variance():
-    # f(b) = -(b - t)^2 with b ~ Bernoulli(sigmoid(theta)), theta = 0 (Tucker et al. 2017):
-    # score-function gradient f(b) (b - p) has variance 0.01594 for t = 0.45.
-    t = 0.45
-
-    def model():
-        b = pyro.sample("b", dist.Bernoulli(0.5))
-        pyro.factor("f", -((b - t) ** 2))
-
-    def guide():
-        theta = pyro.param("theta", torch.tensor(0.0))
-        pyro.sample("b", dist.Bernoulli(logits=theta))
-
-    # log p(b) - log q(b) = 0 at theta = 0, leaving f(b) as the ELBO integrand.
+    # The toy problem: the score-function gradient f(b) (b - p) has variance 0.01594.
     # A vectorized draw averages 100 particles: its variance is the single-sample one / 100.
     sf = Trace_ELBO(num_particles=100, vectorize_particles=True)
-    logs = gradient_variance(model, guide, {"sf": sf}, num_draws=400)
+    logs = gradient_variance(toy_model, toy_guide, {"sf": sf}, num_draws=400)
     # The sample variance of 400 draws has relative sd sqrt(2/399) ~ 7%; allow 3.5 sd.
     assert abs(100 * math.exp(logs["sf"]) - 0.01594) < 0.25 * 0.01594
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 from pyro.infer import SVI, Trace_ELBO
 from pyro.optim import Adam
+from small_models import T, toy_guide, toy_model
 
 import lvmkit.inference.estimators.rebar as rebar_module
 from lvmkit.inference.check import check_unbiased, exact_elbo_gradient, gradient_variance
@@ -321,19 +322,6 @@ def test_rebar_lowers_variance_on_sbn():
 # ----------------------------------------------------------------------------------------
 # Toy problem E[(b - t)^2] (Tucker et al. 2017, Section 6.1), theta = 0, t = 0.45
 # ----------------------------------------------------------------------------------------
-
-T = 0.45
-
-
-def toy_model():
-    b = pyro.sample("b", dist.Bernoulli(0.5))
-    pyro.factor("f", -((b - T) ** 2))
-
-
-def toy_guide():
-    theta = pyro.param("theta", torch.tensor(0.0))
-    pyro.sample("b", dist.Bernoulli(logits=theta))
-
 
 def handwritten_rebar_toy(n: int, eta: float, temperature: float) -> torch.Tensor:
     """n independent single-site REBAR gradients of E[(b - t)^2] at theta = 0, written out
