@@ -7,7 +7,6 @@ import importlib
 import json
 import math
 import os
-import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,8 @@ import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.infer import ELBO
+
+from lvmkit._rng import RandomState
 
 __all__ = ["compare_estimators", "default_estimators", "markdown_table"]
 
@@ -90,18 +91,6 @@ class _InitialState:
                     p.copy_(self.values[name])
 
 
-class _RandomState:
-    """Save and restore every RNG that ``pyro.set_rng_seed`` touches."""
-
-    def __enter__(self) -> None:
-        self.state = (torch.get_rng_state(), random.getstate(), np.random.get_state())
-
-    def __exit__(self, *exc) -> None:
-        torch.set_rng_state(self.state[0])
-        random.setstate(self.state[1])
-        np.random.set_state(self.state[2])
-
-
 def _scaled(fn: Callable, scale: float) -> Callable:
     def wrapped(*args, **kwargs):
         with poutine.scale(scale=scale):
@@ -113,7 +102,7 @@ def _scaled(fn: Callable, scale: float) -> Callable:
 def _applicable(elbo: ELBO, model: Callable, guide: Callable, x: torch.Tensor) -> str | None:
     """``None`` if ``elbo`` handles this pair, else the reason it refuses."""
     try:
-        with _RandomState(), poutine.block():
+        with RandomState(), poutine.block():
             copy.deepcopy(elbo).loss(model, guide, x)
     except (ValueError, NotImplementedError, TypeError) as error:
         return str(error).splitlines()[0]
@@ -196,7 +185,7 @@ def compare_estimators(
 
         def measure(step: int, elbo=elbo, label=label, variance_steps=variance_steps,
                     log_variance=log_variance, notes=notes) -> None:
-            with _RandomState():
+            with RandomState():
                 try:
                     value = gradient_variance(
                         model_s, guide_s, {label: copy.deepcopy(elbo)}, x_fixed,

@@ -1,0 +1,36 @@
+"""Saving and restoring random generator states around work that must not disturb them."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+
+class RandomState:
+    """The generator states as they are now, to put back with :meth:`restore` (or on
+    leaving a ``with`` block): torch's CPU generator and, once CUDA is in use, its
+    generators; also Python's and NumPy's (every generator ``pyro.set_rng_seed`` seeds)
+    unless ``torch_only``."""
+
+    def __init__(self, torch_only: bool = False) -> None:
+        self.torch = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        self.python = None if torch_only else random.getstate()
+        self.numpy = None if torch_only else np.random.get_state()
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.torch)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+        if self.python is not None:
+            random.setstate(self.python)
+        if self.numpy is not None:
+            np.random.set_state(self.numpy)
+
+    def __enter__(self) -> RandomState:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
