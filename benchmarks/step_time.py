@@ -51,16 +51,22 @@ def _scaled(fn: Callable, scale: float) -> Callable:
 
 
 def _pyro_pair(name: str, x: torch.Tensor, scale: float, prefix: str):
-    """A fresh model and guide with their own parameter names, scaled to the data size."""
+    """A fresh model and guide with their own parameter names, scaled to the data size,
+    and the two modules themselves (whose parameters an optimizer must be given)."""
     from lvmkit.models import SigmoidBeliefNet
 
     model = SigmoidBeliefNet(x.shape[1], nonlinear=MODELS[name], name=prefix, init_data=x)
-    return _scaled(model, scale), _scaled(model.default_guide(), scale)
+    guide = model.default_guide()
+    return _scaled(model, scale), _scaled(guide, scale), (model, guide)
+
+
+Step = Callable[[torch.Tensor], object]
 
 
 def step_functions(name: str, x: torch.Tensor, batch_size: int, lr: float, seed: int
-                   ) -> dict[str, Callable[[torch.Tensor], object]]:
-    """One training-step callable per implementation, each owning its parameters."""
+                   ) -> dict[str, tuple[Step, list[torch.Tensor]]]:
+    """Per implementation, a training-step callable and the model and guide parameters it
+    trains (each implementation owns its own)."""
     import pyro
     from pyro.infer import SVI, Trace_ELBO
 
@@ -71,31 +77,39 @@ def step_functions(name: str, x: torch.Tensor, batch_size: int, lr: float, seed:
     scale = x.shape[0] / batch_size
     steps = {}
 
-    model, guide = _pyro_pair(name, x, scale, "svi")
+    model, guide, modules = _pyro_pair(name, x, scale, "svi")
     svi = SVI(model, guide, pyro.optim.Adam({"lr": lr}), RebarELBO())
-    steps["rebar-svi"] = svi.step
+    steps["rebar-svi"] = svi.step, _parameters(modules)
 
-    model, guide = _pyro_pair(name, x, scale, "module")
+    model, guide, modules = _pyro_pair(name, x, scale, "module")
     elbo = RebarELBO()
     elbo.initialize(model, guide, x[:batch_size])
     module = elbo(model, guide)
-    optim = torch.optim.Adam(module.parameters(), lr=lr)
+    # The scaled wrappers are plain functions, so ``module.parameters()`` holds only the
+    # estimator's controls: the model's and guide's parameters are added explicitly.
+    optim = torch.optim.Adam(_parameters(modules) + list(module.parameters()), lr=lr)
 
     def module_step(batch: torch.Tensor) -> float:
         optim.zero_grad()
         loss = module(batch)
         loss.backward()
         optim.step()
-        return float(loss)
+        return float(loss.detach())
 
-    steps["rebar-module"] = module_step
+    steps["rebar-module"] = module_step, _parameters(modules)
 
-    model, guide = _pyro_pair(name, x, scale, "score")
-    steps["trace-elbo"] = SVI(model, guide, pyro.optim.Adam({"lr": lr}), Trace_ELBO()).step
+    model, guide, modules = _pyro_pair(name, x, scale, "score")
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": lr}), Trace_ELBO())
+    steps["trace-elbo"] = svi.step, _parameters(modules)
 
     hand = HandwrittenRebar(x.shape[1], nonlinear=MODELS[name], lr=lr, seed=seed)
-    steps["handwritten"] = lambda batch: hand.step(batch, scale)
+    steps["handwritten"] = (lambda batch: hand.step(batch, scale),
+                            hand.guide_params + hand.model_params)
     return steps
+
+
+def _parameters(modules) -> list[torch.Tensor]:
+    return [p for m in modules for p in m.parameters()]
 
 
 def time_round(steps: dict, x: torch.Tensor, batch_size: int, count: int, warmup: int,
@@ -105,7 +119,7 @@ def time_round(steps: dict, x: torch.Tensor, batch_size: int, count: int, warmup
     times: dict[str, list[float]] = {label: [] for label in steps}
     for i in range(warmup + count):
         batch = x[torch.randint(x.shape[0], (batch_size,), generator=generator)]
-        for label, step in steps.items():
+        for label, (step, _) in steps.items():
             tic = time.perf_counter()
             step(batch)
             if i >= warmup:
