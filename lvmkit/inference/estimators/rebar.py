@@ -80,7 +80,8 @@ class _ELBOModuleWithControls(ELBOModule):
 class _Estimate:
     loss: torch.Tensor  # the (hard) negative ELBO estimate
     # Either a surrogate whose gradient w.r.t. model/guide params is the estimate (no
-    # discrete site relaxed), or the estimate itself as (leaf, gradient of the loss) pairs.
+    # discrete site relaxed), or the estimate itself as (leaf, gradient of the ELBO) pairs:
+    # the ELBO's rather than the loss's, so that no negated copy is made.
     surrogate: torch.Tensor | None
     grads: list[tuple[torch.Tensor, torch.Tensor]]
     # (control parameter, gradient of the variance objective) pairs; empty if not learning
@@ -480,9 +481,8 @@ class RebarELBO(Trace_ELBO):
             squared = [b + c for b, c in zip(base, control, strict=False)]
             base_others = base[len(leaves):]
         total = [g.detach() for g in squared]
-        # Gradients of the loss, the negative ELBO (fresh tensors: negated).
-        grads = [(leaf, -g) for leaf, g in zip(leaves, total, strict=True)]
-        grads += [(leaf, -g) for leaf, g in zip(others, base_others, strict=True)]
+        grads = list(zip(leaves, total, strict=True))
+        grads += zip(others, base_others, strict=True)
         control_grads = []
         if learn:
             objective = sum((g**2).sum() for g in squared)
@@ -576,7 +576,8 @@ class RebarELBO(Trace_ELBO):
             means = [m for m, _ in self._ema]
             squares = [s for _, s in self._ema]
             torch._foreach_lerp_(means, grads, weight)
-            torch._foreach_lerp_(squares, torch._foreach_mul(grads, grads), weight)
+            torch._foreach_mul_(squares, self.variance_ema_decay)
+            torch._foreach_addcmul_(squares, grads, grads, value=weight)
         self._ema_steps += 1
         self._last = {"variance_objective": objective}
 
@@ -615,19 +616,23 @@ def _grads(
 
 
 def _linear_surrogate(grads: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Zero-valued scalar whose gradient w.r.t. each leaf is the given (detached) gradient."""
+    """Zero-valued loss whose gradient w.r.t. each leaf is minus the given ELBO gradient."""
     if not grads:
         return torch.zeros(())
-    total = sum((g.detach() * leaf).sum() for leaf, g in grads)
+    total = -sum((g.detach() * leaf).sum() for leaf, g in grads)
     return total - total.detach()
 
 
 def _accumulate_grads(grads: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Add gradients into ``.grad`` as ``backward`` would; ``grads`` must be fresh tensors
-    (no aliases of each other or of graph buffers), which ``.grad`` then owns."""
-    for leaf, g in grads:
-        g = g.detach()
-        leaf.grad = g if leaf.grad is None else leaf.grad + g
+    """Add the loss's gradients (minus the given ELBO gradients) into ``.grad`` as
+    ``backward`` would: in place into an existing ``.grad`` (as autograd accumulates), so
+    that no per-step copies are made; a missing one becomes a new tensor."""
+    with torch.no_grad():
+        for leaf, g in grads:
+            if leaf.grad is None:
+                leaf.grad = torch.neg(g)
+            else:
+                leaf.grad.sub_(g)
 
 
 def _leaf_names(leaves: list[torch.Tensor], model, guide) -> list[str]:
