@@ -337,3 +337,73 @@ def test_package_level_fit_is_the_function_after_module_import():
     history = lvmkit.inference.fit(location_model, empty_guide, torch.ones(N), steps=2,
                                    batch_size=B, progress=False)
     assert isinstance(history, History) and len(history) == 2
+
+
+def sbn_pair():
+    """A small sigmoid belief net and its guide, as a new process would build them."""
+    from lvmkit.models import SigmoidBeliefNet
+
+    torch.manual_seed(2)
+    model = SigmoidBeliefNet(6, layers=(3,), name="ckpt_sbn")
+    return model, model.default_guide()
+
+
+def estimator(name):
+    from lvmkit.inference import NVILELBO, RebarELBO, RelaxELBO
+
+    return {"rebar": lambda: RebarELBO(),
+            "relax": lambda: RelaxELBO(),
+            # a fixed name: a new process would number its first baseline alike
+            "nvil": lambda: NVILELBO(module_name="ckpt_nvil")}[name]()
+
+
+def estimator_state(elbo):
+    """What the estimator has learned and tracked, as plain tensors."""
+    state = {k: v.detach().clone() for k, v in elbo.state_dict().items()
+             if torch.is_tensor(v)}
+    if hasattr(elbo, "diagnostics"):
+        state.update({k: torch.tensor(v) for k, v in elbo.diagnostics().items()})
+    return state
+
+
+@pytest.mark.parametrize("name", ["rebar", "relax", "nvil"])
+def test_resume_keeps_the_estimators_learned_state(name, tmp_path):
+    """Temperature, etas, RELAX's network and the variance optimizer, NVIL's baseline net
+    and running moments: a resumed run continues with them, as if never interrupted."""
+    data = binary_data()
+
+    def train(steps, **kwargs):
+        model, guide = sbn_pair()
+        elbo = estimator(name)
+        history = fit(model, guide, data, elbo=elbo, steps=steps, batch_size=10,
+                      progress=False, optim=pyro.optim.Adam({"lr": 0.05}), **kwargs)
+        return history, elbo
+
+    full, full_elbo = train(12)
+    full_params, full_state = params_snapshot(), estimator_state(full_elbo)
+    pyro.clear_param_store()
+    train(6, checkpoint_dir=tmp_path, checkpoint_every=3)
+    pyro.clear_param_store()  # as in a new process
+    resumed, resumed_elbo = train(12, checkpoint_dir=tmp_path, checkpoint_every=3)
+    assert resumed.loss == pytest.approx(full.loss, abs=1e-5)
+    resumed_params = params_snapshot()
+    assert resumed_params.keys() == full_params.keys()
+    for key, value in full_params.items():
+        torch.testing.assert_close(resumed_params[key], value, msg=key)
+    resumed_state = estimator_state(resumed_elbo)
+    assert resumed_state.keys() == full_state.keys() and full_state
+    for key, value in full_state.items():
+        torch.testing.assert_close(resumed_state[key], value, msg=key)
+
+
+def test_resume_refuses_a_checkpoint_of_another_estimator(tmp_path):
+    from lvmkit.inference import RebarELBO
+
+    model, guide = sbn_pair()
+    fit(model, guide, binary_data(), elbo=RebarELBO(), steps=2, batch_size=10,
+        progress=False, checkpoint_dir=tmp_path)
+    pyro.clear_param_store()
+    model, guide = sbn_pair()
+    with pytest.raises(ValueError, match="RebarELBO.*Trace_ELBO"):
+        fit(model, guide, binary_data(), steps=4, batch_size=10, progress=False,
+            checkpoint_dir=tmp_path)

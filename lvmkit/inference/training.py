@@ -214,7 +214,7 @@ def fit(
     scaled_model, scaled_guide = scaled(model), scaled(guide)
 
     if path is not None and resume and os.path.exists(path):
-        step, history = _restore(path, optim, batches, n, batch_size)
+        step, history = _restore(path, optim, elbo, batches, n, batch_size)
 
     svi = SVI(scaled_model, scaled_guide, optim, elbo)
     start_wall = history.wall_time[-1] if history.wall_time else 0.0
@@ -249,7 +249,7 @@ def fit(
                 bar.update(1)
                 bar.set_postfix(loss=f"{running:.4g}", refresh=False)
             if path is not None and (step % checkpoint_every == 0 or step == total):
-                _save_checkpoint(path, step, optim, batches, history, n, batch_size)
+                _save_checkpoint(path, step, optim, elbo, batches, history, n, batch_size)
     finally:
         if bar is not None:
             bar.close()
@@ -338,7 +338,7 @@ def _progress_bar(progress: bool, initial: int, total: int):
     return tqdm(total=total, initial=initial, desc="fit", dynamic_ncols=True)
 
 
-def _save_checkpoint(path: str, step: int, optim, batches: _Batches, history: History,
+def _save_checkpoint(path: str, step: int, optim, elbo, batches: _Batches, history: History,
                      n: int, batch_size: int) -> None:
     """Write the checkpoint to a temporary file in the same directory, fsync, then rename.
 
@@ -351,6 +351,9 @@ def _save_checkpoint(path: str, step: int, optim, batches: _Batches, history: Hi
         "batch_size": batch_size,
         "params": pyro.get_param_store().get_state(),
         "optim": optim.get_state(),
+        # What the estimator learns or tracks outside the param store (REBAR's temperature
+        # and etas, NVIL's running moments, ...), if it has any.
+        "elbo": {"type": type(elbo).__name__, "state": _elbo_state(elbo)},
         "rng": {
             "torch": torch.get_rng_state(),
             "python": random.getstate(),
@@ -375,7 +378,12 @@ def _save_checkpoint(path: str, step: int, optim, batches: _Batches, history: Hi
         raise
 
 
-def _restore(path: str, optim, batches: _Batches, n: int, batch_size: int
+def _elbo_state(elbo) -> dict | None:
+    state_dict = getattr(elbo, "state_dict", None)
+    return state_dict() if callable(state_dict) else None
+
+
+def _restore(path: str, optim, elbo, batches: _Batches, n: int, batch_size: int
              ) -> tuple[int, History]:
     state = torch.load(path, weights_only=False)
     if (state["n"], state["batch_size"]) != (n, batch_size):
@@ -384,6 +392,17 @@ def _restore(path: str, optim, batches: _Batches, n: int, batch_size: int
             f"{state['batch_size']}; this run has N={n}, batch_size={batch_size}. "
             "Use another checkpoint_dir or resume=False."
         )
+    saved = state.get("elbo")  # absent from checkpoints written before it was saved
+    if saved is not None:
+        if saved["type"] != type(elbo).__name__:
+            raise ValueError(
+                f"checkpoint {path!r} was written by a run with {saved['type']}; this run "
+                f"uses {type(elbo).__name__}. Use another checkpoint_dir or resume=False."
+            )
+        if saved["state"] is not None:
+            # First: an estimator may register networks in the param store, whose saved
+            # values _load_params then writes into the networks' own tensors.
+            elbo.load_state_dict(saved["state"])
     _load_params(state["params"])
     optim.set_state(state["optim"])
     torch.set_rng_state(state["rng"]["torch"])

@@ -17,6 +17,7 @@ from pyro.distributions.util import is_identically_zero
 from pyro.infer import Trace_ELBO
 from pyro.infer.trace_elbo import _compute_log_r
 from pyro.infer.util import torch_item
+from pyro.params import param_with_module_name
 from pyro.poutine.util import site_is_subsample
 from torch import nn
 
@@ -136,7 +137,8 @@ class _RunningMoments(nn.Module):
 
     @torch.no_grad()
     def update(self, signal: torch.Tensor) -> None:
-        signal = signal.detach().to(self.mean.dtype)
+        # The statistics stay where they were made (their reads are host-side scalars).
+        signal = signal.detach().to(device=self.mean.device, dtype=self.mean.dtype)
         batch_mean = signal.mean()
         batch_var = signal.var(unbiased=False) if signal.numel() > 1 else torch.zeros(())
         if int(self.count) == 0:
@@ -222,6 +224,26 @@ class NVILELBO(Trace_ELBO, nn.Module):
         nn.init.zeros_(net[-1].bias)
         self.baseline_net = net
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``, creating the baseline net a saved state holds
+        (it is otherwise built on the first call) and registering it in Pyro's param store
+        under ``module_name``, so that the store, and so ``SVI``'s optimizer, hold the net's
+        own tensors. :func:`lvmkit.inference.fit` calls it when it resumes, before it loads
+        the store's saved values into those tensors."""
+        weight = state_dict.get("baseline_net.0.weight")
+        if weight is not None and self.baseline_net is None:
+            self._build_baseline(weight.shape[1])
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if self.baseline_net is not None:
+            store = pyro.get_param_store()
+            for name, _ in self.baseline_net.named_parameters():
+                # a stale entry would shadow the net's own tensor (pyro.module keeps it)
+                full_name = param_with_module_name(self.module_name, name)
+                if full_name in store:
+                    del store[full_name]
+            pyro.module(self.module_name, self.baseline_net)
+        return result
+
     def _get_traces(self, model, guide, args, kwargs):
         self._x = _first_tensor(args)
         yield from super()._get_traces(model, guide, args, kwargs)
@@ -231,6 +253,9 @@ class NVILELBO(Trace_ELBO, nn.Module):
         flat = x.reshape(x.shape[0], -1)
         if self.baseline_net is None:
             self._build_baseline(flat.shape[1])
+        if self.baseline_net[0].weight.device != x.device:
+            # in place (the parameters stay the same objects, as the param store needs)
+            self.baseline_net.to(x.device)
         net = pyro.module(self.module_name, self.baseline_net)
         if net[0].in_features != flat.shape[1]:
             raise ValueError(

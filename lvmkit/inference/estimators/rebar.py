@@ -221,6 +221,51 @@ class RebarELBO(Trace_ELBO):
             out["log_grad_variance"] = log_variance
         return out
 
+    def state_dict(self) -> dict:
+        """What the estimator has learned, for checkpoints: the controls (temperature,
+        etas, RELAX's network), its variance optimizer's state and the gradient-variance
+        tracker. :func:`lvmkit.inference.fit` saves it with every checkpoint."""
+        names = {id(p): n for n, p in self.controls.named_parameters()}
+        optim = self._variance_optim
+        return {
+            "controls": {k: v.detach().clone() for k, v in self.controls.state_dict().items()},
+            "variance_optim": None if optim is None else {
+                "state": optim.state_dict(),
+                # torch's state refers to parameters by position: keep their names too
+                "groups": [[names[id(p)] for p in g["params"]] for g in optim.param_groups],
+            },
+            "ema": None if self._ema is None else [(m.clone(), s.clone()) for m, s in self._ema],
+            "ema_steps": self._ema_steps,
+            "keys_seen": list(self._keys_seen),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict`, creating the etas (and RELAX's network) that
+        are otherwise created on the first call."""
+        controls = state["controls"]
+        prefix = "eta_logits."
+        for key, value in controls.items():
+            name = key[len(prefix):]
+            if key.startswith(prefix) and name not in self.controls.eta_logits:
+                self.controls.eta_logits[name] = torch.nn.Parameter(torch.zeros_like(value))
+        self._restore_net(controls)
+        self.controls.load_state_dict(controls)
+        self._variance_optim = None
+        saved = state["variance_optim"]
+        if saved is not None:
+            params = dict(self.controls.named_parameters())
+            groups = [{"params": [params[n] for n in names]} for names in saved["groups"]]
+            self._variance_optim = torch.optim.Adam(groups, lr=self.variance_optim_lr,
+                                                    foreach=True)
+            self._variance_optim.load_state_dict(saved["state"])
+        ema = state["ema"]
+        self._ema = None if ema is None else [(m.clone(), s.clone()) for m, s in ema]
+        self._ema_steps = state["ema_steps"]
+        self._keys_seen = list(state["keys_seen"])
+
+    def _restore_net(self, controls: dict) -> None:
+        """Hook for RELAX: build the control network a saved state holds."""
+
     def __call__(self, model: Callable, guide: Callable) -> ELBOModule:
         return _ELBOModuleWithControls(model, guide, self)
 
@@ -390,7 +435,9 @@ class RebarELBO(Trace_ELBO):
         if self.max_plate_nesting != float("inf"):
             return int(self.max_plate_nesting)
         if pair not in self._guessed_nesting:
-            with poutine.block():
+            # Without drawing from the random stream: a seeded run (or one resumed from a
+            # checkpoint, where this first happens later) then draws the same numbers.
+            with RandomState(), poutine.block():
                 guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
                 model_trace = poutine.trace(
                     poutine.replay(model, trace=guide_trace)

@@ -94,6 +94,11 @@ class RelaxELBO(RebarELBO):
         self.controls.net = net
         return net
 
+    def _restore_net(self, controls: dict) -> None:
+        weight = controls.get("net.0.weight")
+        if weight is not None and self.controls.net is None:
+            self._build_net(weight.shape[1], weight)
+
     def _extra_control(self, values, guide_trace, hard: HardPass) -> MultiFrameTensor:
         """``r_rho`` of the relaxed values, one term per plate element."""
         features, site = self._features(values, guide_trace, hard)
