@@ -70,14 +70,15 @@ class HandwrittenRebar:
         lr: float = 3e-4,
         temperature: float = 0.5,
         seed: int = 0,
+        device: str | torch.device = "cpu",
     ) -> None:
         torch.manual_seed(seed)
         between = (hidden, hidden) if nonlinear else ()
-        self.encoder = _mlp(x_dim, between, units)
-        self.decoder = _mlp(units, between, x_dim)
-        self.prior_logits = nn.Parameter(torch.zeros(units))
-        self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))
-        self.eta_logit = nn.Parameter(torch.zeros(()))  # eta = 2 sigmoid(0) = 1
+        self.encoder = _mlp(x_dim, between, units).to(device)
+        self.decoder = _mlp(units, between, x_dim).to(device)
+        self.prior_logits = nn.Parameter(torch.zeros(units, device=device))
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature), device=device))
+        self.eta_logit = nn.Parameter(torch.zeros((), device=device))  # eta = 2 sigmoid(0) = 1
         self.guide_params = list(self.encoder.parameters())
         self.model_params = [self.prior_logits, *self.decoder.parameters()]
         self.optim = torch.optim.Adam(self.guide_params + self.model_params, lr=lr)

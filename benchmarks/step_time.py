@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import statistics
 import sys
 import time
@@ -52,11 +53,13 @@ def _scaled(fn: Callable, scale: float) -> Callable:
 
 def _pyro_pair(name: str, x: torch.Tensor, scale: float, prefix: str):
     """A fresh model and guide with their own parameter names, scaled to the data size,
-    and the two modules themselves (whose parameters an optimizer must be given)."""
+    on the data's device, and the two modules themselves (whose parameters an optimizer
+    must be given)."""
     from lvmkit.models import SigmoidBeliefNet
 
     model = SigmoidBeliefNet(x.shape[1], nonlinear=MODELS[name], name=prefix, init_data=x)
-    guide = model.default_guide()
+    model = model.to(x.device)
+    guide = model.default_guide().to(x.device)
     return _scaled(model, scale), _scaled(guide, scale), (model, guide)
 
 
@@ -102,7 +105,8 @@ def step_functions(name: str, x: torch.Tensor, batch_size: int, lr: float, seed:
     svi = SVI(model, guide, pyro.optim.Adam({"lr": lr}), Trace_ELBO())
     steps["trace-elbo"] = svi.step, _parameters(modules)
 
-    hand = HandwrittenRebar(x.shape[1], nonlinear=MODELS[name], lr=lr, seed=seed)
+    hand = HandwrittenRebar(x.shape[1], nonlinear=MODELS[name], lr=lr, seed=seed,
+                            device=x.device)
     steps["handwritten"] = (lambda batch: hand.step(batch, scale),
                             hand.guide_params + hand.model_params)
     return steps
@@ -117,11 +121,15 @@ def time_round(steps: dict, x: torch.Tensor, batch_size: int, count: int, warmup
     """Median seconds per step of each implementation, interleaved on shared batches."""
     generator = torch.Generator().manual_seed(seed)
     times: dict[str, list[float]] = {label: [] for label in steps}
+    # On a GPU a step's kernels run after its Python returns: wait for them.
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
     for i in range(warmup + count):
         batch = x[torch.randint(x.shape[0], (batch_size,), generator=generator)]
         for label, (step, _) in steps.items():
+            sync()
             tic = time.perf_counter()
             step(batch)
+            sync()
             if i >= warmup:
                 times[label].append(time.perf_counter() - tic)
     return {label: statistics.median(t) for label, t in times.items()}
@@ -161,6 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=24)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (a GPU)")
     parser.add_argument("--out", default="results/bench_step_time.json")
     args = parser.parse_args(argv)
     if min(args.steps, args.rounds, args.batch_size) < 1 or args.warmup < 0:
@@ -168,9 +177,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     from lvmkit.data import load_dataset
 
-    x = load_dataset("mnist5k", "train", binarize="static").x
+    x = load_dataset("mnist5k", "train", binarize="static").x.to(args.device)
+    device = (torch.cuda.get_device_name(x.device) if x.device.type == "cuda"
+              else platform.processor() or platform.machine())
     report = {"config": {**vars(args), "threads": torch.get_num_threads(),
-                         "torch": torch.__version__}, "models": {}}
+                         "torch": torch.__version__, "device_name": device}, "models": {}}
     for name in MODELS:
         steps = step_functions(name, x, args.batch_size, args.lr, args.seed)
         rounds = []

@@ -189,6 +189,7 @@ class RebarELBO(Trace_ELBO):
         self._keys_seen: list[str] = []
         self.fuse_passes = fuse_passes
         self._not_fusable: set[tuple[int, int]] = set()
+        self._fused_before: set[tuple[int, int]] = set()
         self._guessed_nesting: dict[tuple[int, int], int] = {}
 
     # ----------------------------------------------------------------------------------
@@ -413,20 +414,25 @@ class RebarELBO(Trace_ELBO):
         if not self.fuse_passes or pair in self._not_fusable:
             return None
         # A failed attempt leaves the random stream as it found it, so that a seeded run
-        # draws the same numbers as with ``fuse_passes=False``. The attempt draws only from
-        # torch, and this runs every step: Python's and NumPy's states (~50 us) are skipped.
-        rng = RandomState(torch_only=True)
+        # draws the same numbers as with ``fuse_passes=False``. Failures happen on the first
+        # attempt (a later one, should a model change, still falls back correctly), so the
+        # state is saved only until a pair has fused once: on a GPU saving it waits for
+        # the device. The attempt draws only from torch: Python's and NumPy's are skipped.
+        rng = None if pair in self._fused_before else RandomState(torch_only=True)
         try:
             nesting = self._plate_nesting(pair, model, guide, args, kwargs)
-            return fused_traces(
+            fused = fused_traces(
                 model, guide, args, kwargs, -nesting - 1, self._temperature_like,
                 self.estimator_name, self.opt_out_key, self._conditional_noise,
                 self.max_plate_nesting,
             )
         except NotFusable:
             self._not_fusable.add(pair)
-            rng.restore()
+            if rng is not None:
+                rng.restore()
             return None
+        self._fused_before.add(pair)
+        return fused
 
     def _plate_nesting(self, pair: tuple[int, int], model, guide, args, kwargs) -> int:
         """Plate dimensions the model and guide use (``max_plate_nesting`` if set, else
