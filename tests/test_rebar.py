@@ -824,3 +824,63 @@ def test_deepcopy_trains_independently():
     assert all(id(p) in own for p in optimized), "the copy's Adam holds foreign parameters"
     svi.step(X2)
     assert elbo.temperature != before[0], "the original stopped training"
+
+
+# ----------------------------------------------------------------------------------------
+# The controls follow the data (dtype here; device in test_cuda.py), and save and load
+# ----------------------------------------------------------------------------------------
+
+
+def typed_sbn(dtype: torch.dtype):
+    """``sbn_model``/``sbn_guide`` in ``dtype``, with their own parameter names."""
+    tag = str(dtype).rsplit(".", 1)[-1]
+
+    def model(x):
+        w = pyro.param(f"W_{tag}", torch.full((3, 4), 0.3, dtype=dtype))
+        with pyro.plate("data", x.shape[0]):
+            prior = torch.zeros(x.shape[0], 3, dtype=dtype)
+            z = pyro.sample("z", dist.Bernoulli(logits=prior).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=z @ w).to_event(1), obs=x)
+
+    def guide(x):
+        v = pyro.param(f"V_{tag}", torch.full((4, 3), 0.2, dtype=dtype))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Bernoulli(logits=x @ v).to_event(1))
+
+    return model, guide
+
+
+def test_controls_and_their_optimizer_follow_the_data_dtype():
+    elbo = RebarELBO()
+    for dtype in (torch.float32, torch.float64, torch.float32):
+        model, guide = typed_sbn(dtype)
+        svi = SVI(model, guide, Adam({"lr": 0.01}), elbo)
+        for _ in range(3):
+            assert math.isfinite(svi.step(X2.to(dtype)))
+        assert {p.dtype for p in elbo.controls.parameters()} == {dtype}
+        moments = [v for state in elbo._variance_optim.state.values()
+                   for k, v in state.items() if k != "step"]
+        assert moments and {m.dtype for m in moments} == {dtype}
+
+
+def test_state_dict_round_trip_continues_where_it_left_off():
+    model, guide = typed_sbn(torch.float64)
+    trained = RebarELBO(eta_per="param")
+    svi = SVI(model, guide, Adam({"lr": 0.01}), trained)
+    for _ in range(5):
+        svi.step(X2.double())
+    state = trained.state_dict()
+    twin = RebarELBO(eta_per="param")
+    twin.load_state_dict(copy.deepcopy(state))
+    assert twin.temperature == trained.temperature and twin.eta == trained.eta
+    assert twin.diagnostics() == pytest.approx(trained.diagnostics())
+    # the same next step from the same random state
+    for elbo in (trained, twin):
+        pyro.set_rng_seed(4)
+        snapshot = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+        elbo.loss_and_grads(model, guide, X2.double())
+        for name, value in snapshot.items():
+            pyro.get_param_store()[name].grad = None
+            with torch.no_grad():
+                pyro.get_param_store()[name].copy_(value)
+    assert twin.temperature == trained.temperature and twin.eta == trained.eta

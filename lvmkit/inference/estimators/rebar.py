@@ -238,12 +238,16 @@ class RebarELBO(Trace_ELBO):
             "ema": None if self._ema is None else [(m.clone(), s.clone()) for m, s in self._ema],
             "ema_steps": self._ema_steps,
             "keys_seen": list(self._keys_seen),
+            "last": dict(self._last),
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from :meth:`state_dict`, creating the etas (and RELAX's network) that
         are otherwise created on the first call."""
         controls = state["controls"]
+        # Where the state was saved: the optimizer's moments are then made alongside.
+        saved = controls["log_temperature"]
+        self.controls.to(device=saved.device, dtype=saved.dtype)
         prefix = "eta_logits."
         for key, value in controls.items():
             name = key[len(prefix):]
@@ -263,6 +267,7 @@ class RebarELBO(Trace_ELBO):
         self._ema = None if ema is None else [(m.clone(), s.clone()) for m, s in ema]
         self._ema_steps = state["ema_steps"]
         self._keys_seen = list(state["keys_seen"])
+        self._last = dict(state["last"])
 
     def _restore_net(self, controls: dict) -> None:
         """Hook for RELAX: build the control network a saved state holds."""
@@ -486,6 +491,8 @@ class RebarELBO(Trace_ELBO):
         t = self.controls.log_temperature
         if t.device != like.device or t.dtype != like.dtype:
             self.controls.to(device=like.device, dtype=like.dtype)
+            if self._variance_optim is not None:
+                _move_optimizer_state(self._variance_optim, like)
 
     # ----------------------------------------------------------------------------------
     # Combining: per-parameter eta, the variance objective
@@ -623,6 +630,9 @@ class RebarELBO(Trace_ELBO):
         if self._ema is None or [m.shape for m, _ in self._ema] != shapes:
             self._ema = [(torch.zeros_like(g), torch.zeros_like(g)) for g in grads]
             self._ema_steps = 0
+        elif self._ema[0][0].dtype != grads[0].dtype or self._ema[0][0].device != grads[0].device:
+            # the same guide, moved: so are its statistics
+            self._ema = [(m.to(g), s.to(g)) for (m, s), g in zip(self._ema, grads, strict=True)]
         # In place: this runs every step over every guide coordinate.
         weight = 1 - self.variance_ema_decay
         with torch.no_grad():
@@ -645,6 +655,15 @@ class RebarELBO(Trace_ELBO):
             for m, s in self._ema
         ])
         return float(variance.mean().clamp_min(1e-30).log())
+
+
+def _move_optimizer_state(optim: torch.optim.Optimizer, like: torch.Tensor) -> None:
+    """Put an optimizer's per-parameter state where its (moved) parameters now are; the
+    step counts stay on the CPU, as torch keeps them for a non-capturable Adam."""
+    for state in optim.state.values():
+        for key, value in state.items():
+            if torch.is_tensor(value) and key != "step":
+                state[key] = value.to(device=like.device, dtype=like.dtype)
 
 
 def _as_tensor(x) -> torch.Tensor:
