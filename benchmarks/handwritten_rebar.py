@@ -138,6 +138,25 @@ class HandwrittenRebar:
         return loss
 
 
+class HandwrittenScoreFunction(HandwrittenRebar):
+    """The same model and guide trained with the plain score-function estimator (what
+    Pyro's ``Trace_ELBO`` computes for them): the guide gets ``f(b) grad log q(b | x)``
+    (per datum), the model ``grad log p(x, b)``. The yardstick of Pyro's own per-step
+    cost: ``Trace_ELBO`` against this is Pyro's overhead on the simplest estimator."""
+
+    def step(self, x: torch.Tensor, scale: float = 1.0) -> float:
+        q_logits = self.encoder(x)
+        b = torch.bernoulli(torch.sigmoid(q_logits.detach()))
+        # q's logits held fixed: this term's gradient reaches the model only
+        f = self._f(x, b, q_logits.detach(), self.model_params)
+        log_q = _bernoulli_log_prob(b, q_logits)
+        surrogate = (f.detach() * log_q + f).sum() * scale
+        self.optim.zero_grad()
+        (-surrogate).backward()
+        self.optim.step()
+        return -float(f.detach().sum()) * scale
+
+
 def time_steps(model: HandwrittenRebar, x_all: torch.Tensor, steps: int, batch_size: int,
                seed: int = 0) -> tuple[float, list[float]]:
     """Median seconds per step and per-datum losses of ``steps`` steps on random batches."""

@@ -25,3 +25,38 @@ def test_every_timed_step_updates_all_model_and_guide_parameters(name):
         unchanged = [i for i, (p, b) in enumerate(zip(params, before, strict=True))
                      if torch.equal(p.detach(), b)]
         assert params and not unchanged, f"{label}: parameters {unchanged} not trained"
+
+
+def test_handwritten_score_function_computes_trace_elbos_gradient(monkeypatch):
+    """The yardstick of Pyro's overhead must do Trace_ELBO's work: same weights, same
+    latent draw, same gradients."""
+    import pyro
+    import pyro.poutine as poutine
+    from handwritten_rebar import HandwrittenScoreFunction
+    from pyro.infer import Trace_ELBO
+
+    from lvmkit.models import SigmoidBeliefNet
+
+    x = torch.bernoulli(torch.full((5, 7), 0.4))
+    hand = HandwrittenScoreFunction(7, units=3, nonlinear=True, hidden=4)
+    model = SigmoidBeliefNet(7, layers=(3,), nonlinear=True, hidden=4, name="yard")
+    guide = model.default_guide()
+    with torch.no_grad():
+        model.prior_logits.copy_(hand.prior_logits)
+        for pyro_net, hand_net in ((model.decoders[0], hand.decoder),
+                                   (guide.nets[0], hand.encoder)):
+            for p, q in zip(pyro_net.parameters(), hand_net.parameters(), strict=True):
+                p.copy_(q)
+    b = torch.bernoulli(torch.full((5, 3), 0.5))
+    monkeypatch.setattr(torch, "bernoulli", lambda probs: b)
+    monkeypatch.setattr(hand.optim, "step", lambda: None)  # keep the gradients
+    hand.step(x)
+    fixed = poutine.trace(guide).get_trace(x)
+    fixed.nodes["b1"]["value"] = b
+    Trace_ELBO().loss_and_grads(model, poutine.replay(guide, trace=fixed), x)
+    pairs = [(model.prior_logits, hand.prior_logits)]
+    pairs += zip(model.decoders[0].parameters(), hand.decoder.parameters(), strict=True)
+    pairs += zip(guide.nets[0].parameters(), hand.encoder.parameters(), strict=True)
+    for pyro_param, hand_param in pairs:
+        torch.testing.assert_close(pyro_param.grad, hand_param.grad)
+    assert pyro.get_param_store()  # the Pyro side really ran through the store
