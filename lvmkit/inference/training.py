@@ -167,7 +167,8 @@ def fit(
         floats is recorded in ``History.extras``.
     :param use_differentiable_loss: step through ``elbo.differentiable_loss`` + ``backward``
         instead of ``SVI.step`` (the path DDP and Lightning use); gradients are identical for
-        ELBOs that implement both.
+        ELBOs that implement both. An estimator's own parameters (REBAR's temperature and
+        etas, RELAX's network) are stepped by its ``step_controls()``, as on the SVI path.
     :raises FloatingPointError: when a loss is NaN or infinite; no checkpoint is written for
         that step, so the last checkpoint on disk is the last good state.
     """
@@ -320,6 +321,11 @@ def _differentiable_step(elbo, optim, model, guide, x, kwargs) -> float:
     params = {site["value"].unconstrained() for site in param_capture.trace.nodes.values()}
     optim(params)
     pyro.infer.util.zero_grads(params)
+    # An estimator's own parameters (REBAR's temperature and etas, ...) live outside the
+    # param store, and SVI's path leaves them to the estimator: so does this one.
+    step_controls = getattr(elbo, "step_controls", None)
+    if callable(step_controls):
+        step_controls()
     return loss.item()
 
 

@@ -275,6 +275,18 @@ class RebarELBO(Trace_ELBO):
     def __call__(self, model: Callable, guide: Callable) -> ELBOModule:
         return _ELBOModuleWithControls(model, guide, self)
 
+    def step_controls(self) -> None:
+        """One step of the estimator's own optimizer on the gradients that a backward pass
+        through :meth:`differentiable_loss` left on the controls, which are then cleared:
+        for a training loop that steps the model's and guide's parameters itself but
+        leaves the controls to the estimator, as ``loss_and_grads`` does (this is what
+        :func:`lvmkit.inference.fit` does on its ``use_differentiable_loss`` path). Not
+        needed when the loop's optimizer already holds ``elbo(model, guide).parameters()``.
+        """
+        grads = [(p, p.grad) for p in self.controls.parameters() if p.grad is not None]
+        if grads:
+            self._step_controls(grads)
+
     def initialize(self, model: Callable, guide: Callable, *args, **kwargs) -> None:
         """Create the control parameters (eta per group, control net) without stepping."""
         self.differentiable_loss(model, guide, *args, **kwargs)
