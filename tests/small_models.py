@@ -3,6 +3,8 @@
 Small enough that every discrete configuration can be enumerated for exact gradients.
 """
 
+import zlib
+
 import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
@@ -107,3 +109,21 @@ def grads_of(elbo, model, guide, x, seed: int, via: str) -> dict[str, torch.Tens
     else:
         elbo(model, guide)(x).backward()
     return {n: p.grad.clone() for n, p in params.items() if p.grad is not None}
+
+
+def fixed_uniforms():
+    """A ``draw_uniform`` whose draws depend only on (site, role, how many times that pair
+    was drawn), not on the order of the calls or the device: two code paths that draw the
+    same noises in different orders, or on CPU and GPU, then see the same numbers (drawn on
+    the CPU, then moved to the device asked for)."""
+    counts: dict[tuple[str, str], int] = {}
+
+    def draw(shape, like, site, role):
+        key = (site, role)
+        counts[key] = counts.get(key, 0) + 1
+        seed = zlib.crc32(f"{site}/{role}/{counts[key]}".encode())
+        u = torch.rand(shape, generator=torch.Generator().manual_seed(seed), dtype=like.dtype)
+        u = u.clamp(torch.finfo(like.dtype).tiny, 1 - torch.finfo(like.dtype).eps)
+        return u.to(like.device)
+
+    return draw

@@ -8,12 +8,12 @@ of CUDA and CPU gradients on the same random draws.
 """
 
 import copy
-import zlib
 
 import pyro
 import pyro.optim
 import pytest
 import torch
+from small_models import fixed_uniforms
 
 from lvmkit._rng import RandomState
 from lvmkit.inference import (
@@ -73,22 +73,6 @@ def test_every_estimator_trains_on_cuda(name):
     if isinstance(elbo, RebarELBO):
         assert {p.device.type for p in elbo.controls.parameters()} == {"cuda"}
         assert all(torch.isfinite(torch.tensor(v)) for v in elbo.diagnostics().values())
-
-
-def fixed_uniforms():
-    """Uniforms drawn on the CPU from a seed per (site, role, count), then moved to the
-    device the estimator asks for: CPU and CUDA runs see the same numbers."""
-    counts: dict[tuple[str, str], int] = {}
-
-    def draw(shape, like, site, role):
-        key = (site, role)
-        counts[key] = counts.get(key, 0) + 1
-        seed = zlib.crc32(f"{site}/{role}/{counts[key]}".encode())
-        u = torch.rand(shape, generator=torch.Generator().manual_seed(seed), dtype=like.dtype)
-        eps = torch.finfo(like.dtype).eps
-        return u.clamp(eps, 1 - eps).to(like.device)
-
-    return draw
 
 
 @pytest.mark.parametrize("estimator", [RebarELBO, RelaxELBO])

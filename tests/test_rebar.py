@@ -6,7 +6,6 @@ The small models below are shared with tests/test_relax.py and tests/test_concre
 import copy
 import logging
 import math
-import zlib
 
 import pyro
 import pyro.distributions as dist
@@ -14,7 +13,7 @@ import pytest
 import torch
 from pyro.infer import SVI, Trace_ELBO
 from pyro.optim import Adam
-from small_models import T, toy_guide, toy_model
+from small_models import T, fixed_uniforms, toy_guide, toy_model
 
 import lvmkit.inference.estimators.rebar as rebar_module
 from lvmkit.inference.check import check_unbiased, exact_elbo_gradient, gradient_variance
@@ -638,22 +637,6 @@ def test_stacked_passes_fall_back_for_models_that_do_not_broadcast(monkeypatch):
 # ----------------------------------------------------------------------------------------
 # The fused pass (hard + both relaxed passes in one evaluation)
 # ----------------------------------------------------------------------------------------
-
-
-def fixed_uniforms():
-    """A ``draw_uniform`` whose draws depend only on (site, role, how many times that pair
-    was drawn), not on the order of the calls: two code paths that draw the same noises in
-    different orders then see the same numbers."""
-    counts: dict[tuple[str, str], int] = {}
-
-    def draw(shape, like, site, role):
-        key = (site, role)
-        counts[key] = counts.get(key, 0) + 1
-        seed = zlib.crc32(f"{site}/{role}/{counts[key]}".encode())
-        u = torch.rand(shape, generator=torch.Generator().manual_seed(seed), dtype=like.dtype)
-        return u.clamp(torch.finfo(like.dtype).tiny, 1 - torch.finfo(like.dtype).eps)
-
-    return draw
 
 
 def _fused_or_not_grads(model, guide, x, fuse: bool, monkeypatch, **kwargs):
