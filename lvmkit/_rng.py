@@ -20,9 +20,26 @@ class RandomState:
         self.python = None if torch_only else random.getstate()
         self.numpy = None if torch_only else np.random.get_state()
 
+    def as_dict(self) -> dict:
+        """The states as a picklable dict (the form :func:`lvmkit.inference.fit`'s
+        checkpoints hold)."""
+        return {"torch": self.torch, "python": self.python, "numpy": self.numpy,
+                "cuda": self.cuda}
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> RandomState:
+        """The states of :meth:`as_dict`, to :meth:`restore`."""
+        state = cls.__new__(cls)
+        state.torch = saved["torch"]
+        state.python = saved.get("python")
+        state.numpy = saved.get("numpy")
+        state.cuda = saved.get("cuda")
+        return state
+
     def restore(self) -> None:
         torch.set_rng_state(self.torch)
-        if self.cuda is not None:
+        # CUDA's states are skipped where there is no CUDA (a GPU run resumed on a CPU).
+        if self.cuda is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(self.cuda)
         if self.python is not None:
             random.setstate(self.python)

@@ -18,20 +18,19 @@ import dataclasses
 import json
 import math
 import os
-import random
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import pyro
 import pyro.optim
 import torch
 from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
 
+from lvmkit._rng import RandomState
 from lvmkit.data import Dataset
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -360,12 +359,8 @@ def _save_checkpoint(path: str, step: int, optim, elbo, batches: _Batches, histo
         # What the estimator learns or tracks outside the param store (REBAR's temperature
         # and etas, NVIL's running moments, ...), if it has any.
         "elbo": {"type": type(elbo).__name__, "state": _elbo_state(elbo)},
-        "rng": {
-            "torch": torch.get_rng_state(),
-            "python": random.getstate(),
-            "numpy": np.random.get_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        },
+        # CUDA's generators once CUDA is in use (saving them would otherwise start it)
+        "rng": RandomState().as_dict(),
         "batches": batches.state(),
         "history": history.to_dict(),
     }
@@ -411,11 +406,7 @@ def _restore(path: str, optim, elbo, batches: _Batches, n: int, batch_size: int
             elbo.load_state_dict(saved["state"])
     _load_params(state["params"])
     optim.set_state(state["optim"])
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
-    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    RandomState.from_dict(state["rng"]).restore()
     batches.load(state["batches"])
     return state["step"], History.from_dict(state["history"])
 
