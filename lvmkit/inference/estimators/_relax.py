@@ -502,16 +502,7 @@ def detach_safe(logits: torch.Tensor, sampled_nodes: list) -> bool:
     if not sampled_nodes or logits.grad_fn is None:
         return True
     targets = set(sampled_nodes)
-    stack, seen = [logits.grad_fn], set()
-    while stack:
-        node = stack.pop()
-        if node in targets:
-            return False
-        if node in seen:
-            continue
-        seen.add(node)
-        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
-    return True
+    return not any(node in targets for node in autograd_nodes([logits.grad_fn]))
 
 
 class RelaxedScores(Messenger):
@@ -552,12 +543,19 @@ def hard_traces(
     model_trace = prune_subsample_sites(model_trace)
     model_trace.compute_log_prob()
     guide_trace.compute_score_parts()
-    if is_validation_enabled():
-        for trace in (model_trace, guide_trace):
-            for site in trace.nodes.values():
-                if site["type"] == "sample":
-                    check_site_shape(site, max_plate_nesting)
+    check_site_shapes((model_trace, guide_trace), max_plate_nesting)
     return model_trace, guide_trace, sampler.result
+
+
+def check_site_shapes(traces: Iterable, max_plate_nesting: float) -> None:
+    """Pyro's per-site shape check on every sample site of ``traces``, under validation
+    (as ``pyro.infer.enum.get_importance_trace`` does)."""
+    if not is_validation_enabled():
+        return
+    for trace in traces:
+        for site in trace.nodes.values():
+            if site["type"] == "sample":
+                check_site_shape(site, max_plate_nesting)
 
 
 def relaxed_traces(
@@ -810,11 +808,7 @@ def fused_traces(
             for k in range(FUSED_PASSES)
         ]
     hard_model, hard_guide = views[0]
-    if is_validation_enabled():
-        for trace in (hard_model, hard_guide):
-            for site in trace.nodes.values():
-                if site["type"] == "sample":
-                    check_site_shape(site, max_plate_nesting)
+    check_site_shapes((hard_model, hard_guide), max_plate_nesting)
     relaxed = [(*views[k], sampler.relaxed_values[k - 1]) for k in (1, 2)]
     return hard_model, hard_guide, sampler.result, relaxed
 
@@ -931,25 +925,33 @@ def elbo_integrand(model_trace, guide_trace) -> torch.Tensor:
     return model_trace.log_prob_sum() - guide_trace.log_prob_sum()
 
 
+def autograd_nodes(roots: Iterable, stops: Iterable = ()) -> Iterator:
+    """The autograd nodes reachable from the nodes ``roots``, each once (depth first), not
+    looking past the nodes in ``stops``."""
+    stack, seen = list(roots), set(stops)
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        yield node
+        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+
+
 def graph_leaves(tensors: Iterable[torch.Tensor], stops: Iterable = ()) -> list[torch.Tensor]:
     """Leaf tensors requiring grad that ``tensors`` depend on (in discovery order), not
     looking past the autograd nodes in ``stops``."""
     found: dict[int, torch.Tensor] = {}
-    stack, seen = [], set(stops)
+    roots = []
     for t in tensors:
         if not torch.is_tensor(t) or not t.requires_grad:
             continue
         if t.grad_fn is None:
             found.setdefault(id(t), t)
         else:
-            stack.append(t.grad_fn)
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
+            roots.append(t.grad_fn)
+    for node in autograd_nodes(roots, stops):
         variable = getattr(node, "variable", None)
         if variable is not None:
             found.setdefault(id(variable), variable)
-        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
     return list(found.values())
