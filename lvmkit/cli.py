@@ -69,10 +69,10 @@ def load_data(args: argparse.Namespace, split: str):
     return data.load_dataset(args.dataset, split=split, binarize=binarize, seed=args.seed)
 
 
-def build_pair(model_name: str, x_dim: int, model_kwargs: dict):
+def build_pair(model_name: str, x_dim: int, model_kwargs: dict, init_data=None):
     from lvmkit.models import build
 
-    return build(model_name, x_dim, **model_kwargs)
+    return build(model_name, x_dim, init_data=init_data, **model_kwargs)
 
 
 def save_weights(path: Path, model, guide) -> None:
@@ -149,11 +149,8 @@ def train_one(
     pyro.set_rng_seed(seed)
     model_kwargs = model_kwargs or {}
     x_dim = dataset.x.shape[1]
-    model, guide = build_pair(model_name, x_dim, model_kwargs)
-    if hasattr(model, "init_output_bias"):
-        # SBNs collapse to the prior without it (see SigmoidBeliefNet.init_output_bias);
-        # a resumed checkpoint overwrites it.
-        model.init_output_bias(dataset.x)
+    # init_data: SBNs collapse to their prior without it (a resumed checkpoint overwrites it)
+    model, guide = build_pair(model_name, x_dim, model_kwargs, init_data=dataset.x)
     elbo = make_elbo(elbo_name, num_particles)
     write_json(
         out / "run.json",

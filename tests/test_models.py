@@ -336,6 +336,15 @@ def test_init_output_bias_starts_the_sbn_at_the_pixel_marginals(layers, digits):
     assert (mean_image - digits.mean(0)).abs().max() < 0.1
 
 
+def test_build_passes_init_data_only_to_models_that_use_it(digits):
+    # The CLI and compare_estimators hand every model their training images.
+    vae, _ = build("vae", X_DIM, init_data=digits)
+    assert not hasattr(vae, "init_output_bias")
+    model, _ = build("sbn-linear", X_DIM, layers=(8,), init_data=digits)
+    expected = torch.logit(digits.mean(0).clamp(1e-3, 1 - 1e-3))
+    assert torch.allclose(model.decoders[0][-1].bias, expected, atol=1e-5)
+
+
 def test_init_output_bias_refuses_bad_images_naming_site_x():
     with pytest.raises(ValueError, match="x"):
         SigmoidBeliefNet(X_DIM, init_data=torch.rand(5, X_DIM + 1))

@@ -52,10 +52,7 @@ def _as_pair(model_name_or_pair, x: torch.Tensor, seed: int) -> tuple[str, Calla
         from lvmkit.models import build
 
         torch.manual_seed(seed)
-        model, guide = build(model_name_or_pair, x.shape[1])
-        if hasattr(model, "init_output_bias"):
-            # SBNs collapse to the prior without it (see SigmoidBeliefNet.init_output_bias)
-            model.init_output_bias(x)
+        model, guide = build(model_name_or_pair, x.shape[1], init_data=x)
         return model_name_or_pair, model, guide
     model, guide = model_name_or_pair
     return getattr(model, "__name__", type(model).__name__), model, guide
