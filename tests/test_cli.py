@@ -125,10 +125,20 @@ BAD_VALUES = [
 
 @pytest.mark.parametrize("command, option, value", BAD_VALUES)
 def test_bad_values_are_usage_errors_naming_the_option(command, option, value, fake_run,
-                                                       capsys):
+                                                       tmp_path, monkeypatch, capsys):
+    cwd = tmp_path / "cwd"  # the default --out folders are relative to it
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
     extra = ["--run", fake_run] if command == "evaluate" else []
     err = usage_error([command, *extra, f"{option}={value}"], capsys)
     assert f"argument {option}:" in err and repr(value) in err, err
+    assert not list(cwd.iterdir())  # refused before anything is written
+
+
+def test_estimator_list_parses_into_names():
+    args = build_parser().parse_args(["compare", "--estimators", "rebar, nvil,arm"])
+    assert args.estimators == ["rebar", "nvil", "arm"]
+    assert build_parser().parse_args(["compare"]).estimators is None
 
 
 def test_every_typed_option_has_a_bad_value_test():
