@@ -153,9 +153,12 @@ def load_dataset(
     :param seed: seed of the static binarization.
     :param test_fraction: fraction of each class held out as the test split.
     :raises ValueError: naming the argument, for an unknown ``name``, ``split`` or
-        ``binarize``, a ``test_fraction`` outside (0, 1) or a missing IDX path.
-    :raises TypeError: naming the argument, for a ``seed`` that is not an int or a path
-        that is not a string or ``os.PathLike``.
+        ``binarize``, a negative ``seed``, a ``test_fraction`` outside (0, 1), or dataset
+        ``"idx"`` without both paths.
+    :raises TypeError: naming the argument, for a ``seed`` that is not an int, a
+        ``test_fraction`` that is not a number or a path that is not a str or
+        ``os.PathLike``.
+    :raises FileNotFoundError: naming the path, for an IDX path that is not a file.
     """
     if not isinstance(name, str) or name not in DATASETS:
         raise ValueError(f"unknown dataset name={name!r}; valid names: {', '.join(DATASETS)}")
@@ -268,7 +271,6 @@ def _make_dataset(
     seed: int,
     test_fraction: float,
 ) -> Dataset:
-    _check_options(split, binarize, seed, test_fraction)
     x = torch.as_tensor(x, dtype=torch.float32)
     y = torch.as_tensor(y).long()
     if x.shape[0] == 0:
