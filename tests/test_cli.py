@@ -41,6 +41,10 @@ def test_evaluate_reloads_the_trained_weights(tmp_path):
               "--no-progress"])
         values.append(json.loads((out / "evaluate_test.json").read_text())["log_likelihood_mean"])
     assert values[0] == values[1]
+    # weights trained on 8x8 digits do not fit 28x28 images: a message, not a traceback
+    with pytest.raises(SystemExit, match="do not fit dataset 'mnist5k'"):
+        main(["evaluate", "--run", str(out), "--dataset", "mnist5k", "--num-samples", "2",
+              "--no-progress"])
 
 
 @pytest.mark.parametrize("command", ["train", "evaluate", "compare", "demo"])
@@ -64,9 +68,126 @@ def test_unknown_choices_are_refused(capsys):
     assert "rebar" in ELBO_NAMES
 
 
-def test_idx_dataset_needs_a_path(tmp_path):
-    with pytest.raises(SystemExit, match="--idx-images"):
-        main(["train", "--dataset", "idx", "--out", str(tmp_path)])
+def usage_error(argv, capsys) -> str:
+    """Run ``main(argv)``, expect argparse's usage error (exit 2) and return stderr."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    captured = capsys.readouterr()
+    assert exc.value.code == 2, (argv, captured.err)
+    assert "Traceback" not in captured.err
+    return captured.err
+
+
+@pytest.fixture
+def fake_run(tmp_path) -> str:
+    """A folder that passes --run's check (evaluate's other options fail before it is read)."""
+    for name in ("run.json", "weights.pt"):
+        (tmp_path / name).write_text("{}")
+    return str(tmp_path)
+
+
+BAD_VALUES = [
+    ("train", "--steps", "-5"),
+    ("train", "--steps", "0"),
+    ("train", "--steps", "1.5"),
+    ("train", "--batch-size", "0"),
+    ("train", "--lr", "-1"),
+    ("train", "--lr", "0"),
+    ("train", "--lr", "nan"),
+    ("train", "--lr", "inf"),
+    ("train", "--lr", "fast"),
+    ("train", "--num-particles", "0"),
+    ("train", "--eval-samples", "0"),
+    ("train", "--seed", "-1"),
+    ("train", "--seed", str(2**32)),
+    ("train", "--threads", "0"),
+    ("evaluate", "--num-samples", "0"),
+    ("evaluate", "--chunk-size", "-3"),
+    ("evaluate", "--limit", "0"),
+    ("evaluate", "--seed", "-2"),
+    ("evaluate", "--threads", "0"),
+    ("compare", "--estimators", "rebar,foo"),
+    ("compare", "--estimators", "rebar,,nvil"),
+    ("compare", "--estimators", "rebar,rebar"),
+    ("compare", "--steps", "0"),
+    ("compare", "--batch-size", "-24"),
+    ("compare", "--lr", "-0.1"),
+    ("compare", "--seed", "x"),
+    ("compare", "--threads", "-1"),
+    ("demo", "--steps", "-1"),
+    ("demo", "--eval-samples", "0"),
+    ("demo", "--batch-size", "0"),
+    ("demo", "--lr", "-1e-3"),
+    ("demo", "--seed", "-1"),
+    ("demo", "--threads", "0"),
+]
+
+
+@pytest.mark.parametrize("command, option, value", BAD_VALUES)
+def test_bad_values_are_usage_errors_naming_the_option(command, option, value, fake_run,
+                                                       tmp_path, monkeypatch, capsys):
+    cwd = tmp_path / "cwd"  # the default --out folders are relative to it
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    extra = ["--run", fake_run] if command == "evaluate" else []
+    err = usage_error([command, *extra, f"{option}={value}"], capsys)
+    assert f"argument {option}:" in err and repr(value) in err, err
+    assert not list(cwd.iterdir())  # refused before anything is written
+
+
+def test_estimator_list_parses_into_names():
+    args = build_parser().parse_args(["compare", "--estimators", "rebar, nvil,arm"])
+    assert args.estimators == ["rebar", "nvil", "arm"]
+    assert build_parser().parse_args(["compare"]).estimators is None
+
+
+def test_every_typed_option_has_a_bad_value_test():
+    """No option is a bare int or float, and each checked one is exercised in BAD_VALUES."""
+    checked = {(command, option) for command, option, _ in BAD_VALUES}
+    paths = {"--idx-images", "--idx-labels", "--run"}  # tested below
+    choices = build_parser()._subparsers._group_actions[0].choices
+    for command, sub in choices.items():
+        for action in sub._actions:
+            assert action.type not in (int, float), (command, action.option_strings)
+            if action.type is not None and action.option_strings[0] not in paths:
+                assert (command, action.option_strings[0]) in checked, (command, action.dest)
+
+
+def test_version(capsys):
+    import lvmkit
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out == f"lvmkit {lvmkit.__version__}\n"
+    pyproject = (README.parent / "pyproject.toml").read_text()
+    declared = re.search(r'^version\s*=\s*"([^"]+)"', pyproject, re.M).group(1)
+    assert lvmkit.__version__ == declared
+
+
+def test_idx_dataset_needs_both_paths(tmp_path, capsys):
+    err = usage_error(["train", "--dataset", "idx", "--out", str(tmp_path)], capsys)
+    assert "--idx-images" in err and "--idx-labels" in err
+    (tmp_path / "img.idx").write_bytes(b"")
+    err = usage_error(["train", "--dataset", "idx", "--idx-images", str(tmp_path / "img.idx")],
+                      capsys)
+    assert "--idx-labels" in err
+    err = usage_error(["train", "--dataset", "idx", "--idx-images", str(tmp_path / "none.idx")],
+                      capsys)
+    assert "argument --idx-images" in err and "none.idx" in err
+    err = usage_error(["compare", "--idx-images", str(tmp_path / "img.idx")], capsys)
+    assert "need --dataset idx" in err
+
+
+def test_evaluate_needs_a_trained_run(tmp_path, capsys):
+    err = usage_error(["evaluate", "--run", str(tmp_path)], capsys)
+    assert "argument --run" in err and "run.json" in err
+
+
+def test_batch_size_larger_than_the_data_is_a_usage_error(tmp_path, capsys):
+    err = usage_error(["train", "--batch-size", "5000", "--out", str(tmp_path)], capsys)
+    assert "argument --batch-size: 5000 exceeds the 1438 images" in err
+    assert not (tmp_path / "run.json").exists()
 
 
 def test_readme_example_runs(monkeypatch):
@@ -80,3 +201,7 @@ def test_readme_example_runs(monkeypatch):
     exec(compile(code, "README.md", "exec"), namespace)
     assert len(namespace["history"].loss) == 3
     assert float(printed[0][0]) < 0
+    # the shape the comment promises is the shape the code gets
+    comment = re.search(r"^x = load_dataset\(.*#\s*\((\d+), (\d+)\)", code, re.M)
+    assert comment, "the README example's x = load_dataset(...) line lost its shape comment"
+    assert tuple(namespace["x"].shape) == (int(comment.group(1)), int(comment.group(2)))

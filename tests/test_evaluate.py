@@ -248,3 +248,105 @@ def test_global_latent_is_refused(sbn_data):
 def test_bad_counts(sbn_data, name):
     with pytest.raises(ValueError, match=f"{name} must be a positive int"):
         log_likelihood(sbn_model, sbn_guide, sbn_data, **{name: 0})
+
+
+def _with(data, index, value):
+    data = data.clone()
+    data[index] = value
+    return data
+
+
+@pytest.mark.parametrize("name, value", [
+    ("num_samples", True), ("num_samples", -1), ("num_samples", 2.0), ("num_samples", "10"),
+    ("chunk_size", 1.5), ("chunk_size", None), ("batch_size", False),
+])
+def test_bad_count_types(sbn_data, name, value):
+    with pytest.raises(ValueError, match=f"{name} must be a positive int, got {value!r}"):
+        log_likelihood(sbn_model, sbn_guide, sbn_data, **{name: value})
+
+
+def test_numpy_integer_counts_are_counts(sbn_data):
+    import numpy as np
+
+    pyro.set_rng_seed(0)
+    a = log_likelihood(sbn_model, sbn_guide, sbn_data, num_samples=np.int64(7))
+    pyro.set_rng_seed(0)
+    b = log_likelihood(sbn_model, sbn_guide, sbn_data, num_samples=7)
+    assert torch.equal(a, b)
+
+
+BAD_DATA = [  # {name}: the argument, "data" (or "x" for log_weights)
+    ("nan", lambda x: _with(x, (1, 2), math.nan), ValueError,
+     r"{name} has a non-finite value nan at index \[1, 2\]"),
+    ("inf", lambda x: _with(x, (0, 0), -math.inf), ValueError,
+     "{name} has a non-finite value -inf"),
+    ("empty", lambda x: x[:0], ValueError, r"{name} is empty \(shape \(0, 6\)\)"),
+    ("scalar", lambda x: x[0, 0], ValueError, r"{name} is empty \(shape \(\)\)"),
+    ("bool", lambda x: x.bool(), TypeError, "{name} has dtype torch.bool"),
+    ("complex", lambda x: x.to(torch.complex64), TypeError, "{name} has dtype torch.complex64"),
+    ("numpy", lambda x: x.numpy(), TypeError, "{name} must be a torch.Tensor"),
+    ("one datum, no batch dim", lambda x: x[0], ValueError,
+     r"site 'x': observed value of shape \(6,\) has no dimension of size 6"),
+    # the model's own error (ValueError from Pyro's validation, RuntimeError from torch
+    # without it), with the data's shape and dtype added
+    ("wrong width", lambda x: torch.zeros(5, DIM + 1), (ValueError, RuntimeError),
+     r"data of shape \(5, 7\) and dtype torch.float32 failed"),
+    ("integer pixels", lambda x: x.long(), RuntimeError,
+     r"data of shape \(5, 6\) and dtype torch.int64 failed"),
+]
+
+
+@pytest.mark.parametrize("make, error, match", [case[1:] for case in BAD_DATA],
+                         ids=[case[0] for case in BAD_DATA])
+@pytest.mark.parametrize("fn", [log_likelihood, elbo_per_datum, log_weights])
+@pytest.mark.parametrize("validate", [True, False])
+def test_bad_data_is_refused_naming_it(sbn_data, fn, make, error, match, validate):
+    data = make(sbn_data)
+    match = match.format(name="x" if fn is log_weights else "data")
+    # with validation off the checks must not lean on Pyro's support checks
+    with pytest.raises(error, match=match), pyro.validation_enabled(validate):
+        fn(sbn_model, sbn_guide, data, num_samples=3)
+
+
+def test_non_finite_values_in_a_dataset_are_refused():
+    x = torch.full((4, DIM), 0.5)
+    x[2, 1] = math.nan
+    ds = Dataset(x=x, y=torch.arange(4), name="toy", image_shape=(DIM,), binarize=None)
+    with pytest.raises(ValueError, match=r"data has a non-finite value nan at index \[2, 1\]"):
+        log_likelihood(sbn_model, sbn_guide, ds, num_samples=2)
+
+
+@pytest.mark.parametrize("labels, match", [
+    (torch.arange(3), r"5 labels \(one per datum\), got \(3,\)"),
+    ([0, 1, 0, 1, 0], "got list"),
+    (torch.tensor(1), r"got \(\)"),
+])
+def test_bad_labels(sbn_data, labels, match):
+    with pytest.raises(ValueError, match=match):
+        log_likelihood(sbn_model, sbn_guide, sbn_data, num_samples=2, labels=labels)
+    with pytest.raises(ValueError, match=match):
+        log_weights(sbn_model, sbn_guide, sbn_data, num_samples=2, labels=labels)
+
+
+@pytest.mark.parametrize("which", ["model", "guide"])
+def test_model_and_guide_must_be_callable(sbn_data, which):
+    pair = {"model": sbn_model, "guide": sbn_guide, which: None}
+    with pytest.raises(TypeError, match=f"{which} must be a callable Pyro program"):
+        log_likelihood(pair["model"], pair["guide"], sbn_data, num_samples=2)
+
+
+def test_scalar_observations_in_the_data_plate_still_work():
+    """A model in the Pyro tutorials' shape: one real number per datum, data of shape (N,)."""
+    x = torch.tensor([0.3, -1.2, 2.0, 0.5])
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("obs", dist.Normal(z, 1.0), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(x / 2, 0.5 ** 0.5))  # the exact posterior
+
+    exact = dist.Normal(0.0, 2.0 ** 0.5).log_prob(x)
+    assert torch.allclose(log_likelihood(model, guide, x, num_samples=2), exact, atol=1e-5)

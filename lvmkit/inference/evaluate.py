@@ -25,9 +25,11 @@ K = 5000.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterator
 
 import pyro
+import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.poutine.util import prune_subsample_sites
@@ -50,14 +52,21 @@ def log_likelihood(
     """Per-datum importance-weighted estimate L_K(x) of log p(x), K = ``num_samples``.
 
     :param data: a tensor (N, ...) or a :class:`~lvmkit.data.Dataset` (a dynamically
-        binarized one is binarized once here, from torch's global RNG).
+        binarized one is binarized once here, from torch's global RNG); a real or integer
+        dtype, finite values, N >= 1.
+    :param num_samples: importance samples K per datum, a positive int.
     :param chunk_size: samples drawn together; memory grows with chunk_size * batch_size.
     :param batch_size: data points evaluated together.
     :param labels: ``None``, ``True`` (a Dataset's ``y``) or a tensor of N labels, passed to
         model and guide as the keyword ``labels``.
     :returns: a float tensor of shape (N,), on the CPU.
+    :raises TypeError: naming the argument, for a model or guide that is not callable, data
+        that is not a tensor or Dataset, or data of dtype bool or complex.
+    :raises ValueError: naming the argument, for counts that are not positive ints, empty
+        data, non-finite data or labels that do not match the data.
     """
-    _check_counts(num_samples, chunk_size, batch_size)
+    num_samples, chunk_size, batch_size = _check_counts(num_samples, chunk_size, batch_size)
+    _check_callables(model, guide)
     results = []
     for x, kwargs in _batches(data, labels, batch_size, progress, "log_likelihood"):
         total = torch.full((x.shape[0],), -math.inf, dtype=torch.float64)
@@ -77,8 +86,12 @@ def elbo_per_datum(
     labels: torch.Tensor | bool | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Per-datum ELBO estimate: the mean of ``num_samples`` log weights, shape (N,)."""
-    _check_counts(num_samples, chunk_size, batch_size)
+    """Per-datum ELBO estimate: the mean of ``num_samples`` log weights, shape (N,).
+
+    Arguments and errors as for :func:`log_likelihood`.
+    """
+    num_samples, chunk_size, batch_size = _check_counts(num_samples, chunk_size, batch_size)
+    _check_callables(model, guide)
     results = []
     for x, kwargs in _batches(data, labels, batch_size, progress, "elbo"):
         total = torch.zeros(x.shape[0], dtype=torch.float64)
@@ -99,18 +112,63 @@ def log_weights(
     """Log importance weights log p(x, z_k) - log q(z_k | x) of one batch, shape (K, B).
 
     Keeps all K x B weights in memory (e.g. for Pareto-smoothed diagnostics); use
-    :func:`log_likelihood` for large K.
+    :func:`log_likelihood` for large K. Arguments and errors as for :func:`log_likelihood`
+    (``x`` must be a tensor).
     """
-    _check_counts(num_samples, chunk_size, 1)
+    num_samples, chunk_size, _ = _check_counts(num_samples, chunk_size, 1)
+    _check_callables(model, guide)
+    _check_data(x, "x")
+    _check_labels(labels, x)
     kwargs = {} if labels is None else {"labels": labels}
     return torch.cat(list(_chunks(model, guide, x, kwargs, num_samples, chunk_size)))
 
 
-def _check_counts(num_samples: int, chunk_size: int, batch_size: int) -> None:
+def _check_counts(num_samples, chunk_size, batch_size) -> tuple[int, int, int]:
+    """The three counts as Python ints; a ValueError naming the first that is not >= 1."""
+    counts = []
     for name, value in (("num_samples", num_samples), ("chunk_size", chunk_size),
                         ("batch_size", batch_size)):
-        if not isinstance(value, int) or value <= 0:
+        # bool is an int to Python, but num_samples=True is a mistake, not K = 1
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
+        counts.append(int(value))
+    return counts[0], counts[1], counts[2]
+
+
+def _check_callables(model, guide) -> None:
+    for name, fn in (("model", model), ("guide", guide)):
+        if not callable(fn):
+            raise TypeError(f"{name} must be a callable Pyro program, got {type(fn).__name__}")
+
+
+def _check_data(x: torch.Tensor, name: str) -> None:
+    """Refuse data no likelihood can score, naming the argument ``name``.
+
+    Integer data are allowed (categorical or count observations); bool and complex are not
+    (torch's distributions score neither).
+    """
+    if not torch.is_tensor(x):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype == torch.bool or x.is_complex():
+        raise TypeError(f"{name} has dtype {x.dtype}; convert it to a float (or integer) tensor")
+    if x.dim() == 0 or x.shape[0] == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); expected (N, ...) with N >= 1")
+    if x.is_floating_point():
+        finite = torch.isfinite(x)
+        if not bool(finite.all()):
+            bad = (~finite).nonzero()[0].tolist()
+            raise ValueError(
+                f"{name} has a non-finite value {x[tuple(bad)].item()} at index {bad}"
+            )
+
+
+def _check_labels(labels, x: torch.Tensor) -> None:
+    if labels is not None and (not torch.is_tensor(labels) or labels.dim() == 0
+                               or len(labels) != len(x)):
+        raise ValueError(
+            f"labels must be a tensor of {len(x)} labels (one per datum), got "
+            f"{tuple(labels.shape) if torch.is_tensor(labels) else type(labels).__name__}"
+        )
 
 
 def _batches(data, labels, batch_size: int, progress: bool, desc: str
@@ -125,10 +183,8 @@ def _batches(data, labels, batch_size: int, progress: bool, desc: str
         raise TypeError(f"data must be a torch.Tensor or a Dataset, got {type(data).__name__}")
     if labels is True:
         raise ValueError("labels=True needs a Dataset; pass the label tensor instead")
-    if x_all.dim() == 0 or x_all.shape[0] == 0:
-        raise ValueError(f"data is empty (shape {tuple(x_all.shape)})")
-    if labels is not None and (not torch.is_tensor(labels) or len(labels) != len(x_all)):
-        raise ValueError(f"labels must be a tensor of {len(x_all)} labels")
+    _check_data(x_all, "data")
+    _check_labels(labels, x_all)
     starts = range(0, x_all.shape[0], batch_size)
     if progress:
         from tqdm.auto import tqdm
@@ -160,7 +216,17 @@ def _max_plate_nesting(model, guide, x, kwargs) -> int:
     """
     devices = [x.device] if x.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        guide_trace, model_trace = _traces(model, guide, x, kwargs)
+        try:
+            guide_trace, model_trace = _traces(model, guide, x, kwargs)
+        except _CONTEXT_ERRORS as err:
+            if type(err) not in _CONTEXT_ERRORS:  # a subclass may take other arguments
+                raise
+            # torch's message names neither the data nor that this is the user's program
+            raise type(err)(
+                f"running the guide and the model on data of shape {tuple(x.shape)} and dtype "
+                f"{x.dtype} failed: {err}"
+            ) from err
+    _check_observed_values(model_trace, x)
     if not any(frame.name == "data" for site in model_trace.nodes.values()
                for frame in site.get("cond_indep_stack", ())):
         raise ValueError(
@@ -171,6 +237,37 @@ def _max_plate_nesting(model, guide, x, kwargs) -> int:
             for site in trace.nodes.values()
             for frame in site.get("cond_indep_stack", ()) if frame.vectorized]
     return max(dims, default=0)
+
+
+_CONTEXT_ERRORS = (RuntimeError, TypeError, ValueError, IndexError, AttributeError)
+
+
+def _check_observed_values(model_trace, x: torch.Tensor) -> None:
+    """Refuse an observed value with no data dimension inside ``pyro.plate("data")``.
+
+    Such a value broadcasts along the plate, so every datum would be scored against the
+    same observation: data of shape (D,) handed to a model written for (N, D) does this.
+    """
+    for name, site in model_trace.nodes.items():
+        if site["type"] != "sample" or not site["is_observed"] or isinstance(
+            site["fn"], dist.Unit  # pyro.factor: its value holds no data
+        ):
+            continue
+        frames = [f for f in site["cond_indep_stack"] if f.name == "data" and f.vectorized]
+        if not frames:
+            continue
+        fn, value = site["fn"], torch.as_tensor(site["value"])
+        position = frames[0].dim - fn.event_dim
+        full = tuple(fn.batch_shape) + tuple(fn.event_shape)
+        if len(full) < -position:
+            continue
+        if value.dim() < -position or value.shape[position] != full[position]:
+            raise ValueError(
+                f"site {name!r}: observed value of shape {tuple(value.shape)} has no dimension "
+                f"of size {full[position]} for pyro.plate('data') (dim {frames[0].dim}, event "
+                f"dim {fn.event_dim}), so every datum would be scored against the same value; "
+                f"data has shape {tuple(x.shape)}: is it what the model expects?"
+            )
 
 
 def _traces(model, guide, x, kwargs):
