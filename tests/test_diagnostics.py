@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from lvmkit.inference.arviz_compat import group_names
 from lvmkit.inference.diagnostics import (
     KhatResult,
     NutsComparison,
@@ -65,17 +66,17 @@ def tiny():
 def test_to_arviz_local_latents_groups_dims_coords(tiny):
     net, x = tiny
     tree = to_arviz(net.model, net.guide, x, num_samples=7)
-    assert {"posterior", "log_likelihood", "observed_data", "sample_stats"} <= set(tree.children)
+    assert {"posterior", "log_likelihood", "observed_data", "sample_stats"} <= group_names(tree)
     post = tree["posterior"]
     assert set(post.data_vars) == {"z", "b"}
-    assert post["z"].dims == ("chain", "draw", "obs", "z_dim_0")
+    assert post["z"].dims == ("chain", "draw", "data", "z_dim_0")
     assert post["z"].shape == (1, 7, N_DATA, Z_DIM)
-    assert post["b"].dims == ("chain", "draw", "obs", "b_dim_0")
+    assert post["b"].dims == ("chain", "draw", "data", "b_dim_0")
     assert set(np.unique(post["b"].values)) <= {0.0, 1.0}
-    np.testing.assert_array_equal(post["obs"].values, np.arange(N_DATA))
-    assert tree["log_likelihood"]["x"].dims == ("chain", "draw", "obs")
+    np.testing.assert_array_equal(post["data"].values, np.arange(N_DATA))
+    assert tree["log_likelihood"]["x"].dims == ("chain", "draw", "data")
     assert tree["log_likelihood"]["x"].shape == (1, 7, N_DATA)
-    assert tree["observed_data"]["x"].dims == ("obs", "x_dim_0")
+    assert tree["observed_data"]["x"].dims == ("data", "x_dim_0")
     np.testing.assert_array_equal(tree["observed_data"]["x"].values, x.numpy())
     assert tree["sample_stats"]["log_weight"].dims == ("chain", "draw")
     assert tree.attrs["vectorized_draws"] == 1
@@ -178,8 +179,8 @@ def test_to_arviz_global_latents(model, responses):
     assert post["w"].dims == ("chain", "draw", "w_dim_0")
     assert post["w"].shape == (1, 9, 2)
     assert post["bias"].dims == ("chain", "draw")
-    assert "obs" not in post.dims
-    assert tree["log_likelihood"]["x"].dims == ("chain", "draw", "obs")
+    assert "data" not in post.dims
+    assert tree["log_likelihood"]["x"].dims == ("chain", "draw", "data")
     vectorizes = model is blr_model
     assert tree.attrs["vectorized_draws"] == int(vectorizes)
     assert any("drawing one at a time" in str(w.message) for w in caught) != vectorizes
@@ -442,6 +443,6 @@ def test_to_arviz_with_lvmkit_vae_and_auxiliary_encoder():
     vae = VAE(6, 2, (4,))
     tree = to_arviz(vae, AuxiliaryEncoder(6, 2, 3, (4,)), x, num_samples=4)
     assert set(tree["posterior"].data_vars) == {"z"}
-    assert tree["posterior"]["z"].dims == ("chain", "draw", "obs", "z_dim_0")
+    assert tree["posterior"]["z"].dims == ("chain", "draw", "data", "z_dim_0")
     assert tree.attrs["vectorized_draws"] == 1
     assert np.isfinite(tree["sample_stats"]["log_weight"].values).all()
