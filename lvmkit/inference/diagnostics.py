@@ -342,7 +342,14 @@ def _draw_loop(
             site = model_trace.nodes[name]
             events[name] = _event_dim(site, plates, vectorized=False)
             frames[name] = _plate_frames(site)
-            values.setdefault(name, []).append(_pad_batch(site["value"], events[name], plates))
+            try:
+                padded = _pad_batch(site["value"], events[name], plates)
+            except _NotVectorizable as error:
+                raise ValueError(
+                    f"site {name!r}: {error} for {plates} plate dims and {events[name]} event"
+                    " dims; for a pyro.deterministic site pass the right event_dim="
+                ) from None
+            values.setdefault(name, []).append(padded)
         for name in draws.roles.observed:
             site = model_trace.nodes[name]
             frames[name] = _plate_frames(site)
@@ -471,10 +478,17 @@ def _layout(
     for j in range(num_plate_dims):
         axis = 1 + j
         frame = by_dim.get(j - num_plate_dims)
-        if frame is not None:
+        if frame is not None and values.shape[axis] not in (1, frame.size):
+            raise ValueError(
+                f"site {name!r} has size {values.shape[axis]} at batch dim"
+                f" {j - num_plate_dims}, where its plate {frame.name!r} has size"
+                f" {frame.size} (values of shape {tuple(values.shape[1:])} with"
+                f" {draws.event_dim} event dims); for a pyro.deterministic site pass event_dim="
+            )
+        if frame is not None and (values.shape[axis] == frame.size or frame.size == 1):
             dim = data_dim if frame.name == DATA_PLATE else frame.name
         elif values.shape[axis] == 1:
-            continue
+            continue  # broadcast: e.g. a deterministic of global sites inside a plate
         else:
             dim = f"{name}_batch_dim_{j}"
         keep.append(axis)
@@ -514,8 +528,7 @@ def _check_data_dim(data_dim: str, probe_model: Trace, roles: _Roles) -> None:
         raise ValueError(f"data_dim must be a non-empty string, got {data_dim!r}")
     if data_dim == DATA_PLATE:
         return  # the plate's own name: Pyro keeps it for the plate's site, no site can take it
-    sites = [name for name, site in probe_model.nodes.items() if site["type"] == "sample"]
-    if data_dim in sites:
+    if data_dim in _sample_sites(probe_model):
         raise ValueError(
             f"data_dim={data_dim!r} is also the name of the model's site {data_dim!r}: ArviZ"
             " would take that site for the dim's coordinate; choose another data_dim"
