@@ -669,11 +669,12 @@ def test_installed_arviz_reads_the_export(regression_guide, tmp_path):
         loo = az.loo(tree)
     assert int(loo["n_data_points"]) == REG_X.shape[0]
     assert int(loo["n_samples"]) == 300
-    assert np.isfinite(float(loo["elpd_loo"]))
-    # elpd_loo is below the in-sample log predictive density sum_i log mean_s p(y_i | z_s).
+    elpd = float(loo["elpd_loo"] if arviz_compat.is_legacy(az) else loo["elpd"])
+    # elpd_loo is below the in-sample log predictive density sum_i log mean_s p(y_i | z_s),
+    # by about the effective number of parameters (3 here).
     log_lik = tree["log_likelihood"]["obs"].values[0]
     lppd = np.sum(np.logaddexp.reduce(log_lik, axis=0) - np.log(log_lik.shape[0]))
-    assert float(loo["elpd_loo"]) < lppd
+    assert lppd - 10.0 < elpd < lppd
 
 
 def test_to_arviz_deterministic_with_a_wrong_shape_names_the_site():
