@@ -491,8 +491,12 @@ def fitted_autonormal(model, *args, steps=150):
     return guide
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def regression_guide():
+    """Trained once: an AutoNormal keeps its values in its module across the param store
+    clears between tests."""
+    pyro.set_rng_seed(0)
+    pyro.clear_param_store()
     return fitted_autonormal(regression, REG_X, REG_Y)
 
 

@@ -485,7 +485,7 @@ def _layout(
                 f" {frame.size} (values of shape {tuple(values.shape[1:])} with"
                 f" {draws.event_dim} event dims); for a pyro.deterministic site pass event_dim="
             )
-        if frame is not None and (values.shape[axis] == frame.size or frame.size == 1):
+        if frame is not None and values.shape[axis] == frame.size:
             dim = data_dim if frame.name == DATA_PLATE else frame.name
         elif values.shape[axis] == 1:
             continue  # broadcast: e.g. a deterministic of global sites inside a plate
@@ -524,8 +524,6 @@ def _model_kwargs(labels: torch.Tensor | None, kwargs: dict) -> dict:
 def _check_data_dim(data_dim: str, probe_model: Trace, roles: _Roles) -> None:
     """The "data" plate's dim may not take the name of a site or of another plate: xarray
     would make a variable of that name a coordinate (empty groups) or merge two dims."""
-    if not isinstance(data_dim, str) or not data_dim:
-        raise ValueError(f"data_dim must be a non-empty string, got {data_dim!r}")
     if data_dim == DATA_PLATE:
         return  # the plate's own name: Pyro keeps it for the plate's site, no site can take it
     if data_dim in _sample_sites(probe_model):
@@ -734,7 +732,10 @@ def psis_khat(
     importance sampling"); its shape k-hat measures how heavy the tail of p/q is. Yao et al.
     (2018, "Yes, but did it work?: Evaluating variational inference", ICML): k-hat < 0.5
     means q is close to the posterior, 0.5-0.7 usable after PSIS correction, > 0.7 poor.
-    A q narrower than the posterior gives heavy-tailed ratios and a large k-hat.
+    A q narrower than the posterior gives heavy-tailed ratios and a large k-hat. Where the
+    ratios are constant up to rounding (q is the exact posterior), there is no tail to fit:
+    the result has ``khat = 0``, ``constant_weights = True`` and uniform weights, and a
+    warning says so.
 
     :param args: positional arguments of the model and the guide (usually ``x``).
     :param kwargs: keyword arguments of the model and the guide (e.g. ``labels``).
