@@ -187,3 +187,31 @@ def test_plot_forest_writes_a_figure_and_closes_it(layout, tmp_path):
     assert set(plt.get_fignums()) == before
     image = matplotlib.image.imread(path)
     assert image.ndim == 3 and image.shape[0] > 50 and image.shape[1] > 50
+
+
+def test_trace_and_posterior_plots_of_the_installed_line(az, layout, tmp_path):
+    """The plots users reach for first: plot_trace / plot_posterior on ArviZ 0.x,
+    plot_trace_dist / plot_dist on 1.x (arviz-plots 0.8 crashed in plot_trace_dist against
+    the current xarray)."""
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups, dims, coords = layout
+    data = arviz_compat.from_groups(groups, dims=dims, coords=coords)
+    before = set(plt.get_fignums())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        if arviz_compat.is_legacy(az):
+            axes = az.plot_trace(data, var_names=["mu", "z"])
+            assert np.shape(axes) == (2, 2)  # (variable, density | trace)
+            az.plot_posterior(data, var_names=["z"], coords={"data": [0, 1]})
+        else:
+            az.plot_trace_dist(data, var_names=["mu", "z"], backend="matplotlib")
+            az.plot_dist(data, var_names=["z"], coords={"data": [0, 1]}, backend="matplotlib")
+    figures = [plt.figure(number) for number in sorted(set(plt.get_fignums()) - before)]
+    assert len(figures) == 2
+    for index, figure in enumerate(figures):
+        assert len(figure.axes) >= 2
+        figure.savefig(tmp_path / f"plot{index}.png")
+        plt.close(figure)
