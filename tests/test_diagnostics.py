@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from lvmkit.inference.arviz_compat import group_names
 from lvmkit.inference.diagnostics import (
     KhatResult,
     NutsComparison,
@@ -65,17 +66,17 @@ def tiny():
 def test_to_arviz_local_latents_groups_dims_coords(tiny):
     net, x = tiny
     tree = to_arviz(net.model, net.guide, x, num_samples=7)
-    assert {"posterior", "log_likelihood", "observed_data", "sample_stats"} <= set(tree.children)
+    assert {"posterior", "log_likelihood", "observed_data", "sample_stats"} <= group_names(tree)
     post = tree["posterior"]
     assert set(post.data_vars) == {"z", "b"}
-    assert post["z"].dims == ("chain", "draw", "obs", "z_dim_0")
+    assert post["z"].dims == ("chain", "draw", "data", "z_dim_0")
     assert post["z"].shape == (1, 7, N_DATA, Z_DIM)
-    assert post["b"].dims == ("chain", "draw", "obs", "b_dim_0")
+    assert post["b"].dims == ("chain", "draw", "data", "b_dim_0")
     assert set(np.unique(post["b"].values)) <= {0.0, 1.0}
-    np.testing.assert_array_equal(post["obs"].values, np.arange(N_DATA))
-    assert tree["log_likelihood"]["x"].dims == ("chain", "draw", "obs")
+    np.testing.assert_array_equal(post["data"].values, np.arange(N_DATA))
+    assert tree["log_likelihood"]["x"].dims == ("chain", "draw", "data")
     assert tree["log_likelihood"]["x"].shape == (1, 7, N_DATA)
-    assert tree["observed_data"]["x"].dims == ("obs", "x_dim_0")
+    assert tree["observed_data"]["x"].dims == ("data", "x_dim_0")
     np.testing.assert_array_equal(tree["observed_data"]["x"].values, x.numpy())
     assert tree["sample_stats"]["log_weight"].dims == ("chain", "draw")
     assert tree.attrs["vectorized_draws"] == 1
@@ -178,8 +179,8 @@ def test_to_arviz_global_latents(model, responses):
     assert post["w"].dims == ("chain", "draw", "w_dim_0")
     assert post["w"].shape == (1, 9, 2)
     assert post["bias"].dims == ("chain", "draw")
-    assert "obs" not in post.dims
-    assert tree["log_likelihood"]["x"].dims == ("chain", "draw", "obs")
+    assert "data" not in post.dims
+    assert tree["log_likelihood"]["x"].dims == ("chain", "draw", "data")
     vectorizes = model is blr_model
     assert tree.attrs["vectorized_draws"] == int(vectorizes)
     assert any("drawing one at a time" in str(w.message) for w in caught) != vectorizes
@@ -311,11 +312,16 @@ def normal_data():
 
 
 def test_khat_exact_posterior_is_good(normal_data):
-    result = psis_khat(
-        normal_model, scaled_posterior_guide(normal_data, 1.0), normal_data, num_samples=500
-    )
+    """Regression: the exact posterior as guide gives constant ratios; k-hat used to print
+    as -inf. It is 0, flagged as constant weights, with a warning and a note."""
+    with pytest.warns(UserWarning, match="constant up to rounding.*k-hat = 0"):
+        result = psis_khat(
+            normal_model, scaled_posterior_guide(normal_data, 1.0), normal_data, num_samples=500
+        )
     assert isinstance(result, KhatResult)
-    assert result.khat < 0.2 and result.verdict == "good"
+    assert result.khat == 0.0 and result.verdict == "good"
+    assert result.constant_weights
+    assert "k-hat = 0.000 (good" in str(result) and "ratios are constant" in str(result)
     # q is the posterior, so every ratio is p(x): the weights are uniform.
     assert result.ess == pytest.approx(500, rel=1e-6)
     x = normal_data
@@ -332,6 +338,7 @@ def test_khat_slightly_wide_guide_is_good(normal_data):
     )
     assert math.isfinite(result.khat) and result.khat < 0.5
     assert result.verdict == "good"
+    assert not result.constant_weights and "constant" not in str(result)
     assert np.exp(result.log_weights).sum() == pytest.approx(1.0, abs=1e-9)
 
 
@@ -369,6 +376,7 @@ def test_khat_verdict_thresholds():
     assert KhatResult(0.6, ratios, ratios).verdict == "ok"
     assert KhatResult(0.7, ratios, ratios).verdict == "poor"
     assert KhatResult(0.3, ratios, ratios).thresholds == (0.5, 0.7)
+    assert not KhatResult(0.3, ratios, ratios).constant_weights
 
 
 def test_khat_rejects_too_few_draws(normal_data):
@@ -442,6 +450,252 @@ def test_to_arviz_with_lvmkit_vae_and_auxiliary_encoder():
     vae = VAE(6, 2, (4,))
     tree = to_arviz(vae, AuxiliaryEncoder(6, 2, 3, (4,)), x, num_samples=4)
     assert set(tree["posterior"].data_vars) == {"z"}
-    assert tree["posterior"]["z"].dims == ("chain", "draw", "obs", "z_dim_0")
+    assert tree["posterior"]["z"].dims == ("chain", "draw", "data", "z_dim_0")
     assert tree.attrs["vectorized_draws"] == 1
     assert np.isfinite(tree["sample_stats"]["log_weight"].values).all()
+
+
+# --------------------------------------------------------------------------- common idioms
+# Models written the way Pyro's tutorials write them: an observed site named "obs", the
+# response passed positionally, pyro.deterministic inside the data plate, an autoguide.
+
+REG_X = torch.linspace(-1.0, 1.0, 12)
+REG_Y = 0.5 + 2.0 * REG_X + 0.3 * torch.sin(7.0 * REG_X)
+
+
+def regression(x, y=None):
+    a = pyro.sample("a", dist.Normal(0.0, 5.0))
+    b = pyro.sample("b", dist.Normal(0.0, 5.0))
+    sigma = pyro.sample("sigma", dist.HalfNormal(1.0))
+    with pyro.plate("data", x.shape[0]):
+        mean = pyro.deterministic("mean", a + b * x)
+        pyro.sample("obs", dist.Normal(mean, sigma), obs=y)
+
+
+def regression_without_deterministic(x, y=None):
+    a = pyro.sample("a", dist.Normal(0.0, 5.0))
+    b = pyro.sample("b", dist.Normal(0.0, 5.0))
+    sigma = pyro.sample("sigma", dist.HalfNormal(1.0))
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("obs", dist.Normal(a + b * x, sigma), obs=y)
+
+
+def fitted_autonormal(model, *args, steps=150):
+    from pyro.infer import SVI, Trace_ELBO
+    from pyro.infer.autoguide import AutoNormal
+
+    guide = AutoNormal(model)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
+    for _ in range(steps):
+        svi.step(*args)
+    return guide
+
+
+@pytest.fixture(scope="module")
+def regression_guide():
+    """Trained once: an AutoNormal keeps its values in its module across the param store
+    clears between tests."""
+    pyro.set_rng_seed(0)
+    pyro.clear_param_store()
+    return fitted_autonormal(regression, REG_X, REG_Y)
+
+
+def test_to_arviz_observed_site_named_obs_fills_log_likelihood(regression_guide):
+    """Regression: the data dim used to be called "obs", so a site "obs" became its coordinate
+    and log_likelihood / observed_data came out empty."""
+    model = regression_without_deterministic  # the same latents as the guide's
+    tree = to_arviz(model, regression_guide, REG_X, y=REG_Y, num_samples=40)
+    assert set(tree["log_likelihood"].data_vars) == {"obs"}
+    assert tree["log_likelihood"]["obs"].dims == ("chain", "draw", "data")
+    assert tree["log_likelihood"]["obs"].shape == (1, 40, REG_X.shape[0])
+    np.testing.assert_allclose(tree["observed_data"]["obs"].values, REG_Y.numpy())
+    a = tree["posterior"]["a"].values[0, :, None]
+    b = tree["posterior"]["b"].values[0, :, None]
+    sigma = tree["posterior"]["sigma"].values[0, :, None]
+    expected = dist.Normal(torch.as_tensor(a + b * REG_X.numpy()), torch.as_tensor(sigma))
+    np.testing.assert_allclose(
+        tree["log_likelihood"]["obs"].values[0],
+        expected.log_prob(REG_Y).numpy(),
+        rtol=1e-4,
+        atol=1e-4,
+    )
+
+
+def test_to_arviz_data_dim_can_be_renamed_and_refuses_a_collision(regression_guide):
+    tree = to_arviz(regression, regression_guide, REG_X, y=REG_Y, num_samples=5, data_dim="i")
+    assert tree["log_likelihood"]["obs"].dims == ("chain", "draw", "i")
+    assert tree["posterior"]["mean"].dims == ("chain", "draw", "i")
+    for name in ("obs", "mean", "sigma"):
+        with pytest.raises(ValueError, match=f"data_dim='{name}'.*site '{name}'"):
+            to_arviz(regression, regression_guide, REG_X, y=REG_Y, num_samples=5, data_dim=name)
+    with pytest.raises(ValueError, match="data_dim must be a non-empty string"):
+        to_arviz(regression, regression_guide, REG_X, y=REG_Y, num_samples=5, data_dim="")
+
+
+def test_to_arviz_data_dim_refuses_another_plates_name():
+    def model(x):
+        scale = pyro.sample("scale", dist.HalfNormal(1.0))
+        groups = pyro.plate("groups", 2, dim=-2)
+        with groups:
+            offset = pyro.sample("offset", dist.Normal(0.0, 1.0))
+        with groups, pyro.plate("data", x.shape[-1]):
+            pyro.sample("x", dist.Normal(offset, scale), obs=x)
+
+    def guide(x):
+        pyro.sample("scale", dist.LogNormal(0.0, 0.3))
+        with pyro.plate("groups", 2, dim=-2):
+            pyro.sample("offset", dist.Normal(torch.zeros(2, 1), 1.0))
+
+    x = torch.randn(2, 5)
+    tree = to_arviz(model, guide, x, num_samples=6)
+    assert tree["posterior"]["offset"].dims == ("chain", "draw", "groups")
+    assert tree["log_likelihood"]["x"].dims == ("chain", "draw", "groups", "data")
+    with pytest.raises(ValueError, match="data_dim='groups'.*plate 'groups'"):
+        to_arviz(model, guide, x, num_samples=6, data_dim="groups")
+
+
+def test_pyro_refuses_a_site_named_like_its_plate():
+    """What makes the default data dim safe: Pyro records a plate as a site of its name."""
+
+    def model():
+        with pyro.plate("data", 3):
+            pyro.sample("data", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(RuntimeError, match="Multiple sample sites named 'data'"):
+        pyro.poutine.trace(model).get_trace()
+
+
+def test_to_arviz_takes_model_arguments_positionally(regression_guide):
+    """Regression: to_arviz(model, guide, X, y) used to take y for num_samples."""
+    model = regression_without_deterministic
+    pyro.set_rng_seed(3)
+    positional = to_arviz(model, regression_guide, REG_X, REG_Y, num_samples=30)
+    pyro.set_rng_seed(3)
+    keyword = to_arviz(model, regression_guide, REG_X, y=REG_Y, num_samples=30)
+    assert positional["posterior"]["a"].shape == (1, 30)
+    np.testing.assert_allclose(positional["observed_data"]["obs"].values, REG_Y.numpy())
+    for group, name in (("posterior", "a"), ("log_likelihood", "obs"), ("sample_stats", "lp")):
+        np.testing.assert_array_equal(
+            positional[group][name].values, keyword[group][name].values
+        )
+
+
+@pytest.mark.parametrize("vectorize", [None, False])
+def test_to_arviz_deterministic_in_data_plate_gets_the_data_dim(regression_guide, vectorize):
+    """Regression: pyro.deterministic without event_dim records the whole value as its
+    event (Delta(value, event_dim=value.ndim)); inside the data plate that gave a
+    coordinate-size error."""
+    tree = to_arviz(
+        regression, regression_guide, REG_X, y=REG_Y, num_samples=8, vectorize=vectorize
+    )
+    assert tree.attrs["vectorized_draws"] == int(vectorize is None)
+    mean = tree["posterior"]["mean"]
+    assert mean.dims == ("chain", "draw", "data")
+    a = tree["posterior"]["a"].values[0, :, None]
+    b = tree["posterior"]["b"].values[0, :, None]
+    np.testing.assert_allclose(mean.values[0], a + b * REG_X.numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("vectorize", [None, False])
+def test_to_arviz_deterministic_event_dims(vectorize):
+    """Deterministics of every kind: per datum with an event vector, a global vector used
+    inside the plate, a global outside, and an explicit event_dim, which is kept."""
+    num_data, width = 5, 3
+
+    def model(x):
+        w = pyro.sample("w", dist.Normal(torch.zeros(width), 1.0).to_event(1))
+        pyro.deterministic("w_norm", w.norm(dim=-1))
+        with pyro.plate("data", num_data):
+            pyro.deterministic("scaled", x * w)  # (N, width): per datum, an event vector each
+            pyro.deterministic("w_twice", 2 * w)  # (width,): global, inside the plate
+            pyro.deterministic("first", x[:, 0] * w[..., 0], event_dim=0)
+            pyro.sample("x", dist.Normal(w, 1.0).to_event(1), obs=x)
+
+    def guide(x):
+        pyro.sample("w", dist.Normal(torch.tensor([0.5, -0.5, 1.0]), 0.2).to_event(1))
+
+    x = torch.randn(num_data, width)
+    tree = to_arviz(model, guide, x, num_samples=6, vectorize=vectorize)
+    post = tree["posterior"]
+    w = post["w"].values[0]
+    assert post["w_norm"].dims == ("chain", "draw")
+    np.testing.assert_allclose(post["w_norm"].values[0], np.linalg.norm(w, axis=-1), rtol=1e-5)
+    assert post["scaled"].dims == ("chain", "draw", "data", "scaled_dim_0")
+    np.testing.assert_allclose(post["scaled"].values[0], x.numpy() * w[:, None], rtol=1e-5)
+    assert post["w_twice"].dims == ("chain", "draw", "w_twice_dim_0")
+    np.testing.assert_allclose(post["w_twice"].values[0], 2 * w, rtol=1e-5)
+    assert post["first"].dims == ("chain", "draw", "data")
+    np.testing.assert_allclose(post["first"].values[0], x[:, 0].numpy() * w[:, :1], rtol=1e-5)
+    assert tree.attrs["vectorized_draws"] == int(vectorize is None)
+
+
+# --------------------------------------------------------------------------- installed ArviZ
+
+
+def test_installed_arviz_reads_the_export(regression_guide, tmp_path):
+    """az.summary, a posterior plot and az.loo of the installed ArviZ on to_arviz's result:
+    InferenceData on ArviZ 0.x, DataTree on 1.x."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lvmkit.inference import arviz_compat
+
+    az = arviz_compat.arviz()
+    tree = to_arviz(regression, regression_guide, REG_X, REG_Y, num_samples=300)
+    if arviz_compat.is_legacy(az):
+        assert isinstance(tree, az.InferenceData)
+    else:
+        import xarray
+
+        assert isinstance(tree, xarray.DataTree)
+    summary = az.summary(tree, var_names=["a", "b", "sigma"])
+    assert list(summary.index) == ["a", "b", "sigma"]
+    for name in ("a", "b", "sigma"):
+        draws = tree["posterior"][name].values
+        assert summary.loc[name, "mean"] == pytest.approx(draws.mean(), abs=0.01)
+        assert summary.loc[name, "sd"] == pytest.approx(draws.std(ddof=1), rel=0.02, abs=0.01)
+    before = set(plt.get_fignums())
+    if hasattr(az, "plot_posterior"):  # ArviZ 0.x
+        az.plot_posterior(tree, var_names=["a", "mean"], coords={"data": [0, 5]})
+    else:  # ArviZ 1.x: plot_dist is its posterior plot
+        az.plot_dist(tree, var_names=["a", "mean"], coords={"data": [0, 5]})
+    figures = set(plt.get_fignums()) - before
+    assert len(figures) == 1
+    figure = plt.figure(figures.pop())
+    assert len(figure.axes) == 3  # a, mean[0], mean[5]
+    figure.savefig(tmp_path / "posterior.png")
+    plt.close(figure)
+    assert matplotlib.image.imread(tmp_path / "posterior.png").shape[0] > 50
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # a Pareto-k warning on a few points
+        loo = az.loo(tree)
+    assert int(loo["n_data_points"]) == REG_X.shape[0]
+    assert int(loo["n_samples"]) == 300
+    elpd = float(loo["elpd_loo"] if arviz_compat.is_legacy(az) else loo["elpd"])
+    # elpd_loo is below the in-sample log predictive density sum_i log mean_s p(y_i | z_s),
+    # by about the effective number of parameters (3 here).
+    log_lik = tree["log_likelihood"]["obs"].values[0]
+    lppd = np.sum(np.logaddexp.reduce(log_lik, axis=0) - np.log(log_lik.shape[0]))
+    assert lppd - 10.0 < elpd < lppd
+
+
+def test_to_arviz_deterministic_with_a_wrong_shape_names_the_site():
+    def model(x, wrong):
+        w = pyro.sample("w", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+        with pyro.plate("data", x.shape[0]):
+            if wrong == "event_dim":  # (N, 3) has event_dim 1
+                pyro.deterministic("scaled", x * w, event_dim=0)
+            else:  # a leading dim that no plate owns
+                pyro.deterministic("scaled", (x * w)[None], event_dim=1)
+            pyro.sample("x", dist.Normal(w, 1.0).to_event(1), obs=x)
+
+    def guide(x, wrong):
+        pyro.sample("w", dist.Normal(torch.zeros(3), 0.5).to_event(1))
+
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="site scaled"):  # Pyro's own plate check
+        to_arviz(model, guide, x, "event_dim", num_samples=3)
+    with pytest.raises(ValueError, match="site 'scaled'.*extra batch dims.*event_dim="):
+        to_arviz(model, guide, x, "extra", num_samples=3, vectorize=False)

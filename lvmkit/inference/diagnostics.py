@@ -4,9 +4,9 @@ Every function takes the same ``(model, guide, data)`` triple that training uses
 the guide are replayed through the model, either all at once under an outer
 ``pyro.plate("_num_samples", ...)`` or, for models that do not vectorize, one at a time.
 
-ArviZ is imported lazily inside the functions: through ``arviz`` >= 1 where it is installed
-(Python >= 3.12), else through its split packages ``arviz_base`` / ``arviz_stats`` /
-``arviz_plots``, which carry the same API on Python 3.11.
+ArviZ is imported lazily, through :mod:`lvmkit.inference.arviz_compat`, the one module that
+knows which ArviZ line is installed: the export is an ``arviz.InferenceData`` on ArviZ 0.x
+(the line that installs on Python 3.11) and an ``xarray.DataTree`` on ArviZ 1.x.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -26,12 +25,15 @@ from pyro import poutine
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 
+from lvmkit.inference import arviz_compat
+
 if TYPE_CHECKING:  # pragma: no cover
     import pandas
-    import xarray
+
+# What to_arviz returns: arviz.InferenceData (ArviZ 0.x) or xarray.DataTree (ArviZ 1.x).
+ArvizData = Any
 
 DATA_PLATE = "data"
-OBS_DIM = "obs"
 _SAMPLE_PLATE = "_num_samples"
 # Elements per vectorized pass (about 80 MB of float32 per tensor): bounds the memory of
 # replaying many draws of a big model at once.
@@ -39,49 +41,6 @@ _ELEMENTS_PER_PASS = 20_000_000
 KHAT_THRESHOLDS = (0.5, 0.7)
 # PSIS fits its Pareto tail to the largest S/5 ratios (3 sqrt(S) beyond S = 225) and needs 5.
 _MIN_PSIS_DRAWS = 25
-
-
-# --------------------------------------------------------------------------- ArviZ shim
-
-
-def _arviz() -> SimpleNamespace:
-    """ArviZ's data and stats functions: ``arviz`` >= 1 if present, else the split packages."""
-    try:
-        import arviz as az
-
-        if int(az.__version__.split(".")[0]) >= 1:
-            return SimpleNamespace(from_dict=az.from_dict, summary=az.summary)
-    except ImportError:
-        pass
-    import arviz_base
-    import arviz_stats
-
-    return SimpleNamespace(from_dict=arviz_base.from_dict, summary=arviz_stats.summary)
-
-
-def _arviz_plot_forest() -> Callable:
-    try:
-        import arviz as az
-
-        if int(az.__version__.split(".")[0]) >= 1:
-            return az.plot_forest
-    except ImportError:
-        pass
-    import arviz_plots
-
-    return arviz_plots.plot_forest
-
-
-def _psislw(log_ratios: np.ndarray) -> tuple[np.ndarray, float]:
-    """Pareto-smoothed, normalized log importance weights and k-hat of 1-D log ratios.
-
-    ``arviz_stats`` (a dependency of ``arviz`` 1.x too) follows the LOO convention where the
-    input is a log-likelihood whose *negation* is the log ratio, so the ratios go in negated.
-    """
-    from arviz_stats.base import array_stats
-
-    log_weights, khat = array_stats.psislw(-np.asarray(log_ratios, dtype=np.float64))
-    return np.asarray(log_weights), float(khat)
 
 
 # --------------------------------------------------------------------------- traces
@@ -93,6 +52,44 @@ class _NotVectorizable(RuntimeError):
 
 def _is_deterministic(site: dict) -> bool:
     return bool(site["infer"].get("_deterministic", False))
+
+
+def _event_dim(site: dict, num_plate_dims: int, vectorized: bool) -> int:
+    """Event dims of the value of a latent or ``pyro.deterministic`` site.
+
+    A latent's come from its distribution. ``pyro.deterministic(name, value, event_dim=None)``
+    records ``Delta(value, event_dim=value.ndim)``: by default the whole value is one event,
+    the dims of the enclosing plates included. Pyro's plates own fixed batch positions (plate
+    dim -1 is the rightmost batch dim, left of the event dims), so where the default leaves
+    the plates no room, the dims right of them are the event: under the draws' plate (left of
+    every model plate) that is all but the leading ``1 + num_plate_dims`` dims; in a single
+    trace, all but the dims the site's plates reach, if their sizes fit those plates, else
+    the whole value as Pyro records it. An ``event_dim`` the user gave is kept.
+    """
+    recorded = site["fn"].event_dim
+    value = site["value"]
+    if not _is_deterministic(site) or recorded != value.dim():
+        return recorded
+    if vectorized:
+        event_dim = value.dim() - 1 - num_plate_dims
+        if event_dim < 0:
+            raise _NotVectorizable(
+                f"deterministic site {site['name']!r} of shape {tuple(value.shape)} does not"
+                " carry the draws' dim"
+            )
+        return event_dim
+    frames = _plate_frames(site)
+    if not frames:
+        return recorded
+    depth = max(-frame.dim for frame in frames)
+    event_dim = max(value.dim() - depth, 0)
+    batch = value.shape[: value.dim() - event_dim]
+    sizes = {frame.dim: frame.size for frame in frames}
+    fits = all(
+        size == 1 or size == sizes.get(dim)
+        for dim, size in zip(range(-len(batch), 0), batch, strict=True)
+    )
+    return event_dim if fits else recorded
 
 
 def _is_factor(site: dict) -> bool:
@@ -137,6 +134,7 @@ class _Roles:
     observed: list[str]  # observations (scored in the log-likelihood group)
     factors: list[str]  # pyro.factor sites of the model (in log p, not in the likelihood)
     model_only: list[str]  # model latents drawn from their prior: cancel out of the weights
+    plate_names: list[str] = field(default_factory=list)  # the model's plates (not the draws')
 
 
 def _roles(model_trace: Trace, guide_trace: Trace) -> _Roles:
@@ -157,6 +155,8 @@ def _roles(model_trace: Trace, guide_trace: Trace) -> _Roles:
             " their prior, left out of the posterior, and cancel out of the importance weights",
             stacklevel=3,
         )
+    model_sites = _sample_sites(model_trace).values()
+    roles.plate_names = sorted({f.name for site in model_sites for f in _plate_frames(site)})
     if not roles.latent:
         raise ValueError(
             "the guide samples none of the model's latent sites (model latents: "
@@ -259,7 +259,7 @@ def _draw_vectorized(
     if collect:
         for name in draws.roles.latent + draws.roles.deterministic:
             site = model_trace.nodes[name]
-            event_dim = site["fn"].event_dim
+            event_dim = _event_dim(site, plates, vectorized=True)
             value = _vectorized_value(site["value"], event_dim, num_draws, plates)
             latents[name] = _SiteDraws(value, _plate_frames(site), event_dim)
         for name in draws.roles.observed:
@@ -340,9 +340,16 @@ def _draw_loop(
             continue
         for name in draws.roles.latent + draws.roles.deterministic:
             site = model_trace.nodes[name]
-            events[name] = site["fn"].event_dim
+            events[name] = _event_dim(site, plates, vectorized=False)
             frames[name] = _plate_frames(site)
-            values.setdefault(name, []).append(_pad_batch(site["value"], events[name], plates))
+            try:
+                padded = _pad_batch(site["value"], events[name], plates)
+            except _NotVectorizable as error:
+                raise ValueError(
+                    f"site {name!r}: {error} for {plates} plate dims and {events[name]} event"
+                    " dims; for a pyro.deterministic site pass the right event_dim="
+                ) from None
+            values.setdefault(name, []).append(padded)
         for name in draws.roles.observed:
             site = model_trace.nodes[name]
             frames[name] = _plate_frames(site)
@@ -461,9 +468,9 @@ def _draw_all_vectorized(
 
 
 def _layout(
-    name: str, draws: _SiteDraws, num_plate_dims: int
+    name: str, draws: _SiteDraws, num_plate_dims: int, data_dim: str = DATA_PLATE
 ) -> tuple[np.ndarray, list[str], dict[str, np.ndarray]]:
-    """Drop broadcast batch dims and name the rest: the "data" plate is ``obs``, another
+    """Drop broadcast batch dims and name the rest: the "data" plate is ``data_dim``, another
     plate keeps its name, event dims are ``{name}_dim_k``."""
     values = draws.values
     by_dim = {frame.dim: frame for frame in draws.frames}
@@ -471,10 +478,17 @@ def _layout(
     for j in range(num_plate_dims):
         axis = 1 + j
         frame = by_dim.get(j - num_plate_dims)
-        if frame is not None:
-            dim = OBS_DIM if frame.name == DATA_PLATE else frame.name
+        if frame is not None and values.shape[axis] not in (1, frame.size):
+            raise ValueError(
+                f"site {name!r} has size {values.shape[axis]} at batch dim"
+                f" {j - num_plate_dims}, where its plate {frame.name!r} has size"
+                f" {frame.size} (values of shape {tuple(values.shape[1:])} with"
+                f" {draws.event_dim} event dims); for a pyro.deterministic site pass event_dim="
+            )
+        if frame is not None and values.shape[axis] == frame.size:
+            dim = data_dim if frame.name == DATA_PLATE else frame.name
         elif values.shape[axis] == 1:
-            continue
+            continue  # broadcast: e.g. a deterministic of global sites inside a plate
         else:
             dim = f"{name}_batch_dim_{j}"
         keep.append(axis)
@@ -488,12 +502,17 @@ def _layout(
     return values.reshape(shape).detach().cpu().numpy(), dims, coords
 
 
-def _observed_layout(site: dict, num_plate_dims: int) -> tuple[np.ndarray, list[str], dict]:
+def _observed_layout(
+    site: dict, num_plate_dims: int, data_dim: str
+) -> tuple[np.ndarray, list[str], dict]:
     fn = site["fn"]
     value = site["value"].expand(tuple(fn.batch_shape) + tuple(fn.event_shape))
     padded = _pad_batch(value, fn.event_dim, num_plate_dims).unsqueeze(0)
     array, dims, coords = _layout(
-        site["name"], _SiteDraws(padded, _plate_frames(site), fn.event_dim), num_plate_dims
+        site["name"],
+        _SiteDraws(padded, _plate_frames(site), fn.event_dim),
+        num_plate_dims,
+        data_dim,
     )
     return array[0], dims, coords
 
@@ -502,23 +521,42 @@ def _model_kwargs(labels: torch.Tensor | None, kwargs: dict) -> dict:
     return dict(kwargs) if labels is None else {**kwargs, "labels": labels}
 
 
-def _draws_to_tree(draws: _Draws) -> xarray.DataTree:
-    az = _arviz()
+def _check_data_dim(data_dim: str, probe_model: Trace, roles: _Roles) -> None:
+    """The "data" plate's dim may not take the name of a site or of another plate: xarray
+    would make a variable of that name a coordinate (empty groups) or merge two dims."""
+    if data_dim == DATA_PLATE:
+        return  # the plate's own name: Pyro keeps it for the plate's site, no site can take it
+    if data_dim in _sample_sites(probe_model):
+        raise ValueError(
+            f"data_dim={data_dim!r} is also the name of the model's site {data_dim!r}: ArviZ"
+            " would take that site for the dim's coordinate; choose another data_dim"
+        )
+    if data_dim in roles.plate_names:
+        raise ValueError(
+            f"data_dim={data_dim!r} is also the name of the model's plate {data_dim!r}: the two"
+            " plates would share one dim; choose another data_dim"
+        )
+
+
+def _draws_to_tree(draws: _Draws, data_dim: str = DATA_PLATE) -> ArvizData:
+    _check_data_dim(data_dim, draws.probe_model, draws.roles)
     plates = draws.num_plate_dims
     groups: dict[str, dict[str, np.ndarray]] = {"posterior": {}, "log_likelihood": {}}
     dims: dict[str, list[str]] = {}
     coords: dict[str, np.ndarray] = {}
     for name, site_draws in draws.latents.items():
-        array, dims[name], site_coords = _layout(name, site_draws, plates)
+        array, dims[name], site_coords = _layout(name, site_draws, plates, data_dim)
         groups["posterior"][name] = array[None]
         coords.update(site_coords)
     for name, site_draws in draws.log_lik.items():
-        array, _, site_coords = _layout(name, site_draws, plates)
+        array, _, site_coords = _layout(name, site_draws, plates, data_dim)
         groups["log_likelihood"][name] = array[None]
         coords.update(site_coords)
     groups["observed_data"] = {}
     for name in draws.roles.observed:
-        array, dims[name], site_coords = _observed_layout(draws.probe_model.nodes[name], plates)
+        array, dims[name], site_coords = _observed_layout(
+            draws.probe_model.nodes[name], plates, data_dim
+        )
         groups["observed_data"][name] = array
         coords.update(site_coords)
     log_p, log_q = draws.log_p.detach().cpu().numpy(), draws.log_q.detach().cpu().numpy()
@@ -527,10 +565,9 @@ def _draws_to_tree(draws: _Draws) -> xarray.DataTree:
         "lp": log_p[None],
         "log_q": log_q[None],
     }
-    groups = {group: values for group, values in groups.items() if values}
-    attrs = {"/": {"inference_library": "pyro", "vectorized_draws": int(draws.vectorized)}}
+    attrs = {"inference_library": "pyro", "vectorized_draws": int(draws.vectorized)}
     # log_likelihood variables take the leading (batch) dims of their observed_data twin.
-    return az.from_dict(groups, dims=dims, coords=coords, attrs=attrs)
+    return arviz_compat.from_groups(groups, dims=dims, coords=coords, attrs=attrs)
 
 
 # --------------------------------------------------------------------------- public API
@@ -539,30 +576,38 @@ def _draws_to_tree(draws: _Draws) -> xarray.DataTree:
 def to_arviz(
     model: Callable,
     guide: Callable,
-    data: torch.Tensor,
+    *args: Any,
     num_samples: int = 500,
     labels: torch.Tensor | None = None,
-    *,
     vectorize: bool | None = None,
+    data_dim: str = DATA_PLATE,
     **kwargs: Any,
-) -> xarray.DataTree:
-    """Export guide draws, scored by the model, as an ArviZ ``xarray.DataTree``.
+) -> ArvizData:
+    """Export guide draws, scored by the model, through the installed ArviZ's ``from_dict``:
+    an ``arviz.InferenceData`` on ArviZ 0.x (Python 3.11), an ``xarray.DataTree`` on 1.x.
+    Either way ``az.summary``, ``az.loo`` and the plots of that ArviZ read it.
 
     Groups (``chain`` has length 1, ``draw`` has ``num_samples``):
 
     - ``posterior``: guide draws of the *model's* latent sites (and its ``pyro.deterministic``
-      sites). Guide-only sites (auxiliary variables, guide factors) are left out. Sites in
-      the ``"data"`` plate get an ``obs`` dim (coords ``0..N-1``), other plates keep their
-      plate name, event dims are ``{site}_dim_k``.
+      sites, whose event dims are inferred from the plates when the model does not give
+      ``event_dim``). Guide-only sites (auxiliary variables, guide factors) are left out.
+      Sites in a plate get a dim named after the plate (coords ``0..size-1``; the
+      ``"data"`` plate's dim is ``data_dim``), event dims are ``{site}_dim_k``.
     - ``log_likelihood``: per-datum log p(x_i | z) of each observed site, dims
-      ``(chain, draw, obs)``.
+      ``(chain, draw, data_dim)``.
     - ``observed_data``: the observations.
     - ``sample_stats``: ``log_weight`` = log p(x, z) - log q(z | x) per draw (summed over
       the data; with an auxiliary guide it includes the guide's -log r term, so it is the
       auxiliary importance weight), ``lp`` = log p(x, z), ``log_q``.
 
-    :param data: the batch ``x`` handed to ``model(x, labels=...)`` and the guide.
+    :param args: positional arguments of the model and the guide (usually ``x``, and ``y``
+        for a regression), as for :func:`psis_khat` and :func:`compare_with_nuts`.
+    :param num_samples: number of guide draws (keyword only).
     :param labels: passed as ``labels=`` when given (semi-supervised models).
+    :param data_dim: name of the ``"data"`` plate's dim. The default, the plate's own name,
+        cannot collide with a site (Pyro records the plate as a site of that name); another
+        name that is a sample site or a plate of the model is refused.
     :param vectorize: ``None`` draws under a ``pyro.plate`` over draws, checks draw 0 by
         re-scoring it alone, and falls back to a loop over draws (with a warning) if the
         pair does not broadcast or the check fails; ``True`` skips the check (for guides
@@ -571,9 +616,11 @@ def to_arviz(
         ``False`` loops.
     :param kwargs: further keyword arguments for the model and the guide.
     """
+    if not isinstance(data_dim, str) or not data_dim:
+        raise ValueError(f"data_dim must be a non-empty string, got {data_dim!r}")
     kwargs = _model_kwargs(labels, kwargs)
-    draws = _draw(model, guide, (data,), kwargs, num_samples, vectorize=vectorize)
-    return _draws_to_tree(draws)
+    draws = _draw(model, guide, args, kwargs, num_samples, vectorize=vectorize)
+    return _draws_to_tree(draws, data_dim)
 
 
 @dataclass(frozen=True)
@@ -582,12 +629,18 @@ class KhatResult:
 
     ``log_weights`` are the Pareto-smoothed, self-normalized log weights; ``log_ratios``
     the raw log p(x, z) - log q(z) per draw.
+
+    ``constant_weights`` is ``True`` when the log ratios are constant up to rounding (q is
+    the posterior up to normalization, e.g. an exact guide): there is no tail to fit, so
+    ``khat`` is reported as 0 rather than fitted, the weights are uniform, and ``str()``
+    says so.
     """
 
-    khat: float  # -inf when the log ratios are constant up to rounding
+    khat: float
     log_weights: np.ndarray
     log_ratios: np.ndarray
     thresholds: tuple[float, float] = KHAT_THRESHOLDS
+    constant_weights: bool = False
 
     @property
     def verdict(self) -> str:
@@ -613,9 +666,15 @@ class KhatResult:
 
     def __str__(self) -> str:
         good, poor = self.thresholds
+        note = (
+            "; the importance ratios are constant (q matches the posterior up to"
+            " normalization), so k-hat is 0 by convention, not fitted"
+            if self.constant_weights
+            else ""
+        )
         return (
             f"PSIS k-hat = {self.khat:.3f} ({self.verdict}; good < {good}, poor > {poor}) "
-            f"from {self.num_samples} draws, ESS {self.ess:.1f}"
+            f"from {self.num_samples} draws, ESS {self.ess:.1f}{note}"
         )
 
 
@@ -632,12 +691,21 @@ def _khat_from(log_p: torch.Tensor, log_q: torch.Tensor) -> KhatResult:
             f"PSIS needs at least {_MIN_PSIS_DRAWS} draws (a tail of 5 or more),"
             f" got num_samples={log_ratios.size}"
         )
-    if np.ptp(log_ratios) <= _rounding_tolerance(log_p, log_q):
+    spread = float(np.ptp(log_ratios))
+    if spread <= _rounding_tolerance(log_p, log_q):
         # q is the posterior up to normalization: the ratios are bounded (constant), there
-        # is no tail to fit, and the weights are uniform.
+        # is no tail to fit (a Pareto fit gives -inf or fails), and the weights are uniform.
+        warnings.warn(
+            f"the {log_ratios.size} log importance ratios are constant up to rounding (spread"
+            f" {spread:.3g}): q matches the posterior up to normalization; reporting k-hat = 0"
+            " (not fitted) and uniform weights",
+            stacklevel=3,
+        )
         uniform = np.full(log_ratios.size, -math.log(log_ratios.size))
-        return KhatResult(khat=-math.inf, log_weights=uniform, log_ratios=log_ratios)
-    log_weights, khat = _psislw(log_ratios)
+        return KhatResult(
+            khat=0.0, log_weights=uniform, log_ratios=log_ratios, constant_weights=True
+        )
+    log_weights, khat = arviz_compat.psislw(log_ratios)
     return KhatResult(khat=khat, log_weights=log_weights, log_ratios=log_ratios)
 
 
@@ -664,7 +732,10 @@ def psis_khat(
     importance sampling"); its shape k-hat measures how heavy the tail of p/q is. Yao et al.
     (2018, "Yes, but did it work?: Evaluating variational inference", ICML): k-hat < 0.5
     means q is close to the posterior, 0.5-0.7 usable after PSIS correction, > 0.7 poor.
-    A q narrower than the posterior gives heavy-tailed ratios and a large k-hat.
+    A q narrower than the posterior gives heavy-tailed ratios and a large k-hat. Where the
+    ratios are constant up to rounding (q is the exact posterior), there is no tail to fit:
+    the result has ``khat = 0``, ``constant_weights = True`` and uniform weights, and a
+    warning says so.
 
     :param args: positional arguments of the model and the guide (usually ``x``).
     :param kwargs: keyword arguments of the model and the guide (e.g. ``labels``).
@@ -685,8 +756,8 @@ class NutsComparison:
     guide_summary: pandas.DataFrame
     nuts_summary: pandas.DataFrame
     khat: KhatResult
-    guide_posterior: xarray.DataTree
-    nuts_posterior: xarray.DataTree
+    guide_posterior: ArvizData
+    nuts_posterior: ArvizData
     divergences: int
     plot_path: str | None = None
 
@@ -723,7 +794,7 @@ def _run_nuts(
     return {name: torch.stack(values) for name, values in chains.items()}, divergences
 
 
-def _nuts_tree(samples: dict[str, torch.Tensor], draws: _Draws) -> xarray.DataTree:
+def _nuts_tree(samples: dict[str, torch.Tensor], draws: _Draws) -> ArvizData:
     """NUTS draws, laid out and named exactly like the guide's posterior group."""
     plates = draws.num_plate_dims
     posterior, dims, coords = {}, {}, {}
@@ -739,7 +810,7 @@ def _nuts_tree(samples: dict[str, torch.Tensor], draws: _Draws) -> xarray.DataTr
         )
         posterior[name] = array.reshape((num_chains, num_draws) + array.shape[1:])
         coords.update(site_coords)
-    return _arviz().from_dict({"posterior": posterior}, dims=dims, coords=coords)
+    return arviz_compat.from_groups({"posterior": posterior}, dims=dims, coords=coords)
 
 
 def _merge_summaries(guide: pandas.DataFrame, nuts: pandas.DataFrame) -> pandas.DataFrame:
@@ -750,38 +821,6 @@ def _merge_summaries(guide: pandas.DataFrame, nuts: pandas.DataFrame) -> pandas.
         ("nuts", "sd")
     ]
     return table
-
-
-def _single_chain(tree: xarray.DataTree, num_draws: int) -> xarray.DataTree:
-    posterior = tree["posterior"].to_dataset()
-    stacked = posterior.stack(sample=("chain", "draw")).isel(sample=slice(0, num_draws))
-    stacked = stacked.drop_vars(["sample", "chain", "draw"]).rename(sample="draw")
-    stacked = stacked.expand_dims(chain=1).transpose("chain", "draw", ...)
-    stacked = stacked.assign_coords(chain=[0], draw=np.arange(num_draws))
-    import xarray
-
-    return xarray.DataTree.from_dict({"posterior": stacked})
-
-
-def _plot_forest_arviz(guide: xarray.DataTree, nuts: xarray.DataTree, path: str) -> None:
-    # plot_forest aligns the two trees on chain and draw coords (outer join: NaN holes),
-    # so both get one chain of the same length first.
-    num_draws = min(
-        guide["posterior"].sizes["chain"] * guide["posterior"].sizes["draw"],
-        nuts["posterior"].sizes["chain"] * nuts["posterior"].sizes["draw"],
-    )
-    plot_forest = _arviz_plot_forest()
-    collection = plot_forest(
-        {"guide": _single_chain(guide, num_draws), "nuts": _single_chain(nuts, num_draws)},
-        backend="matplotlib",
-        combined=True,
-    )
-    collection.add_legend("model")
-    collection.savefig(path)
-    # arviz-plots draws through pyplot: close its figure, and only its figure.
-    import matplotlib.pyplot as plt
-
-    plt.close(collection.viz["figure"].item())
 
 
 def _plot_forest_matplotlib(table: pandas.DataFrame, path: str) -> None:
@@ -822,7 +861,7 @@ def compare_with_nuts(
     (Yao et al. 2018), and optionally a forest plot of both posteriors at ``plot_path``.
     The global RNG state is restored afterwards.
 
-    :param plot_backend: ``"arviz"`` (``plot_forest`` of arviz-plots; falls back to
+    :param plot_backend: ``"arviz"`` (the installed ArviZ's ``plot_forest``; falls back to
         matplotlib with a warning if it fails) or ``"matplotlib"``.
     """
     if plot_backend not in ("arviz", "matplotlib"):
@@ -842,19 +881,20 @@ def compare_with_nuts(
     finally:
         pyro.util.set_rng_state(state)
     nuts_tree = _nuts_tree(samples, draws)
-    az = _arviz()
     names = list(draws.roles.latent)
-    guide_summary = az.summary(guide_tree, var_names=names, round_to="none")
-    nuts_summary = az.summary(nuts_tree, var_names=names, round_to="none")
+    guide_summary = arviz_compat.summary(guide_tree, names)
+    nuts_summary = arviz_compat.summary(nuts_tree, names)
     table = _merge_summaries(guide_summary, nuts_summary)
     if plot_path is not None:
         plot_path = str(plot_path)
         if plot_backend == "arviz":
             try:
-                _plot_forest_arviz(guide_tree, nuts_tree, plot_path)
+                arviz_compat.plot_forest(
+                    {"guide": guide_tree, "nuts": nuts_tree}, names, plot_path
+                )
             except Exception as error:  # noqa: BLE001 - any plotting failure has a fallback
                 warnings.warn(
-                    f"arviz-plots forest plot failed ({error}); using matplotlib", stacklevel=2
+                    f"ArviZ forest plot failed ({error}); using matplotlib", stacklevel=2
                 )
                 _plot_forest_matplotlib(table, plot_path)
         else:
