@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 OUT ?= results/demo
 
-.PHONY: install demo test test-slow lint bench bench-runner bench-estimators bench-step-time bench-hierarchical notebooks notebooks-full clean
+.PHONY: install demo test test-arviz1 test-slow lint bench bench-runner bench-estimators bench-step-time bench-hierarchical notebooks notebooks-full clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,17 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -n 2 -q
 	LVMKIT_FAST=1 OMP_NUM_THREADS=1 $(PY) -m pytest --nbmake -n 2 -q tutorials/
+
+# The ArviZ-line-specific layer against ArviZ 1.x, which needs Python >= 3.12 (the project's
+# venv runs 3.11 with ArviZ 0.23). It imports neither torch nor Pyro, so this venv is small.
+AZ1_VENV ?= .venv-arviz1
+PYTHON312 ?= python3.12
+test-arviz1:
+	@if ! PYENV_VERSION=3.12 $(PYTHON312) -c 'import sys; assert sys.version_info >= (3, 12)' 2>/dev/null; then \
+		echo "test-arviz1: skipped, no Python >= 3.12 ($(PYTHON312))"; exit 0; fi; \
+	test -x $(AZ1_VENV)/bin/python || PYENV_VERSION=3.12 $(PYTHON312) -m venv $(AZ1_VENV); \
+	$(AZ1_VENV)/bin/pip install -q 'arviz>=1,<2' matplotlib pytest && \
+	MPLBACKEND=Agg $(AZ1_VENV)/bin/python -m pytest --noconftest -p no:cacheprovider -q tests/test_arviz_convert.py
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -n 2 -q -m slow
