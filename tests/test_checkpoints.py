@@ -199,3 +199,15 @@ def test_history_is_on_a_non_finite_loss_error_without_checkpoints():
     with pytest.raises(FloatingPointError, match="at step 2") as info:
         fit(model, empty_guide, torch.ones(20), steps=10, batch_size=10, progress=False)
     assert info.value.history.step == [1]
+
+
+def test_resume_ignores_saved_parameters_this_model_does_not_use(tmp_path):
+    """The store is global: a checkpoint also holds what another model left in it."""
+    data = binary_data()
+    full = run(8, data)
+    pyro.clear_param_store()
+    pyro.param("another_models_weight", torch.zeros(3))
+    run(4, data, checkpoint_dir=tmp_path, checkpoint_every=4)
+    pyro.clear_param_store()  # as in a new process
+    resumed = run(8, data, checkpoint_dir=tmp_path)
+    assert resumed.loss == pytest.approx(full.loss, abs=1e-6)

@@ -269,6 +269,7 @@ class _Plan:
     plate: str | None
     pass_full: bool  # form 3: the model gets the whole data and indexes it
     fixed_size: bool  # a full-size data plate: every batch must hold exactly B data
+    params: frozenset[str]  # the param store names model and guide use
 
 
 def fit(
@@ -375,7 +376,7 @@ def fit(
     model_handler = _FitHandler(data_plate or DATA_PLATE, n)
     guide_handler = _FitHandler(data_plate or DATA_PLATE, n)
     plan = _first_trace(model, guide, data, x_all, y_all, batch_size, data_plate,
-                        model_handler, guide_handler, device)
+                        model_handler, guide_handler, device, seed)
     model_handler.plate = guide_handler.plate = plan.plate
     batches = _Batches(n, batch_size, seed, fixed_size=plan.fixed_size)
     history = History()
@@ -408,7 +409,7 @@ def fit(
             restored = checkpoints.load()
             if restored is not None:
                 step, history = _restore(restored[0], restored[1], optim, elbo, batches, n,
-                                         batch_size)
+                                         batch_size, plan.params)
         else:
             checkpoints.replace_existing()
 
@@ -526,7 +527,8 @@ def _check_batching(n: int, batch_size: int, steps: int | None, epochs: int | No
 # -- the first trace -------------------------------------------------------------------------
 def _first_trace(model: Callable, guide: Callable, data, x_all: torch.Tensor,
                  y_all: torch.Tensor | None, batch_size: int, data_plate: str | None,
-                 model_handler: _FitHandler, guide_handler: _FitHandler, device) -> _Plan:
+                 model_handler: _FitHandler, guide_handler: _FitHandler, device,
+                 seed: int) -> _Plan:
     """Trace model and guide once on the first B data; find the data plate and how the
     model takes its data; refuse what would train silently wrong.
 
@@ -538,7 +540,7 @@ def _first_trace(model: Callable, guide: Callable, data, x_all: torch.Tensor,
     name = data_plate or DATA_PLATE
     first_idx = torch.arange(batch_size)
     if isinstance(data, Dataset):  # a separate generator: the batch stream stays untouched
-        x = data.batch(first_idx, torch.Generator().manual_seed(0)).to(device)
+        x = data.batch(first_idx, torch.Generator().manual_seed(seed)).to(device)
     else:
         x = x_all[first_idx].to(device)
     kwargs = {} if y_all is None else {"labels": y_all[:batch_size].to(device)}
@@ -560,7 +562,7 @@ def _first_trace(model: Callable, guide: Callable, data, x_all: torch.Tensor,
             x = x_all.to(device)
             if isinstance(data, Dataset) and data.binarize == "dynamic":
                 x = x.clone()
-                x[first_idx] = data.batch(first_idx, torch.Generator().manual_seed(0)).to(device)
+                x[first_idx] = data.batch(first_idx, torch.Generator().manual_seed(seed)).to(device)
             kwargs = {} if y_all is None else {"labels": y_all.to(device)}
             model_trace = poutine.trace(_handled(model, model_handler)).get_trace(x, **kwargs)
         guide_trace = poutine.trace(_handled(guide, guide_handler)).get_trace(x, **kwargs)
@@ -572,7 +574,10 @@ def _first_trace(model: Callable, guide: Callable, data, x_all: torch.Tensor,
     _check_guide_covers_model(model_trace, guide_trace)
     if batch_size < n and plate is not None and not declared:
         _check_no_per_datum_autoguide(guide, plate, batch_size, n)
-    return _Plan(plate=plate, pass_full=pass_full, fixed_size=batch_size < n and declared)
+    params = frozenset(name for trace in (model_trace, guide_trace)
+                       for name, site in trace.nodes.items() if site["type"] == "param")
+    return _Plan(plate=plate, pass_full=pass_full, fixed_size=batch_size < n and declared,
+                 params=params)
 
 
 def _frames(trace) -> dict[str, Any]:
@@ -971,8 +976,8 @@ def _elbo_state(elbo) -> dict | None:
     return state_dict() if callable(state_dict) else None
 
 
-def _restore(path: str, state: dict, optim, elbo, batches: _Batches, n: int, batch_size: int
-             ) -> tuple[int, History]:
+def _restore(path: str, state: dict, optim, elbo, batches: _Batches, n: int, batch_size: int,
+             used: frozenset[str]) -> tuple[int, History]:
     if (state["n"], state["batch_size"]) != (n, batch_size):
         raise ValueError(
             f"checkpoint {path!r} was written for N={state['n']}, batch_size="
@@ -990,7 +995,7 @@ def _restore(path: str, state: dict, optim, elbo, batches: _Batches, n: int, bat
             # First: an estimator may register networks in the param store, whose saved
             # values _load_params then writes into the networks' own tensors.
             elbo.load_state_dict(saved["state"])
-    _check_params_match(path, state["params"]["params"])
+    _check_params_match(path, state["params"]["params"], used)
     _load_params(state["params"])
     optim.set_state(state["optim"])
     RandomState.from_dict(state["rng"]).restore()
@@ -998,30 +1003,35 @@ def _restore(path: str, state: dict, optim, elbo, batches: _Batches, n: int, bat
     return state["step"], History.from_dict(state["history"])
 
 
-def _check_params_match(path: str, saved: dict[str, torch.Tensor]) -> None:
+def _check_params_match(path: str, saved: dict[str, torch.Tensor], used: frozenset[str]
+                        ) -> None:
     """Refuse a checkpoint of another model: resumed with other names or shapes, part of
-    the model would keep its initial values (the first trace registered this model's
-    parameters, so the store holds exactly what it uses)."""
-    current = {name: tuple(value.shape) for name, value in
-               pyro.get_param_store()._params.items()}
-    saved_shapes = {name: tuple(value.shape) for name, value in saved.items()}
+    the model would keep its initial values.
+
+    ``used`` are the parameters the first trace of model and guide read; the store holds
+    them (unconstrained, as the checkpoint does). Saved parameters this model does not use
+    (an estimator's, another model's in the same store) are no reason to refuse.
+    """
+    store = pyro.get_param_store()._params
+    absent = sorted(name for name in used if name not in saved)
+    reshaped = [f"{name} {tuple(saved[name].shape)} in the checkpoint vs "
+                f"{tuple(store[name].shape)} here"
+                for name in sorted(used) if name in saved and name in store
+                and saved[name].shape != store[name].shape]
+    if not absent and not reshaped:
+        return
     problems = []
-    only_saved = sorted(saved_shapes.keys() - current.keys())
-    only_current = sorted(current.keys() - saved_shapes.keys())
-    if only_saved:
-        problems.append(f"in the checkpoint but not in this model: {only_saved}")
-    if only_current:
-        problems.append(f"in this model but not in the checkpoint: {only_current}")
-    reshaped = [f"{name} {saved_shapes[name]} in the checkpoint vs {current[name]} here"
-                for name in sorted(saved_shapes.keys() & current.keys())
-                if saved_shapes[name] != current[name]]
+    if absent:
+        problems.append(f"in this model but not in the checkpoint: {absent}")
+        unused = sorted(name for name in saved if name not in used)
+        if unused:
+            problems.append(f"in the checkpoint but not in this model: {unused}")
     if reshaped:
         problems.append("other shapes: " + ", ".join(reshaped))
-    if problems:
-        raise ValueError(
-            f"checkpoint {path!r} was written by a model with other parameters; "
-            + "; ".join(problems) + ". Use another checkpoint_dir or resume=False."
-        )
+    raise ValueError(
+        f"checkpoint {path!r} was written by a model with other parameters; "
+        + "; ".join(problems) + ". Use another checkpoint_dir or resume=False."
+    )
 
 
 def _load_params(saved: dict[str, Any]) -> None:
