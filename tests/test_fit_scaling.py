@@ -367,3 +367,15 @@ def test_autodelta_global_guide_is_accepted_at_small_batch():
     # Global latents only: nothing per datum, no refusal.
     fit(normal_mean_model, AutoDelta(normal_mean_model), torch.randn(40), steps=2,
         batch_size=10, progress=False)
+
+
+def test_local_site_outside_the_guides_data_plate_is_refused():
+    """Its guide entropy would count once while the model's log-density counts N / B."""
+
+    def guide(x):
+        loc = pyro.param("loc", torch.zeros(len(x)))
+        pyro.sample("z", dist.Normal(loc, 1.0).to_event(1))  # the batch as an event
+
+    with pytest.raises(ValueError, match=r"\['z'\] are inside plate 'data' in only one of "
+                                         r"model and guide \(inside it in: \{'z': 'model'\}"):
+        fit(local_model, guide, local_data(), steps=1, batch_size=10, progress=False)

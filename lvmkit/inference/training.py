@@ -572,6 +572,8 @@ def _first_trace(model: Callable, guide: Callable, data, x_all: torch.Tensor,
     guide_frame = _frame(guide_trace, plate)
     declared = _check_plates(plate, model_frame, guide_frame, n, batch_size)
     _check_guide_covers_model(model_trace, guide_trace)
+    if batch_size < n and plate is not None:
+        _check_same_plate(model_trace, guide_trace, plate)
     if batch_size < n and plate is not None and not declared:
         _check_no_per_datum_autoguide(guide, plate, batch_size, n)
     params = frozenset(name for trace in (model_trace, guide_trace)
@@ -673,6 +675,27 @@ def _check_guide_covers_model(model_trace, guide_trace) -> None:
             "'Found vars in model but not guide'): SVI would draw them from the prior and the "
             "objective would not be a lower bound. Sample them in the guide, observe them in "
             "the model, or mark them infer={'enumerate': 'parallel'} for TraceEnum_ELBO."
+        )
+
+
+def _check_same_plate(model_trace, guide_trace, plate: str) -> None:
+    """A site inside the data plate in the model but not in the guide (or the reverse)
+    would have its log-density scaled by N / B on one side only."""
+
+    def inside(trace) -> dict[str, bool]:
+        return {name: any(frame.name == plate for frame in site["cond_indep_stack"])
+                for name, site in trace.nodes.items()
+                if site["type"] == "sample" and not site_is_subsample(site)}
+
+    in_model, in_guide = inside(model_trace), inside(guide_trace)
+    split = sorted(name for name in in_guide.keys() & in_model.keys()
+                   if in_guide[name] != in_model[name])
+    if split:
+        where = {name: "model" if in_model[name] else "guide" for name in split}
+        raise ValueError(
+            f"site(s) {split} are inside plate {plate!r} in only one of model and guide "
+            f"(inside it in: {where}): fit scales the per-datum sites by N / B, so model and "
+            f"guide must both sample them inside pyro.plate({plate!r}, ...)"
         )
 
 
