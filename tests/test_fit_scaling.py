@@ -379,3 +379,15 @@ def test_local_site_outside_the_guides_data_plate_is_refused():
     with pytest.raises(ValueError, match=r"\['z'\] are inside plate 'data' in only one of "
                                          r"model and guide \(inside it in: \{'z': 'model'\}"):
         fit(local_model, guide, local_data(), steps=1, batch_size=10, progress=False)
+
+
+def test_declared_model_plate_with_a_guide_plate_over_the_batch_is_refused():
+    """Pyro replays the guide's subsample indices into the model: a guide plate over the
+    batch would hand the model the positions 0..B-1 in place of the batch's indices."""
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(x, 1.0))
+
+    with pytest.raises(ValueError, match="declares the full size N=40, the guide's has size 10"):
+        fit(declared_local_model, guide, local_data(), steps=1, batch_size=10, progress=False)

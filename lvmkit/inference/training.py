@@ -28,7 +28,9 @@ Which data the model sees. There are three ways to write the data plate:
    in such a plate (it cannot see inside a hand-written guide; write it as 2 or 3).
 2. Full size declared, batch passed: ``with pyro.plate("data", N, subsample=torch.arange(len(x)))``
    in a model that takes the batch. ``fit`` fixes the plate's indices to the batch's
-   indices ``idx`` (the rows of ``x`` in order), in the model and the guide.
+   indices ``idx`` (the rows of ``x`` in order), in the model and the guide. A guide with
+   a data plate must declare the same full-size plate: Pyro replays the guide's indices
+   into the model, so ``fit`` refuses a guide plate over the batch.
 3. Pyro's own subsampling idiom: ``with pyro.plate("data", len(x), subsample_size=B) as ind:``
    and ``obs=x[ind]``, with B = ``batch_size``. ``fit`` detects it (the ``"data"`` or
    ``data_plate`` plate draws its own subsample), passes the *whole* data set and the whole
@@ -231,7 +233,8 @@ class _FitHandler(Messenger):
                 f"batch_size is {len(idx)}: give the plate subsample_size=batch_size (fit "
                 "fixes its indices to the batch it draws)"
             )
-        msg["value"] = idx
+        # on the plate's device, as the plate's own draw would be
+        msg["value"] = idx.to(fn.device)
 
 
 class _StopAtPlate(Exception):
@@ -425,7 +428,7 @@ def fit(
             scale = n / len(idx)
             model_handler.scale = guide_handler.scale = scale
             if plan.plate is not None:
-                model_handler.indices = guide_handler.indices = idx.to(device)
+                model_handler.indices = guide_handler.indices = idx
             guide_handler.checking = (step + 1 == first_step
                                       or (step + 1) % SATURATION_CHECK_EVERY == 0)
             if use_differentiable_loss:
@@ -544,7 +547,7 @@ def _first_trace(model: Callable, guide: Callable, data, x_all: torch.Tensor,
     else:
         x = x_all[first_idx].to(device)
     kwargs = {} if y_all is None else {"labels": y_all[:batch_size].to(device)}
-    model_handler.indices = guide_handler.indices = first_idx.to(device)
+    model_handler.indices = guide_handler.indices = first_idx
     probe = _SubsampleProbe(name)
     pass_full = False
     with poutine.block(), torch.no_grad():
