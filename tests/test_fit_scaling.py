@@ -391,3 +391,26 @@ def test_declared_model_plate_with_a_guide_plate_over_the_batch_is_refused():
 
     with pytest.raises(ValueError, match="declares the full size N=40, the guide's has size 10"):
         fit(declared_local_model, guide, local_data(), steps=1, batch_size=10, progress=False)
+
+
+def test_logits_that_saturate_later_are_caught_by_the_periodic_check(monkeypatch):
+    import lvmkit.inference.training as training
+
+    monkeypatch.setattr(training, "SATURATION_CHECK_EVERY", 3)
+    calls = []
+    model, _ = bernoulli_pair(0.0)
+
+    def guide(x):
+        calls.append(1)
+        # calls 1-2: the first trace and step 1 (checked, fine); saturated from step 2 on
+        logits = torch.full((3,), 0.0 if len(calls) <= 2 else 40.0)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("b", dist.Bernoulli(logits=logits).to_event(1))
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        fit(model, guide, torch.ones(10), steps=2, batch_size=10, progress=False)
+    assert not [w for w in seen if w.category is SaturatedLogitsWarning]  # step 2 unchecked
+    calls.clear()
+    with pytest.warns(SaturatedLogitsWarning, match="guide site 'b'"):
+        fit(model, guide, torch.ones(10), steps=3, batch_size=10, progress=False)
