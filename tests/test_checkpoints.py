@@ -114,11 +114,14 @@ def test_corrupt_newest_checkpoint_resumes_from_the_previous(tmp_path, how):
     newest = re.escape(str(tmp_path / CHECKPOINT_NAME))
     previous = re.escape(str(tmp_path / "checkpoint-4.pt"))
     with pytest.warns(RuntimeWarning, match=f"{newest} .* cannot be read; resuming from the "
-                                            f"previous one, {previous} \\(step 4\\)"):
+                                            f"previous one, {previous} \\(step 4\\).*kept as "
+                                            f"\\['{newest}\\.unreadable'\\]"):
         resumed = run(12, data, checkpoint_dir=tmp_path, checkpoint_every=2)
     assert resumed.step == list(range(1, 13))
     assert resumed.loss == pytest.approx(full.loss, abs=1e-6)
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint-10.pt", CHECKPOINT_NAME]
+    # the unreadable file set aside, not deleted
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-10.pt", CHECKPOINT_NAME,
+                                            CHECKPOINT_NAME + ".unreadable"]
     assert saved_step(tmp_path / CHECKPOINT_NAME) == 12
 
 

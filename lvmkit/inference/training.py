@@ -46,7 +46,8 @@ unbiased; some data of the previous batch are seen again).
 
 Checkpoints (``checkpoint_dir``): ``checkpoint.pt`` is the newest, ``checkpoint-<step>.pt``
 the ``keep_last - 1`` before it, each written atomically. A corrupt newest file is skipped
-with a warning in favour of the previous one. When training raises, the :class:`History`
+with a warning in favour of the previous one, and renamed ``<name>.unreadable`` (kept, not
+deleted). When training raises, the :class:`History`
 so far is on the exception (``exc.history``) and in ``checkpoint_dir/history.json``.
 """
 
@@ -341,7 +342,8 @@ def fit(
         before it); older ones, and those of a run that ``resume=False`` replaces, are
         deleted once a new one is written.
     :param resume: continue from the newest readable checkpoint in ``checkpoint_dir``. A
-        corrupt newest file is skipped with a warning naming it and the file used instead;
+        corrupt newest file is skipped with a warning naming it and the file used instead
+        (and renamed ``<name>.unreadable``);
         if none can be read, :class:`CheckpointError` names them all. A checkpoint of a
         model with other parameter names or shapes is refused (``ValueError``).
     :param progress: show a tqdm bar with the running (exponentially averaged, 0.9) per-datum
@@ -922,15 +924,13 @@ class _Checkpoints:
                 failed.append((path, f"{path} ({type(exc).__name__}: {exc})"))
                 continue
             if failed:
+                kept = _set_aside([bad for bad, _ in failed])
                 warnings.warn(
                     f"checkpoint {'; '.join(why for _, why in failed)} cannot be read; "
-                    "resuming from the "
-                    f"previous one, {path} (step {state['step']})",
+                    f"resuming from the previous one, {path} (step {state['step']}). "
+                    f"The unreadable file(s) are kept as {kept}.",
                     RuntimeWarning, stacklevel=3,
                 )
-                # The unreadable newer files are not this run's past: the next save
-                # replaces or deletes them.
-                self.stale = {os.path.basename(bad) for bad, _ in failed}
             if os.path.basename(path) == CHECKPOINT_NAME:
                 self.newest_step = state["step"]
             return path, state
@@ -963,6 +963,20 @@ class _Checkpoints:
             else:
                 kept += 1
         self.stale = set()
+
+
+def _set_aside(paths: list[str]) -> list[str]:
+    """Rename unreadable checkpoints to ``<name>.unreadable``: out of the loader's and the
+    pruning's way, but not deleted (a file unreadable here, say written by another torch,
+    may still hold work)."""
+    kept = []
+    for path in paths:
+        try:
+            os.replace(path, path + ".unreadable")
+            kept.append(path + ".unreadable")
+        except OSError:
+            kept.append(path)
+    return kept
 
 
 def _fsync_directory(directory: str) -> None:
