@@ -414,3 +414,25 @@ def test_logits_that_saturate_later_are_caught_by_the_periodic_check(monkeypatch
     calls.clear()
     with pytest.warns(SaturatedLogitsWarning, match="guide site 'b'"):
         fit(model, guide, torch.ones(10), steps=3, batch_size=10, progress=False)
+
+
+def test_hand_written_per_datum_guide_with_a_plain_model():
+    """The guide declares the full size (its own per-datum parameters); the model is plain.
+    Every batch has B data even where N / B is not whole (the guide's plate draws B)."""
+    x = local_data()
+
+    def guide(x):
+        loc = pyro.param("loc", torch.zeros(N_LOCAL))
+        scale = pyro.param("scale", torch.ones(N_LOCAL), constraint=dist.constraints.positive)
+        with pyro.plate("data", N_LOCAL, subsample_size=len(x)) as ind:
+            pyro.sample("z", dist.Normal(loc[ind], scale[ind]))
+
+    sizes = []
+
+    def model(x):
+        sizes.append(len(x))
+        local_model(x)
+
+    fit(model, guide, x, epochs=150, batch_size=12, optim=decaying_adam(0.1), progress=False)
+    assert set(sizes) == {12}
+    assert (pyro.param("loc").detach() - 0.8 * x).abs().max().item() < 0.3

@@ -583,7 +583,9 @@ def _first_trace(model: Callable, guide: Callable, data, x_all: torch.Tensor,
         _check_no_per_datum_autoguide(guide, plate, batch_size, n)
     params = frozenset(name for trace in (model_trace, guide_trace)
                        for name, site in trace.nodes.items() if site["type"] == "param")
-    return _Plan(plate=plate, pass_full=pass_full, fixed_size=batch_size < n and declared,
+    # A plate that draws B indices (the model's or a guide's own) cannot take fewer.
+    full_size = declared or (guide_frame is not None and _is_subsampled(guide_frame))
+    return _Plan(plate=plate, pass_full=pass_full, fixed_size=batch_size < n and full_size,
                  params=params)
 
 
