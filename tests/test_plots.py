@@ -211,3 +211,41 @@ def test_plot_density_2d_errors(tmp_path):
             standard_normal_log_density, tmp_path / "d.png", bounds=((1, -1), (-1, 1))
         )
     assert not (tmp_path / "d.png").exists()
+
+
+# --------------------------------------------------------------------------- forest
+
+
+def forest_table(rows=3):
+    import pandas
+
+    index = [f"theta[{i}]" for i in range(rows)]
+    columns = pandas.MultiIndex.from_tuples(
+        [("guide", "mean"), ("guide", "sd"), ("nuts", "mean"), ("nuts", "sd")]
+    )
+    values = np.column_stack([np.arange(rows), np.ones(rows), np.arange(rows) + 0.5,
+                              np.full(rows, 0.5)])
+    return pandas.DataFrame(values, index=index, columns=columns)
+
+
+def test_plot_forest_from_a_summary_table(tmp_path):
+    path = plots.plot_forest(forest_table(3), tmp_path / "f.png", dpi=50)
+    image = read_png(path)
+    assert image.shape[:2] == (150, 300)  # (1.5 + 0.5 * 3 rows) x 6 inches at 50 dpi
+    assert is_not_blank(image)
+    # the format follows the extension, as before the forest plot moved here
+    svg = plots.plot_forest(forest_table(2), tmp_path / "f.svg")
+    assert svg.read_text().lstrip().startswith("<?xml")
+
+
+def test_plot_forest_errors(tmp_path):
+    table = forest_table(2)
+    with pytest.raises(ValueError, match=r"missing \[\('hmc', 'mean'\), \('hmc', 'sd'\)\]"):
+        plots.plot_forest(table, tmp_path / "f.png", groups=("guide", "hmc"))
+    with pytest.raises(ValueError, match="no rows"):
+        plots.plot_forest(table.iloc[:0], tmp_path / "f.png")
+    with pytest.raises(ValueError, match="backend must be"):
+        plots.plot_forest(table, tmp_path / "f.png", backend="plotly")
+    with pytest.raises(ValueError, match="needs posteriors and var_names"):
+        plots.plot_forest(table, tmp_path / "f.png", backend="arviz")
+    assert not (tmp_path / "f.png").exists()

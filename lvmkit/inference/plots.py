@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ Bounds = tuple[tuple[float, float], tuple[float, float]]
 
 __all__ = [
     "plot_density_2d",
+    "plot_forest",
     "plot_grad_variance",
     "plot_image_grid",
     "plot_loss",
@@ -36,10 +38,11 @@ __all__ = [
 # --------------------------------------------------------------------------- helpers
 
 
-def _save(figure: Figure, path: PathLike) -> Path:
+def _save(figure: Figure, path: PathLike, format: str | None = "png") -> Path:
+    """Write ``figure``; ``format=None`` takes the format from the file's extension."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png")
+    figure.savefig(path, format=format)
     return path
 
 
@@ -463,3 +466,80 @@ def plot_density_2d(
         axes.set_title(title)
     figure.tight_layout()
     return _save(figure, path)
+
+
+# --------------------------------------------------------------------------- forest plots
+
+
+def _forest_matplotlib(
+    table: Any, path: PathLike, groups: Sequence[str], title: str, dpi: int
+) -> Path:
+    rows = list(table.index)
+    figure = Figure(figsize=(6.0, 1.5 + 0.5 * len(rows)), dpi=dpi, layout="constrained")
+    axes = figure.add_subplot()
+    offsets = np.linspace(-0.15, 0.15, len(groups)) if len(groups) > 1 else [0.0]
+    for index, (offset, who) in enumerate(zip(offsets, groups, strict=True)):
+        means = table[(who, "mean")].to_numpy(dtype=float)
+        sds = table[(who, "sd")].to_numpy(dtype=float)
+        y = np.arange(len(rows)) + offset
+        axes.errorbar(
+            means, y, xerr=2 * sds, fmt="o", color=f"C{index % 10}", label=f"{who} (mean ± 2 sd)"
+        )
+    axes.set_yticks(np.arange(len(rows)), [str(r) for r in rows])
+    axes.invert_yaxis()
+    axes.set_xlabel("value")
+    figure.legend(loc="outside lower center", ncols=len(groups))
+    axes.set_title(title)
+    return _save(figure, path, format=None)  # as before the move: .svg, .pdf, ... work too
+
+
+def plot_forest(
+    table: Any,
+    path: PathLike,
+    *,
+    groups: Sequence[str] = ("guide", "nuts"),
+    posteriors: Mapping[str, Any] | None = None,
+    var_names: Sequence[str] | None = None,
+    backend: str = "matplotlib",
+    title: str = "guide vs NUTS",
+    dpi: int = 100,
+) -> Path:
+    """Forest plot of several posteriors of the same variables: mean ± 2 sd per component.
+
+    :param table: a ``pandas.DataFrame`` with one row per scalar component and columns
+        ``(group, "mean")`` and ``(group, "sd")`` for every group, as
+        :attr:`~lvmkit.inference.nuts.NutsComparison.table`.
+    :param groups: the groups to draw, in order.
+    :param posteriors: ``{group: ArviZ data}``, for ``backend="arviz"``.
+    :param var_names: the variables ``backend="arviz"`` draws.
+    :param backend: ``"matplotlib"`` (from ``table``) or ``"arviz"`` (the installed ArviZ's
+        ``plot_forest`` of ``posteriors``; falls back to matplotlib with a warning if it
+        fails).
+    """
+    if backend not in ("arviz", "matplotlib"):
+        raise ValueError(f"backend must be 'arviz' or 'matplotlib', got {backend!r}")
+    groups = list(groups)
+    missing = [
+        (who, stat) for who in groups for stat in ("mean", "sd")
+        if (who, stat) not in getattr(table, "columns", ())
+    ]
+    if not groups or missing:
+        raise ValueError(
+            f"table: expected columns (group, 'mean') and (group, 'sd') for groups {groups};"
+            f" missing {missing}"
+        )
+    if len(table.index) == 0:
+        raise ValueError("table has no rows: nothing to plot")
+    if backend == "arviz":
+        if posteriors is None or not var_names:
+            raise ValueError("backend='arviz' needs posteriors and var_names")
+        from lvmkit.inference import arviz_compat
+
+        try:
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            arviz_compat.plot_forest(dict(posteriors), list(var_names), str(path))
+            return path
+        except Exception as error:  # noqa: BLE001 - any plotting failure has a fallback
+            warnings.warn(f"ArviZ forest plot failed ({error}); using matplotlib", stacklevel=2)
+    return _forest_matplotlib(table, path, groups, title, dpi)
