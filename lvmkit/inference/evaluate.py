@@ -183,10 +183,10 @@ def _batches(data, labels, batch_size: int, progress: bool, desc: str
     _check_data(x_all, "data")
     _check_labels(labels, x_all)
     starts = range(0, x_all.shape[0], batch_size)
-    if progress:
-        from tqdm.auto import tqdm
+    if progress:  # a bar in terminals and notebooks, plain lines in logs
+        from lvmkit._progress import track
 
-        starts = tqdm(starts, desc=desc)
+        starts = track(starts, desc=desc)
     for start in starts:
         stop = start + batch_size
         kwargs = {} if labels is None else {"labels": labels[start:stop]}
