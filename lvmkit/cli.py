@@ -184,7 +184,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     check_batch_size(args, data)
     estimators = None
     if args.estimators:
-        estimators = {name: make_estimator(name) for name in args.estimators}
+        estimators = {name: make_estimator(name, comparable=True) for name in args.estimators}
     result = compare_estimators(
         args.model,
         data,

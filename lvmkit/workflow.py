@@ -223,10 +223,15 @@ def train_and_evaluate(
 def _plot_training(history: Any, out: Path, title: str) -> dict[str, Path]:
     from lvmkit.inference import plots
 
-    files = {"loss": plots.plot_loss(history, out / "loss.png", title=f"training loss, {title}")}
+    files = {
+        "loss": plots.plot_loss(
+            history, out / "loss.png", title=f"training loss, {title}",
+            ylabel="loss per datum (nats)",
+        )
+    }
     if getattr(history, "extras", None):
         files["traces"] = plots.plot_traces(
-            history, out / "traces.png", title=f"estimator traces, {title}"
+            history, out / "traces.png", title=f"per-step traces, {title}", include_loss=True
         )
     return files
 
@@ -244,10 +249,11 @@ def _plot_images(model: Any, guide: Any, test_set: Any, out: Path, name: str) ->
     return {
         "reconstructions": plots.plot_reconstructions(
             x_show, recon, image_shape, out / "reconstructions.png",
-            title=f"{name}: test images (top), reconstructions (bottom)",
+            title=f"{name}: test images (top), reconstructions (bottom, pixel probabilities)",
         ),
         "samples": plots.plot_image_grid(
-            samples, image_shape, out / "samples.png", title=f"{name}: samples from the model"
+            samples, image_shape, out / "samples.png",
+            title=f"{name}: samples from the model (pixel probabilities)",
         ),
     }
 

@@ -33,6 +33,9 @@ def test_registry_raises_vimco_to_two_particles_and_passes_kwargs():
     assert make_estimator("vimco").num_particles == 2
     assert make_estimator("nvil", normalize=False).normalize is False
     assert make_estimator("nvil").normalize is True
+    # compared variances need NVIL on the others' scale; an explicit argument still wins
+    assert make_estimator("nvil", comparable=True).normalize is False
+    assert make_estimator("nvil", comparable=True, normalize=True).normalize is True
 
 
 @pytest.mark.parametrize("bad", [0, -1, True, 1.5, "2"])

@@ -33,6 +33,8 @@ class EstimatorSpec:
     :ivar defaults: keyword arguments passed unless the caller overrides them.
     :ivar min_particles: the fewest particles the estimator works with (VIMCO's leave-one-out
         baseline needs two); a smaller request is raised to it.
+    :ivar comparable: keyword arguments that put its gradient on the scale of the others'
+        when gradient variances are compared (``make_estimator(..., comparable=True)``).
     """
 
     module: str
@@ -40,6 +42,7 @@ class EstimatorSpec:
     summary: str
     defaults: dict[str, Any] = field(default_factory=dict)
     min_particles: int = 1
+    comparable: dict[str, Any] = field(default_factory=dict)
 
 
 #: name -> :class:`EstimatorSpec`; add a line here to make an estimator selectable by name.
@@ -57,7 +60,11 @@ ESTIMATORS: dict[str, EstimatorSpec] = {
         "lvmkit.inference.estimators.relax", "RelaxELBO", "RELAX (Grathwohl et al. 2018)"
     ),
     "nvil": EstimatorSpec(
-        "lvmkit.inference.estimators.nvil", "NVILELBO", "NVIL (Mnih & Gregor 2014)"
+        "lvmkit.inference.estimators.nvil",
+        "NVILELBO",
+        "NVIL (Mnih & Gregor 2014)",
+        # the paper's variance normalisation rescales the score term, and so the variance
+        comparable={"normalize": False},
     ),
     "vimco": EstimatorSpec(
         "lvmkit.inference.estimators.vimco",
@@ -90,13 +97,18 @@ def estimator_spec(name: str) -> EstimatorSpec:
         ) from None
 
 
-def make_estimator(name: str, num_particles: int = 1, **kwargs: Any):
+def make_estimator(
+    name: str, num_particles: int = 1, *, comparable: bool = False, **kwargs: Any
+):
     """Build the estimator called ``name`` (an ELBO object for :func:`~lvmkit.inference.fit`).
 
     :param name: one of :data:`ESTIMATOR_NAMES`.
     :param num_particles: particles per step, a positive int; raised to the estimator's
         ``min_particles`` where it needs more (VIMCO: 2).
-    :param kwargs: constructor arguments, overriding the entry's ``defaults``.
+    :param comparable: apply the entry's ``comparable`` arguments, for gradient-variance
+        comparisons (NVIL without its variance normalisation).
+    :param kwargs: constructor arguments, overriding the entry's ``defaults`` (and
+        ``comparable`` ones).
     :raises ValueError: for an unknown name or a ``num_particles`` that is not a positive int.
     :raises ImportError: if the estimator's module cannot be imported.
     """
@@ -108,5 +120,5 @@ def make_estimator(name: str, num_particles: int = 1, **kwargs: Any):
     ):
         raise ValueError(f"num_particles must be a positive int, got {num_particles!r}")
     cls = getattr(importlib.import_module(spec.module), spec.cls)
-    options = {**spec.defaults, **kwargs}
+    options = {**spec.defaults, **(spec.comparable if comparable else {}), **kwargs}
     return cls(num_particles=max(int(num_particles), spec.min_particles), **options)
