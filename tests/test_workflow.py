@@ -8,7 +8,7 @@ import pyro
 import pytest
 import torch
 
-from lvmkit._io import atomic_save
+from lvmkit._io import atomic_save, atomic_write_bytes
 from lvmkit.data import load_dataset
 from lvmkit.inference.registry import ESTIMATOR_NAMES, ESTIMATORS, make_estimator
 from lvmkit.workflow import (
@@ -72,6 +72,31 @@ def test_atomic_save_keeps_the_old_file_when_saving_fails(tmp_path):
         atomic_save({"version": 2, "bad": lambda: None}, path)
     assert torch.load(path) == {"version": 1}
     assert os.listdir(tmp_path) == ["state.pt"]
+
+
+def test_atomic_write_bytes_and_before_replace(tmp_path):
+    path = tmp_path / "history.json"
+    path.write_bytes(b"old")
+    seen = []
+
+    def keep_previous():  # runs once the new file is complete, before the rename
+        seen.append(path.read_bytes())
+        (tmp_path / "previous.json").write_bytes(path.read_bytes())
+
+    atomic_write_bytes(b'{"loss": [1.0]}', path, prefix=".checkpoint-",
+                       before_replace=keep_previous)
+    assert seen == [b"old"] and path.read_bytes() == b'{"loss": [1.0]}'
+    assert sorted(os.listdir(tmp_path)) == ["history.json", "previous.json"]
+    with pytest.raises(TypeError, match="data must be bytes, got str"):
+        atomic_write_bytes("text", path)
+
+    def fail():
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_save({"a": 1}, path, before_replace=fail)
+    assert path.read_bytes() == b'{"loss": [1.0]}'  # the old file stands, no temporary left
+    assert sorted(os.listdir(tmp_path)) == ["history.json", "previous.json"]
 
 
 # --------------------------------------------------------------------------- workflow
