@@ -203,39 +203,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from lvmkit import data
-    from lvmkit.inference import plots
-    from lvmkit.workflow import format_table, train_and_evaluate, write_json
+    from lvmkit.workflow import format_table, train_several
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     train = data.load_dataset("digits", split="train", binarize="static", seed=args.seed)
     check_batch_size(args, train)
     test = data.load_dataset("digits", split="test", binarize="static", seed=args.seed)
     start = time.perf_counter()
-    rows, histories = [], {}
-    for model_name, elbo_name in (("vae", "trace"), ("sbn-nonlinear", args.sbn_elbo)):
-        print(f"== training {model_name} with {elbo_name} for {args.steps} steps on digits")
-        result = train_and_evaluate(
-            model_name,
-            train,
-            test,
-            estimator=elbo_name,
-            steps=args.steps,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            seed=args.seed,
-            out=out / model_name,
-            eval_samples=args.eval_samples,
-            progress=not args.no_progress,
-        )
-        rows.append(result.metrics)
-        histories[model_name] = result.history
-    plots.plot_loss(histories, out / "loss_curves.png", title="training loss (nats per datum)")
-    table = format_table(rows)
-    (out / "results.md").write_text(table + "\n")
-    write_json(out / "results.json", rows)
-    print(table)
-    print(f"total {time.perf_counter() - start:.0f} s; plots and tables in {out}/")
+    results = train_several(
+        [("vae", "trace"), ("sbn-nonlinear", args.sbn_elbo)], train, test, args.out,
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        eval_samples=args.eval_samples, progress=not args.no_progress,
+    )
+    print(format_table([result.metrics for result in results]))
+    print(f"total {time.perf_counter() - start:.0f} s; plots and tables in {args.out}/")
     return 0
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ __all__ = [
     "load_weights",
     "save_weights",
     "train_and_evaluate",
+    "train_several",
 ]
 
 PathLike = str | os.PathLike
@@ -218,6 +219,55 @@ def train_and_evaluate(
     if out is not None:
         files["metrics"] = write_json(out / "metrics.json", metrics)
     return RunResult(model=model_fn, guide=guide, history=history, metrics=metrics, files=files)
+
+
+def train_several(
+    jobs: Sequence[tuple[str, str]],
+    train_set: Any,
+    test_set: Any,
+    out: PathLike,
+    *,
+    log: Callable[[str], None] | None = print,
+    **kwargs: Any,
+) -> list[RunResult]:
+    """:func:`train_and_evaluate` for each ``(model, estimator)`` of ``jobs`` on the same
+    data, each into ``out/<model>`` (``out/<model>-<estimator>`` where a model repeats),
+    then ``loss_curves.png``, ``results.md`` (:func:`format_table`) and ``results.json``
+    in ``out``.
+
+    :param jobs: ``[(model name, estimator name), ...]``, at least one.
+    :param log: called with a line before each job (``None``: silent).
+    :param kwargs: passed to every :func:`train_and_evaluate` (not ``out`` or ``estimator``).
+    :returns: the :class:`RunResult` of each job, in order.
+    """
+    from lvmkit.inference import plots
+
+    jobs = [tuple(job) for job in jobs]
+    if not jobs or any(len(job) != 2 for job in jobs):
+        raise ValueError(f"jobs must be a non-empty list of (model, estimator), got {jobs!r}")
+    clash = {"out", "estimator"} & set(kwargs)
+    if clash:
+        raise TypeError(f"train_several sets {sorted(clash)} itself")
+    models = [model for model, _ in jobs]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, RunResult] = {}
+    for model, estimator in jobs:
+        name = model if models.count(model) == 1 else f"{model}-{estimator}"
+        if log is not None:
+            log(f"== training {model} with {estimator} for {kwargs.get('steps', 2000)} steps"
+                f" on {train_set.name}")
+        results[name] = train_and_evaluate(
+            model, train_set, test_set, estimator=estimator, out=out / name, **kwargs
+        )
+    plots.plot_loss(
+        {name: result.history for name, result in results.items()}, out / "loss_curves.png",
+        title="training loss", ylabel="loss per datum (nats)",
+    )
+    rows = [result.metrics for result in results.values()]
+    (out / "results.md").write_text(format_table(rows) + "\n")
+    write_json(out / "results.json", rows)
+    return list(results.values())
 
 
 def _plot_training(history: Any, out: Path, title: str) -> dict[str, Path]:

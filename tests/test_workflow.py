@@ -17,6 +17,7 @@ from lvmkit.workflow import (
     format_table,
     load_run,
     train_and_evaluate,
+    train_several,
 )
 
 # --------------------------------------------------------------------------- registry
@@ -165,3 +166,35 @@ def test_fixed_batch_is_the_first_points_binarized_once(digits):
     assert a.shape == (5, 64) and torch.equal(a, b)
     assert set(a.unique().tolist()) <= {0.0, 1.0}
     assert fixed_batch(digits[1], None, 0).shape[0] == len(digits[1])
+
+
+def test_train_several_writes_one_folder_per_job_and_the_tables(digits, tmp_path):
+    train, test = digits
+    lines = []
+    results = train_several(
+        [("vae", "trace"), ("vae", "tracegraph")], train, test, tmp_path, log=lines.append,
+        steps=2, batch_size=20, eval_samples=2, eval_points=4, progress=False,
+        model_kwargs={"z_dim": 2, "hidden": (8,)},
+    )
+    assert [r.metrics["elbo_estimator"] for r in results] == ["trace", "tracegraph"]
+    assert (tmp_path / "vae-trace" / "metrics.json").exists()  # a repeated model: by estimator
+    assert (tmp_path / "vae-tracegraph" / "weights.pt").exists()
+    assert json.loads((tmp_path / "results.json").read_text()) == [r.metrics for r in results]
+    assert "| vae | tracegraph | 2 |" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "loss_curves.png").stat().st_size > 0
+    assert lines == ["== training vae with trace for 2 steps on digits",
+                     "== training vae with tracegraph for 2 steps on digits"]
+    with pytest.raises(ValueError, match="non-empty list of"):
+        train_several([], train, test, tmp_path)
+    with pytest.raises(TypeError, match=r"sets \['estimator'\] itself"):
+        train_several([("vae", "trace")], train, test, tmp_path, estimator="rebar")
+
+
+def test_cli_demo_runs_through_train_several(tmp_path, capsys):
+    from lvmkit.cli import main
+
+    assert main(["demo", "--steps", "2", "--batch-size", "50", "--eval-samples", "2",
+                 "--sbn-elbo", "tracegraph", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert {p.name for p in tmp_path.iterdir()} >= {"vae", "sbn-nonlinear", "results.md",
+                                                   "results.json", "loss_curves.png"}
+    assert "| sbn-nonlinear | tracegraph | 2 |" in capsys.readouterr().out
