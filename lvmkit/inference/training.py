@@ -92,6 +92,7 @@ from torch.distributions import (
     RelaxedOneHotCategorical,
 )
 
+from lvmkit._io import atomic_save, atomic_write_bytes, fsync_directory
 from lvmkit._rng import RandomState
 from lvmkit.data import Dataset
 from lvmkit.inference import distributed
@@ -530,7 +531,7 @@ def _hand_over_history(exc: BaseException, history: History,
     if checkpoints is not None:
         path = os.path.join(checkpoints.directory, HISTORY_NAME)
         try:
-            _atomic_write(path, json.dumps(history.to_dict()).encode())
+            atomic_write_bytes(json.dumps(history.to_dict()).encode(), path, prefix=".checkpoint-")
             where = path if where is None else f"{where} and {path}"
         except OSError:
             pass
@@ -888,39 +889,12 @@ def _diagnostics(elbo) -> dict[str, float] | None:
 def _progress_bar(progress: bool, initial: int, total: int):
     if not progress:
         return None
-    from tqdm.auto import tqdm
+    from lvmkit._progress import progress_bar
 
-    return tqdm(total=total, initial=initial, desc="fit", dynamic_ncols=True)
+    return progress_bar(total, initial, desc="fit")
 
 
 # -- checkpoints -----------------------------------------------------------------------------
-def _atomic_write(path: str, payload: bytes | None = None, state: Any = None,
-                  before_replace: Callable[[], None] | None = None) -> None:
-    """Write ``payload`` (or ``torch.save(state)``) to a temporary file in the same
-    directory, fsync, then rename it over ``path``.
-
-    ``os.replace`` is atomic on POSIX and Windows, so a crash leaves either the old or the
-    new file, never a partial one. ``before_replace`` runs once the new file is complete.
-    """
-    directory = os.path.dirname(path) or "."
-    handle, tmp = tempfile.mkstemp(prefix=".checkpoint-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            if payload is not None:
-                stream.write(payload)
-            else:
-                torch.save(state, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        if before_replace is not None:
-            before_replace()
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 class _Checkpoints:
     """The checkpoint files of one directory: ``checkpoint.pt`` is the newest,
     ``checkpoint-<step>.pt`` the older ones this run keeps (``keep_last`` in all)."""
@@ -999,10 +973,10 @@ class _Checkpoints:
                 os.replace(self.path, os.path.join(self.directory,
                                                    f"checkpoint-{self.newest_step}.pt"))
 
-        _atomic_write(self.path, state=state, before_replace=keep_previous)
+        atomic_save(state, self.path, prefix=".checkpoint-", before_replace=keep_previous)
         self.newest_step = step
         self._prune(step)
-        _fsync_directory(self.directory)
+        fsync_directory(self.directory)
 
     def _prune(self, step: int) -> None:
         kept = 0
@@ -1029,19 +1003,6 @@ def _set_aside(paths: list[str]) -> list[str]:
             kept.append(path)
     return kept
 
-
-def _fsync_directory(directory: str) -> None:
-    """Make the renames durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        handle = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(handle)
-    except OSError:
-        pass
-    finally:
-        os.close(handle)
 
 
 def _checkpoint_state(step: int, optim, elbo, batches: _Batches, history: History, n: int,
