@@ -12,6 +12,7 @@ from pyro.nn import PyroModule
 
 from lvmkit.data import Dataset
 from lvmkit.inference.training import CHECKPOINT_NAME, History, fit
+from lvmkit.models import build
 
 
 class TinyVAE(PyroModule):
@@ -431,9 +432,6 @@ def test_differentiable_loss_path_trains_the_estimators_controls_as_svi_does(nam
     assert diff_controls == pytest.approx(svi_controls, rel=1e-3, abs=1e-5)
     for key, value in svi_params.items():
         torch.testing.assert_close(diff_params[key], value, rtol=1e-3, atol=1e-4, msg=key)
-
-
-from lvmkit.models import build  # noqa: E402
 
 
 def test_fit_writes_lines_not_a_bar_when_stderr_is_not_a_terminal(capsys):
