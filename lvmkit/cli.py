@@ -138,8 +138,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         checkpoint_dir=args.checkpoint_dir,
     )
-    print(format_table([result.metrics]))
-    print(f"wrote {args.out}")
+    if result.files:  # rank 0 of a torchrun job, or a single process
+        print(format_table([result.metrics]))
+        print(f"wrote {args.out}")
     return 0
 
 

@@ -150,11 +150,14 @@ def train_and_evaluate(
     """
     import pyro
 
-    from lvmkit.inference import fit, log_likelihood
+    from lvmkit.inference import distributed, fit, log_likelihood
     from lvmkit.inference.registry import make_estimator
     from lvmkit.models import build
 
-    out = None if out is None else Path(out)
+    # Under torchrun every rank trains (fit is data-parallel); rank 0 alone evaluates and
+    # writes the run folder, and the other ranks return the training metrics only.
+    main_rank = distributed.setup().is_main
+    out = None if out is None or not main_rank else Path(out)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     pyro.clear_param_store()
@@ -198,13 +201,18 @@ def train_and_evaluate(
         files["history"] = out / "history.json"
         files.update(_plot_training(history, out, f"{model} ({estimator})"))
 
+    last = history.loss[-max(1, len(history.loss) // 20) :]
+    if not main_rank:
+        metrics = {"model": model, "elbo_estimator": estimator, "steps": steps,
+                   "train_elbo": -float(sum(last) / len(last))}
+        return RunResult(model=model_fn, guide=guide, history=history, metrics=metrics,
+                         files=files)
     x_test = fixed_batch(test_set, eval_points, seed)
     with torch.no_grad():
         ll = log_likelihood(model_fn, guide, x_test, num_samples=eval_samples)
         elbo_test = log_likelihood(model_fn, guide, x_test, num_samples=1)
     if out is not None:
         files.update(_plot_images(model_fn, guide, test_set, out, model))
-    last = history.loss[-max(1, len(history.loss) // 20) :]
     metrics = {
         "model": model,
         "elbo_estimator": estimator,

@@ -139,3 +139,17 @@ def test_estimator_buffers_and_controls_are_found():
     assert [id(p) for p in _control_parameters(rebar)] == [
         id(p) for _, p in sorted(rebar.controls.named_parameters())]
     assert _estimator_buffers(rebar) == [] and _control_parameters(nvil) == []
+
+
+def test_lvmkit_train_under_torchrun(tmp_path):
+    """The CLI trains data-parallel too: rank 0 alone writes the run folder and prints."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "lvmkit.cli",
+           "train", "--model", "vae", "--dataset", "digits", "--steps", "6",
+           "--batch-size", "20", "--eval-samples", "5", "--no-progress", "--out", str(out)]
+    ran = subprocess.run(cmd, env=worker_env(), capture_output=True, text=True, timeout=120,
+                         cwd=ROOT)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert (out / "metrics.json").exists() and (out / "weights.pt").exists()
+    assert ran.stdout.count(f"wrote {out}") == 1
