@@ -867,3 +867,34 @@ def test_state_dict_round_trip_continues_where_it_left_off():
             with torch.no_grad():
                 pyro.get_param_store()[name].copy_(value)
     assert twin.temperature == trained.temperature and twin.eta == trained.eta
+
+
+# ----------------------------------------------------------------------------------------
+# Pyro's test shapes (issue 14)
+# ----------------------------------------------------------------------------------------
+
+
+def _fixed_probs_model():
+    p = pyro.param("p", torch.tensor(0.3), constraint=dist.constraints.unit_interval)
+    with pyro.plate("data", 10, subsample_size=3):
+        pyro.sample("b", dist.Bernoulli(p))
+
+
+def _fixed_probs_guide():
+    with pyro.plate("data", 10, subsample_size=3):
+        pyro.sample("b", dist.Bernoulli(0.7))
+
+
+@pytest.mark.parametrize("estimator", ["RebarELBO", "RelaxELBO"])
+def test_guide_bernoulli_without_learnable_parameter(estimator):
+    """A guide whose Bernoulli has fixed probs (nothing for the control variate to act
+    on) is the plain score function with no score term: the model's gradient is exact."""
+    from lvmkit.inference.estimators.relax import RelaxELBO
+
+    cls = {"RebarELBO": RebarELBO, "RelaxELBO": RelaxELBO}[estimator]
+    elbo = cls()
+    elbo.loss_and_grads(_fixed_probs_model, _fixed_probs_guide)
+    loss = elbo.differentiable_loss(_fixed_probs_model, _fixed_probs_guide)
+    assert torch.isfinite(loss)
+    result = check_unbiased(_fixed_probs_model, _fixed_probs_guide, cls(), num_draws=300)
+    assert result.passed, result.summary()

@@ -523,6 +523,11 @@ class RebarELBO(Trace_ELBO):
     ) -> _Estimate:
         controls = self._control_ids()
         leaves, keys = self._leaves_and_keys(scores, model, guide, stops, controls)
+        if not leaves:
+            # No learnable parameter behind any relaxed site's distribution (fixed probs,
+            # say): the control variate has nothing to act on, and the estimate is the
+            # hard pass's gradient alone (Trace_ELBO's, whose score terms are then zero).
+            return _Estimate(loss, _as_tensor(surrogate_elbo).neg(), [], [])
         learn = self._learnables_requested()
         etas = {key: self._eta_tensor(key, leaves[0]) for key in dict.fromkeys(keys)}
         has_extra = torch.is_tensor(cv_r) and cv_r.requires_grad  # RELAX's learned control
