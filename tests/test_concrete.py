@@ -133,3 +133,15 @@ def test_loss_and_grads_equals_differentiable_loss(straight_through):
 def test_invalid_temperature():
     with pytest.raises(ValueError, match="temperature must be positive"):
         ConcreteELBO(temperature=-1.0)
+
+
+def test_empty_model_and_guide_score_zero():
+    """Trace_ELBO gives 0.0 for empty programs; so does ConcreteELBO (it crashed)."""
+
+    def empty():
+        pass
+
+    elbo = ConcreteELBO()
+    assert elbo.loss_and_grads(empty, empty) == 0.0
+    assert float(elbo.differentiable_loss(empty, empty)) == 0.0
+    assert elbo.loss(empty, empty) == 0.0

@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 import torch
 from pyro.infer import Trace_ELBO
+from pyro.infer.util import torch_item
 from pyro.util import warn_if_nan
 
 from lvmkit.inference.estimators._relax import (
@@ -98,7 +99,7 @@ class ConcreteELBO(Trace_ELBO):
                 model, guide, args, kwargs, self.max_plate_nesting,
                 self.estimator_name, self.opt_out_key,
             )
-            hard_elbo = float(elbo_integrand(model_trace, guide_trace).detach())
+            hard_elbo = torch_item(elbo_integrand(model_trace, guide_trace))
             loss = loss - hard_elbo / self.num_particles
             noise = {r.name: r.noise for r in hard.relaxed}
             rmt, rgt, _ = relaxed_traces(

@@ -149,6 +149,8 @@ class VIMCOELBO(Trace_ELBO):
         return log_w, score, scale, particle_frame.dim
 
     def _differentiable_loss_particle(self, model_trace, guide_trace):
+        if not _sample_sites(model_trace) + _sample_sites(guide_trace):
+            return 0.0, 0.0  # an empty program, as Trace_ELBO scores it
         log_w, score, scale, pdim = self._particle_terms(model_trace, guide_trace)
         k = self.num_particles
         log_w_det = log_w.detach()
@@ -166,6 +168,8 @@ class VIMCOELBO(Trace_ELBO):
         with torch.no_grad():
             total = 0.0
             for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+                if not _sample_sites(model_trace) + _sample_sites(guide_trace):
+                    continue
                 log_w, _, scale, pdim = self._particle_terms(model_trace, guide_trace)
                 bound = torch.logsumexp(log_w, pdim) - math.log(self.num_particles)
                 total -= scale * float(bound.sum())
@@ -173,14 +177,32 @@ class VIMCOELBO(Trace_ELBO):
 
 
 def _leave_one_out_bound(log_w: torch.Tensor, dim: int) -> torch.Tensor:
-    """``L_{-k}``: the bound with ``log w_k`` replaced by the mean of the other log-weights."""
+    """``L_{-k}``: the bound with ``log w_k`` replaced by the mean of the other log-weights.
+
+    ``L_{-k} = log (1/K) [sum_{j != k} w_j + exp(mean_{j != k} log w_j)]`` for every ``k``
+    in O(K) time and memory (a K x K grid of log-weights would need K^2: 10 GB at
+    K = 50,000). Each sum is taken relative to the largest term it contains: for ``k`` not
+    the argmax that is the overall maximum ``M``, and ``sum_{j != k}`` is ``S - w_k`` with
+    ``S >= 1 + w_k`` (relative to ``M``), so the subtraction loses at most a few ulps; for
+    the argmax itself the other terms are summed directly relative to their own maximum,
+    as ``S - w_k`` would cancel catastrophically there (and underflow to ``log 0``).
+    """
     k = log_w.shape[dim]
-    moved = log_w.movedim(dim, 0)
+    moved = log_w.detach().movedim(dim, 0)
     others_mean = (moved.sum(0, keepdim=True) - moved) / (k - 1)
-    grid = moved.unsqueeze(0).expand((k,) + moved.shape).clone()
-    index = torch.arange(k)
-    grid[index, index] = others_mean
-    return (torch.logsumexp(grid, 1) - math.log(k)).movedim(0, dim)
+    top, top_index = moved.max(0, keepdim=True)
+    is_top = torch.zeros_like(moved, dtype=torch.bool).scatter_(0, top_index, True)
+    scaled = (moved - top).exp()
+    # For k != argmax: relative to M.
+    rest = torch.log(scaled.sum(0, keepdim=True) - scaled + (others_mean - top).exp()) + top
+    # For the argmax: relative to the largest of the other log-weights and their mean.
+    mean_at_top = others_mean.gather(0, top_index)
+    second = moved.masked_fill(is_top, -math.inf).amax(0, keepdim=True)
+    ref = torch.maximum(second, mean_at_top)
+    others = (moved - ref).exp().masked_fill(is_top, 0.0).sum(0, keepdim=True)
+    at_top = torch.log(others + (mean_at_top - ref).exp()) + ref
+    loo = torch.where(is_top, at_top.expand_as(moved), rest) - math.log(k)
+    return loo.movedim(0, dim)
 
 
 # --------------------------------------------------------------------------------------
