@@ -10,12 +10,13 @@ import pytest
 import torch
 from small_models import X2, X4, create_params, make_pair
 
-from lvmkit.inference.check import exact_elbo_gradient
-from lvmkit.inference.estimators.vimco import (
-    VIMCOELBO,
-    _iwae_gradient_draws,
+from lvmkit.inference.check import (
+    _exact_gradient_draws,
+    check_unbiased,
+    exact_elbo_gradient,
     exact_iwae_gradient,
 )
+from lvmkit.inference.estimators.vimco import VIMCOELBO
 
 
 def _z_scores(elbo, model, guide, x, exact, exact_se, num_draws, seed=1):
@@ -47,8 +48,9 @@ def _bonferroni(z, alpha=1e-3):
 
 def _assert_unbiased(elbo, model, guide, x, k, num_draws, **exact_kwargs):
     create_params(model, guide, x)
-    exact, exact_se = _iwae_gradient_draws(
-        model, guide, x, k, None, exact_kwargs.get("num_continuous_draws", 64), 0, 2**16
+    exact, exact_se, _ = _exact_gradient_draws(
+        model, guide, (x,), {}, None, exact_kwargs.get("num_continuous_draws", 64), 2**16, 0,
+        num_particles=k,
     )
     z = _z_scores(elbo, model, guide, x, exact, exact_se, num_draws)
     worst = max(v.abs().max().item() for v in z.values())
@@ -167,7 +169,7 @@ def test_errors():
         VIMCOELBO(num_particles=2).loss_and_grads(model, guide, torch.zeros(4))
     big_model, big_guide = make_pair(layers=2, categorical=True)
     create_params(big_model, big_guide, X2)
-    with pytest.raises(ValueError, match="exceed max_terms"):
+    with pytest.raises(ValueError, match="particle tuples.*max_configurations"):
         exact_iwae_gradient(big_model, big_guide, X2, num_particles=4)
 
 
@@ -238,3 +240,26 @@ def test_empty_model_and_guide_score_zero():
     assert elbo.loss_and_grads(empty, empty) == 0.0
     assert float(elbo.differentiable_loss(empty, empty)) == 0.0
     assert elbo.loss(empty, empty) == 0.0
+
+
+def test_check_unbiased_judges_vimco_against_the_bound_it_estimates():
+    """VIMCO declares ``objective = "iwae"``: check_unbiased compares it with the exact
+    K-sample bound's gradient (it used the ELBO's, and failed an unbiased estimator)."""
+    model, guide = make_pair()
+    create_params(model, guide, X2)
+    elbo = VIMCOELBO(num_particles=3)
+    assert elbo.objective == "iwae"
+    result = check_unbiased(model, guide, elbo, X2, num_draws=300)
+    assert result.passed, result.summary()
+    exact = exact_iwae_gradient(model, guide, X2, num_particles=3, params=list(result.exact))
+    for name in exact:
+        torch.testing.assert_close(result.exact[name], exact[name])
+
+
+def test_check_unbiased_refuses_an_unknown_objective():
+    model, guide = make_pair()
+    create_params(model, guide, X2)
+    elbo = VIMCOELBO(num_particles=2)
+    elbo.objective = "renyi"
+    with pytest.raises(ValueError, match="objective is 'renyi'"):
+        check_unbiased(model, guide, elbo, X2, num_draws=2)

@@ -125,6 +125,7 @@ class ARMELBO(Trace_ELBO):
     """
 
     estimator_name = "ARMELBO"
+    objective = "elbo"  # unbiased for the ELBO's gradient (see check.check_unbiased)
 
     def _coefficient(self, f_main, f_anti, u, probs, value) -> torch.Tensor:
         """Per-element gradient of ``E[f]`` with respect to the logits."""

@@ -196,6 +196,8 @@ class NVILELBO(Trace_ELBO, nn.Module):
     :param module_name: param-store name of the baseline net (unique per instance).
     """
 
+    objective = "elbo"  # unbiased for the ELBO's gradient with normalize=False
+
     def __init__(
         self,
         num_particles: int = 1,

@@ -144,6 +144,7 @@ class RebarELBO(Trace_ELBO):
     """
 
     estimator_name = "RebarELBO"
+    objective = "elbo"  # unbiased for the ELBO's gradient (see check.check_unbiased)
     opt_out_key = "rebar"
 
     def __init__(

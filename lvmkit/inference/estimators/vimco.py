@@ -2,26 +2,20 @@
 
 from __future__ import annotations
 
-import itertools
 import math
-from collections.abc import Callable
 
-import pyro
-import pyro.poutine as poutine
 import torch
 from pyro.distributions.util import is_identically_zero
 from pyro.infer import Trace_ELBO
-from pyro.poutine.util import prune_subsample_sites, site_is_subsample
+from pyro.poutine.util import site_is_subsample
 
 from lvmkit.inference.estimators.nvil import (
     _PARTICLE_PLATE,
-    discrete_kind,
-    innermost,
     latent_guide_sites,
     refuse_enumerated,
 )
 
-__all__ = ["VIMCOELBO", "exact_iwae_gradient"]
+__all__ = ["VIMCOELBO"]
 
 
 def _sample_sites(trace) -> list[tuple[str, dict]]:
@@ -100,9 +94,13 @@ class VIMCOELBO(Trace_ELBO):
     vectorized (``vectorize_particles=True``). ``loss`` returns ``-L_K`` (estimated), not
     the ELBO.
 
-    This estimates the gradient of ``L_K``, *not* of the ELBO; :func:`exact_iwae_gradient`
-    computes the exact ``L_K`` gradient for small discrete guides.
+    This estimates the gradient of ``L_K``, *not* of the ELBO (``objective = "iwae"``);
+    :func:`lvmkit.inference.check.exact_iwae_gradient` computes the exact ``L_K`` gradient
+    for small discrete guides, and :func:`~lvmkit.inference.check.check_unbiased` tests
+    against it.
     """
+
+    objective = "iwae"  # the K-sample bound, K = num_particles
 
     def __init__(self, num_particles: int = 2, **kwargs) -> None:
         if num_particles < 2:
@@ -203,145 +201,3 @@ def _leave_one_out_bound(log_w: torch.Tensor, dim: int) -> torch.Tensor:
     at_top = torch.log(others + (mean_at_top - ref).exp()) + ref
     loo = torch.where(is_top, at_top.expand_as(moved), rest) - math.log(k)
     return loo.movedim(0, dim)
-
-
-# --------------------------------------------------------------------------------------
-# Exact gradient of the K-sample bound, for tests on tiny discrete models
-# --------------------------------------------------------------------------------------
-
-
-def _per_datum(sites: list[tuple[str, dict]]) -> torch.Tensor:
-    """Sum of the sites' log-probs per row of the ``"data"`` plate."""
-    total = 0.0
-    for _, site in sites:
-        lp = site["log_prob"]
-        frame = next(f for f in site["cond_indep_stack"] if f.name == "data")
-        per_row = lp.movedim(lp.dim() + frame.dim, 0)
-        total = total + per_row.reshape(per_row.shape[0], -1).sum(-1)
-    return total
-
-
-def _iwae_gradient_draws(
-    model: Callable,
-    guide: Callable,
-    x: torch.Tensor,
-    num_particles: int,
-    params: list[str] | None,
-    num_continuous_draws: int,
-    seed: int,
-    max_terms: int,
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Mean and standard error (over continuous-noise draws) of the exact gradient."""
-    n = x.shape[0]
-    reference = prune_subsample_sites(poutine.trace(guide).get_trace(x))
-    sites = latent_guide_sites(reference)
-    discrete, continuous, choices, axis = [], [], [], {}
-    for name, site in sites:
-        frame = next((f for f in site["cond_indep_stack"] if f.name == "data"), None)
-        if frame is None or frame.size != n or frame.full_size not in (None, n):
-            raise ValueError(f"site {name!r}: must lie in an unsubsampled 'data' plate of size {n}")
-        kind = discrete_kind(site["fn"])
-        if kind is None:
-            if not site["fn"].has_rsample:
-                raise ValueError(f"site {name!r}: continuous sites must be reparameterizable")
-            continuous.append(name)
-            continue
-        axis[name] = site["value"].dim() - site["fn"].event_dim + frame.dim
-        unit_shape = site["value"].select(axis[name], 0).shape
-        if kind == "bernoulli":
-            units = int(math.prod(unit_shape))
-            support = [
-                torch.tensor(v, dtype=x.dtype).reshape(unit_shape)
-                for v in itertools.product([0.0, 1.0], repeat=units)
-            ]
-        else:
-            if (kind == "onehot" and len(unit_shape) > 1) or (kind == "categorical" and unit_shape):
-                raise ValueError(f"site {name!r}: only one categorical variable per datum")
-            base = innermost(site["fn"])
-            values = base.enumerate_support(expand=False)
-            support = [v.to(x.dtype).reshape(unit_shape) for v in values.reshape(-1, *unit_shape)]
-        discrete.append((name, site))
-        choices.append(support)
-    configs = list(itertools.product(*choices))
-    if len(configs) ** num_particles > max_terms:
-        raise ValueError(
-            f"{len(configs)}^{num_particles} particle tuples exceed max_terms={max_terms}"
-        )
-    tuples = torch.tensor(list(itertools.product(range(len(configs)), repeat=num_particles)))
-    store = dict(pyro.get_param_store().named_parameters())
-    names = list(params) if params is not None else list(store)
-    draws = num_continuous_draws if continuous else 1
-    samples = {name: [] for name in names}
-    for draw in range(draws):
-        log_q = torch.zeros(num_particles, len(configs), n)
-        log_w = torch.zeros(num_particles, len(configs), n)
-        for k in range(num_particles):
-            for c, config in enumerate(configs):
-                data = {
-                    name: value.unsqueeze(axis[name]).expand(site["value"].shape)
-                    for (name, site), value in zip(discrete, config, strict=True)
-                }
-                with torch.random.fork_rng():
-                    # Common random numbers: every configuration of particle k sees the same
-                    # continuous noise.
-                    torch.manual_seed(seed + 1 + draw * num_particles + k)
-                    guide_trace = poutine.trace(poutine.condition(guide, data=data)).get_trace(x)
-                for name in data:
-                    # Conditioned sites are still latent: the model replays them.
-                    guide_trace.nodes[name]["is_observed"] = False
-                model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
-                guide_trace.compute_log_prob()
-                model_trace.compute_log_prob()
-                q_discrete = _per_datum([(name, guide_trace.nodes[name]) for name, _ in discrete])
-                q_all = _per_datum(latent_guide_sites(guide_trace))
-                where = (torch.tensor(k), torch.tensor(c))
-                log_q = log_q.index_put(where, q_discrete)
-                log_w = log_w.index_put(where, _per_datum(_sample_sites(model_trace)) - q_all)
-        particle = torch.arange(num_particles)
-        weight = log_q[particle, tuples].sum(1).exp()  # (T, N)
-        bound = torch.logsumexp(log_w[particle, tuples], 1) - math.log(num_particles)
-        loss = -(weight * bound).sum()
-        grads = torch.autograd.grad(loss, [store[name] for name in names], allow_unused=True)
-        for name, g in zip(names, grads, strict=True):
-            samples[name].append(torch.zeros_like(store[name]) if g is None else g.detach())
-    mean, stderr = {}, {}
-    for name, values in samples.items():
-        stacked = torch.stack(values)
-        mean[name] = stacked.mean(0)
-        stderr[name] = (
-            stacked.std(0) / math.sqrt(draws) if draws > 1 else torch.zeros_like(mean[name])
-        )
-    return mean, stderr
-
-
-def exact_iwae_gradient(
-    model: Callable,
-    guide: Callable,
-    x: torch.Tensor,
-    *,
-    num_particles: int,
-    params: list[str] | None = None,
-    num_continuous_draws: int = 64,
-    seed: int = 0,
-    max_terms: int = 2**16,
-) -> dict[str, torch.Tensor]:
-    """Gradient of the loss ``-sum_i L_K(x_i)`` by enumeration (tests on tiny models).
-
-    The guide's latent sites must lie in an unsubsampled ``"data"`` plate over the rows of
-    ``x``. Every per-datum configuration ``c`` of all discrete units (``Bernoulli``,
-    ``OneHotCategorical``, ``Categorical``) is scored by conditioning the guide on ``c`` for
-    all rows, and ``L_K(x_i) = sum_{c_1..c_K} prod_k q(c_k | x_i) log mean_k w_i(c_k)`` is
-    summed over all ``C^K`` particle tuples and differentiated with autograd.
-
-    Reparameterized continuous sites cannot be enumerated: the result is then a Monte-Carlo
-    mean over ``num_continuous_draws`` noise draws per particle, the same noise for every
-    configuration (common random numbers), i.e. exact only up to Monte-Carlo error.
-
-    :param params: param-store names to differentiate (default: every stored param).
-    :raises ValueError: for non-reparameterized continuous sites, sites outside the data
-        plate, or more than ``max_terms`` tuples.
-    """
-    mean, _ = _iwae_gradient_draws(
-        model, guide, x, num_particles, params, num_continuous_draws, seed, max_terms
-    )
-    return mean
