@@ -33,10 +33,11 @@ import pyro.poutine as poutine
 import torch
 import torch.nn.functional as F
 from pyro.distributions.score_parts import ScoreParts
+from pyro.infer.enum import get_importance_trace
 from pyro.infer.util import MultiFrameTensor, get_plate_stacks, is_validation_enabled
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
-from pyro.util import check_model_guide_match, check_site_shape
+from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape
 
 BERNOULLI = "bernoulli"
 ONEHOT = "onehot"
@@ -531,19 +532,15 @@ def hard_traces(
     estimator: str,
     opt_out_key: str,
 ):
-    """Like ``pyro.infer.enum.get_importance_trace`` with the guide sampled by noise."""
+    """Pyro's ``get_importance_trace`` with the guide sampled by noise, and Pyro's checks
+    of a Monte-Carlo ELBO (``Trace_ELBO._get_trace``): model/guide match, site shapes and
+    a warning for sites marked for enumeration, which are sampled."""
     sampler = HardSampler(estimator, opt_out_key)
-    guide_trace = poutine.trace(sampler(guide)).get_trace(*args, **kwargs)
-    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-        *args, **kwargs
+    model_trace, guide_trace = get_importance_trace(
+        "flat", max_plate_nesting, model, sampler(guide), args, kwargs
     )
     if is_validation_enabled():
-        check_model_guide_match(model_trace, guide_trace, max_plate_nesting)
-    guide_trace = prune_subsample_sites(guide_trace)
-    model_trace = prune_subsample_sites(model_trace)
-    model_trace.compute_log_prob()
-    guide_trace.compute_score_parts()
-    check_site_shapes((model_trace, guide_trace), max_plate_nesting)
+        check_if_enumerated(guide_trace)
     return model_trace, guide_trace, sampler.result
 
 
@@ -809,6 +806,8 @@ def fused_traces(
         ]
     hard_model, hard_guide = views[0]
     check_site_shapes((hard_model, hard_guide), max_plate_nesting)
+    if is_validation_enabled():
+        check_if_enumerated(hard_guide)
     relaxed = [(*views[k], sampler.relaxed_values[k - 1]) for k in (1, 2)]
     return hard_model, hard_guide, sampler.result, relaxed
 

@@ -13,9 +13,10 @@ from pyro.distributions.util import is_identically_zero
 from pyro.infer import Trace_ELBO
 from pyro.infer.enum import get_importance_trace
 from pyro.infer.trace_elbo import _compute_log_r
-from pyro.infer.util import torch_item
+from pyro.infer.util import is_validation_enabled, torch_item
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
+from pyro.util import check_if_enumerated
 
 from lvmkit.inference.estimators.nvil import (
     discrete_kind,
@@ -150,6 +151,8 @@ class ARMELBO(Trace_ELBO):
         model_trace, guide_trace = get_importance_trace(
             "flat", self.max_plate_nesting, model, noise(guide), args, kwargs
         )
+        if is_validation_enabled():
+            check_if_enumerated(guide_trace)  # Pyro's warning, before ours refuses the site
         latents = latent_guide_sites(guide_trace)
         bernoulli = [name for name, site in latents if self._check_site(name, site)]
         uniforms = {name: guide_trace.nodes[name]["infer"][_UNIFORM] for name in bernoulli}
