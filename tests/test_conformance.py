@@ -78,7 +78,7 @@ def _guide_with_extra_plate():
 def _guide_with_extra_site():
     with pyro.plate("data", 3):
         pyro.sample("b", dist.Bernoulli(_prob()))
-        pyro.sample("extra", dist.Bernoulli(_prob()))
+    pyro.sample("extra", dist.Bernoulli(_prob()))
 
 
 @pytest.mark.parametrize("name", list(ESTIMATORS))

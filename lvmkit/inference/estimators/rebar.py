@@ -68,6 +68,7 @@ class ControlParameters(torch.nn.Module):
         )
         self.eta_logits = torch.nn.ParameterDict()
         self.net: torch.nn.Module | None = None
+        self.group_nets = torch.nn.ModuleDict()  # RELAX: one net per other plate group
 
 
 class _ELBOModuleWithControls(ELBOModule):
@@ -519,6 +520,10 @@ class RebarELBO(Trace_ELBO):
     def _net_learnable(self) -> bool:
         return False
 
+    def _learnable_nets(self) -> list[torch.nn.Module]:
+        """Hook for RELAX: its control networks."""
+        return []
+
     def _combine(
         self, surrogate_elbo, cv_f, cv_r, scores, model, guide, loss, stops=()
     ) -> _Estimate:
@@ -621,8 +626,9 @@ class RebarELBO(Trace_ELBO):
             out += [self.controls.eta_logits[_sanitize(k)] for k in etas]
         if self.learn_temperature:
             out.append(self.controls.log_temperature)
-        if self._net_learnable() and self.controls.net is not None:
-            out += list(self.controls.net.parameters())
+        if self._net_learnable():
+            for net in self._learnable_nets():
+                out += list(net.parameters())
         return out
 
     def _step_controls(self, control_grads) -> None:
