@@ -255,6 +255,9 @@ class HardPass:
     # quantity gets no gradient through them (the hard slice is constant), so walks of
     # its graph stop there (see ``graph_leaves``).
     graph_stops: list = field(default_factory=list)
+    # Subsample indices the hard pass drew, by plate name: every other pass of the same
+    # step must see the same mini-batch (REBAR's coupling of b and z~ is per datum).
+    subsamples: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def relaxed(self) -> list[SiteRecord]:
@@ -333,6 +336,9 @@ class HardSampler(Messenger):
         self.result.records[name] = SiteRecord(name, None, False, value, seed=seed)
 
     def _pyro_post_sample(self, msg) -> None:
+        if site_is_subsample(msg):
+            self.result.subsamples[msg["name"]] = msg["value"]
+            return
         record = self.result.records.get(msg["name"])
         if record is not None and record.value is None:
             record.value = msg["value"]
@@ -470,6 +476,10 @@ class RelaxedReplay(Messenger):
         self._sampled_nodes: list = []  # autograd nodes of values sampled in this pass
 
     def _pyro_sample(self, msg) -> None:
+        if site_is_subsample(msg):
+            if msg["name"] in self.hard.subsamples:
+                msg["value"] = self.hard.subsamples[msg["name"]]
+            return
         record = self.hard.records.get(msg["name"])
         if record is None or msg["is_observed"]:
             return
@@ -897,7 +907,7 @@ def _find_culprit(model, guide, args, kwargs, hard, noise, temperature) -> str:
             name: (r if name == record.name else SiteRecord(name, r.kind, False, r.value,
                                                             seed=r.seed))
             for name, r in hard.records.items()
-        })
+        }, subsamples=hard.subsamples)
         try:
             _relaxed_traces(model, guide, args, kwargs, only, noise, temperature, False)
         except (IndexError, RuntimeError, TypeError, ValueError):
