@@ -101,3 +101,86 @@ def test_no_warning_for_a_well_formed_pair():
 def _enum_guide_plain():
     with pyro.plate("data", 3):
         pyro.sample("b", dist.Bernoulli(_prob()))
+
+
+# ----------------------------------------------------------------------------------------
+# Models that assert their own shapes (Pyro's test_dim_allocation_ok), the path decision
+# ----------------------------------------------------------------------------------------
+
+
+def _dim_allocation(prob_name: str, init: float):
+    """Nested plates, one with ``dim=`` given, and shape assertions, as in Pyro's
+    test_dim_allocation_ok: the extra plate of a fused pass would break the assertions."""
+
+    def program():
+        p = pyro.param(prob_name, torch.tensor(init), constraint=dist.constraints.unit_interval)
+        with pyro.plate("outer", 4, 2, dim=-3):
+            x = pyro.sample("x", dist.Bernoulli(p))
+            with pyro.plate("inner_1", 2):
+                y = pyro.sample("y", dist.Bernoulli(p))
+                with pyro.plate("inner_2", 2):
+                    z = pyro.sample("z", dist.Bernoulli(p))
+                    with pyro.plate("inner_3", 1):
+                        q = pyro.sample("q", dist.Bernoulli(p))
+        assert x.shape == (2, 1, 1)
+        assert y.shape == (2, 1, 2)
+        assert z.shape == (2, 2, 2)
+        assert q.shape == (1, 2, 2, 2)
+
+    return program
+
+
+@pytest.mark.parametrize("name", ["rebar", "relax", "concrete"])
+def test_models_that_assert_their_shapes(name):
+    model, guide = _dim_allocation("p_model", 0.4), _dim_allocation("p_guide", 0.7)
+    elbo = ESTIMATORS[name]()
+    for _ in range(3):
+        elbo.loss_and_grads(model, guide)
+    assert torch.isfinite(elbo.differentiable_loss(model, guide))
+    if name != "concrete":
+        assert list(elbo._paths.values()) == ["sequential"]
+
+
+def test_the_path_is_decided_once_per_model_and_guide(monkeypatch):
+    """The fused pass is tried once, on the first call (checked against the separate passes
+    on the same noise), not attempted and caught on every call."""
+    import lvmkit.inference.estimators.rebar as rebar_module
+
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(True)
+        return original(*args, **kwargs)
+
+    original = rebar_module.fused_traces
+    monkeypatch.setattr(rebar_module, "fused_traces", spy)
+    elbo = RebarELBO()
+    model, guide = _dim_allocation("p_model", 0.4), _dim_allocation("p_guide", 0.7)
+    for _ in range(4):
+        elbo.loss_and_grads(model, guide)
+    assert len(calls) == 1
+    calls.clear()
+    for _ in range(4):
+        elbo.loss_and_grads(_enum_model, _enum_guide_plain)
+    assert len(calls) == 4 and elbo._paths[(id(_enum_model), id(_enum_guide_plain))] == "fused"
+
+
+@pytest.mark.parametrize("name", list(ESTIMATORS))
+def test_refusals_are_estimator_errors(name):
+    from lvmkit.inference.estimators import EstimatorError
+
+    def model():
+        with pyro.plate("data", 3):
+            pyro.sample("n", dist.Poisson(3.0))
+
+    def guide():
+        rate = pyro.param("rate", torch.tensor(2.0), constraint=dist.constraints.positive)
+        with pyro.plate("data", 3):
+            pyro.sample("n", dist.Poisson(rate), infer={"enumerate": "parallel"})
+
+    # A Poisson site marked for enumeration: not reparameterizable for the relaxing ones,
+    # not Bernoulli for ARM, marked for enumeration for NVIL and VIMCO.
+    with pytest.raises(EstimatorError, match="site 'n'"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ESTIMATORS[name]().loss_and_grads(model, guide)
+    assert issubclass(EstimatorError, ValueError)

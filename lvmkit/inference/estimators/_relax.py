@@ -39,6 +39,8 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape
 
+from lvmkit.inference.estimators import EstimatorError
+
 BERNOULLI = "bernoulli"
 ONEHOT = "onehot"
 CATEGORICAL = "categorical"
@@ -62,6 +64,49 @@ def draw_uniform(shape: torch.Size, like: torch.Tensor, site: str, role: str) ->
     role and compare two code paths that draw in different orders.
     """
     return uniform_like(shape, like)
+
+
+class NoiseTape:
+    """Records the uniforms that :func:`site_uniform` draws, by ``(site, role)``, or, with
+    ``replay``, hands out recorded ones instead of drawing: the fast path of a step can then
+    be checked against the reference path on identical noise (and draws nothing itself)."""
+
+    def __init__(self, replay: dict | None = None) -> None:
+        self.drawn: dict[tuple[str, str], torch.Tensor] = {}
+        self.replay = replay
+
+    def __enter__(self) -> NoiseTape:
+        _TAPES.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _TAPES.remove(self)
+
+
+_TAPES: list[NoiseTape] = []
+
+
+def site_uniform(shape: torch.Size, like: torch.Tensor, site: str, role: str) -> torch.Tensor:
+    """The uniforms of one site and role, through the innermost active :class:`NoiseTape`
+    (drawn by :func:`draw_uniform` where none replays)."""
+    tape = _TAPES[-1] if _TAPES else None
+    if tape is not None and tape.replay is not None:
+        u = tape.replay.get((site, role))
+        # The fused pass's plate may add leading singleton dimensions (a global site).
+        if u is None or _strip_leading_ones(u.shape) != _strip_leading_ones(shape):
+            raise NotFusable(f"site {site!r}: no recorded {role} noise of shape {tuple(shape)}")
+        return u.reshape(shape)
+    u = draw_uniform(shape, like, site, role)
+    if tape is not None:
+        tape.drawn[(site, role)] = u
+    return u
+
+
+def _strip_leading_ones(shape: torch.Size) -> tuple[int, ...]:
+    shape = tuple(shape)
+    while shape and shape[0] == 1:
+        shape = shape[1:]
+    return shape
 
 
 def logistic_noise(u: torch.Tensor) -> torch.Tensor:
@@ -264,8 +309,6 @@ class HardPass:
         return [r for r in self.records.values() if r.relaxed]
 
 
-class EstimatorError(ValueError):
-    """A model/guide pair that a relaxation-based estimator cannot handle."""
 
 
 @contextlib.contextmanager
@@ -317,7 +360,7 @@ class HardSampler(Messenger):
             )
         if kind is not None:
             logits = full_logits(fn)
-            u = draw_uniform(logits.shape, logits, name, "hard")
+            u = site_uniform(logits.shape, logits, name, "hard")
             noise = logistic_noise(u) if kind == BERNOULLI else gumbel_noise(u)
             value = harden(kind, logits.detach(), noise)
             msg["value"] = value
@@ -516,6 +559,18 @@ def detach_safe(logits: torch.Tensor, sampled_nodes: list) -> bool:
     return not any(node in targets for node in autograd_nodes([logits.grad_fn]))
 
 
+class FixSubsamples(Messenger):
+    """Give the subsampling plates the indices ``subsamples`` (by plate name)."""
+
+    def __init__(self, subsamples: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.subsamples = subsamples
+
+    def _pyro_sample(self, msg) -> None:
+        if site_is_subsample(msg) and msg["name"] in self.subsamples:
+            msg["value"] = self.subsamples[msg["name"]]
+
+
 class RelaxedScores(Messenger):
     """In the model, score the relaxed sites with the continuous extension of log p."""
 
@@ -707,6 +762,7 @@ class FusedSampler(Messenger):
         temperature: Callable[[torch.Tensor], torch.Tensor],
         pass_dim: int,
         conditional_noise: Callable[[SiteRecord], torch.Tensor],
+        subsamples: dict[str, torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         self.estimator = estimator
@@ -716,8 +772,11 @@ class FusedSampler(Messenger):
         self.conditional_noise = conditional_noise
         self.result = HardPass()
         self.relaxed_values: list[dict[str, torch.Tensor]] = [{}, {}]
+        self.subsamples = subsamples or {}
 
     def _pyro_sample(self, msg) -> None:
+        if site_is_subsample(msg) and msg["name"] in self.subsamples:
+            msg["value"] = self.subsamples[msg["name"]]
         if msg["is_observed"] or msg["value"] is not None or site_is_subsample(msg):
             return
         name, fn = msg["name"], msg["fn"]
@@ -729,7 +788,7 @@ class FusedSampler(Messenger):
         if logits.dim() < -axis or logits.shape[axis] != FUSED_PASSES:
             raise NotFusable(name)
         hard_logits = logits.select(axis, 0)
-        u = draw_uniform(hard_logits.shape, hard_logits, name, "hard")
+        u = site_uniform(hard_logits.shape, hard_logits, name, "hard")
         noise = logistic_noise(u) if kind == BERNOULLI else gumbel_noise(u)
         b = harden(kind, hard_logits.detach(), noise)
         record = SiteRecord(name, kind, True, b, hard_logits, noise)
@@ -763,6 +822,7 @@ def fused_traces(
     opt_out_key: str,
     conditional_noise: Callable[[SiteRecord], torch.Tensor],
     max_plate_nesting: float,
+    subsamples: dict[str, torch.Tensor] | None = None,
 ):
     """The hard pass and the two relaxed passes of REBAR in one model and guide evaluation.
 
@@ -778,37 +838,34 @@ def fused_traces(
 
     ``temperature(logits)`` gives lambda at a site (on the logits' device and dtype).
 
-    Raises :class:`NotFusable` (the caller falls back to the separate passes) when a site
-    is not handled, the guide has no discrete site, any exception is raised while running
-    on stacked values, or a site's log-probability lacks the pass dimension.
+    Raises :class:`NotFusable` when a site is not handled, the guide has no discrete
+    site, or a site's log-probability lacks the pass dimension; whatever the model or
+    guide raise on the stacked values propagates (the caller decides once per model and
+    guide whether to fuse, see ``RebarELBO``).
     """
-    sampler = FusedSampler(estimator, opt_out_key, temperature, pass_dim, conditional_noise)
+    sampler = FusedSampler(estimator, opt_out_key, temperature, pass_dim, conditional_noise,
+                           subsamples)
     passes = pyro.plate(PASS_PLATE, FUSED_PASSES, dim=pass_dim)
-    try:
-        # The sampler sits outside the plate so that it sees the broadcast distributions.
-        guide_trace = poutine.trace(sampler(passes(guide))).get_trace(*args, **kwargs)
-        if not sampler.result.records:
-            raise NotFusable("no discrete site")
-        names = list(sampler.result.records)
-        model_trace = poutine.trace(
-            # Replay outside the plate: it marks sites done, which stops broadcasting.
-            RelaxedScores(names)(poutine.replay(passes(model), trace=guide_trace))
-        ).get_trace(*args, **kwargs)
-        if is_validation_enabled():
-            check_model_guide_match(model_trace, guide_trace)
-        guide_trace = prune_subsample_sites(guide_trace)
-        model_trace = prune_subsample_sites(model_trace)
-        # Only our relaxed-score distributions see the marked values here, so the guard
-        # against non-arithmetic use (a Python call per torch op) can be off.
-        with torch._C.DisableTorchFunctionSubclass():
-            model_trace.compute_log_prob()
-            # Score parts as Pyro computes them: the score-function part is unscaled and
-            # unmasked (also by masks inside the distribution, which RELAX's control needs).
-            guide_trace.compute_score_parts()
-    except NotFusable:
-        raise
-    except (IndexError, RuntimeError, TypeError, ValueError) as error:
-        raise NotFusable(f"{type(error).__name__}: {error}") from error
+    # The sampler sits outside the plate so that it sees the broadcast distributions.
+    guide_trace = poutine.trace(sampler(passes(guide))).get_trace(*args, **kwargs)
+    if not sampler.result.records:
+        raise NotFusable("no discrete site")
+    names = list(sampler.result.records)
+    model_trace = poutine.trace(
+        # Replay outside the plate: it marks sites done, which stops broadcasting.
+        RelaxedScores(names)(poutine.replay(passes(model), trace=guide_trace))
+    ).get_trace(*args, **kwargs)
+    if is_validation_enabled():
+        check_model_guide_match(model_trace, guide_trace)
+    guide_trace = prune_subsample_sites(guide_trace)
+    model_trace = prune_subsample_sites(model_trace)
+    # Only our relaxed-score distributions see the marked values here, so the guard
+    # against non-arithmetic use (a Python call per torch op) can be off.
+    with torch._C.DisableTorchFunctionSubclass():
+        model_trace.compute_log_prob()
+        # Score parts as Pyro computes them: the score-function part is unscaled and
+        # unmasked (also by masks inside the distribution, which RELAX's control needs).
+        guide_trace.compute_score_parts()
     with torch._C.DisableTorchFunctionSubclass():
         views = [
             (_fused_view(model_trace, pass_dim, k), _fused_view(guide_trace, pass_dim, k))

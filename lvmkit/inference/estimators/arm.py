@@ -18,6 +18,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from pyro.util import check_if_enumerated
 
+from lvmkit.inference.estimators import EstimatorError
 from lvmkit.inference.estimators.nvil import (
     discrete_kind,
     innermost,
@@ -140,7 +141,7 @@ class ARMELBO(Trace_ELBO):
         if site["fn"].has_rsample:
             return False
         kind = type(innermost(site["fn"])).__name__
-        raise ValueError(
+        raise EstimatorError(
             f"site {name!r}: {self.estimator_name} supports Bernoulli sites (and "
             f"reparameterized continuous ones) only, got {kind}; use NVILELBO or RebarELBO "
             "for categorical sites"

@@ -21,6 +21,8 @@ from pyro.params import param_with_module_name
 from pyro.poutine.util import site_is_subsample
 from torch import nn
 
+from lvmkit.inference.estimators import EstimatorError
+
 __all__ = ["NVILELBO"]
 
 _PARTICLE_PLATE = "num_particles_vectorized"
@@ -76,7 +78,7 @@ def model_terms(model_trace) -> tuple[float, torch.Tensor | float]:
 def refuse_enumerated(name: str, site: dict, estimator: str) -> None:
     """Raise if ``site`` asks for enumeration, which these Monte-Carlo estimators ignore."""
     if site["infer"].get("enumerate"):
-        raise ValueError(
+        raise EstimatorError(
             f"site {name!r}: {estimator} draws Monte-Carlo samples and does not support "
             f"infer={{'enumerate': {site['infer']['enumerate']!r}}}; use TraceEnum_ELBO"
         )
@@ -265,7 +267,7 @@ class NVILELBO(Trace_ELBO, nn.Module):
             self.baseline_net.to(x.device)
         net = pyro.module(self.module_name, self.baseline_net)
         if net[0].in_features != flat.shape[1]:
-            raise ValueError(
+            raise EstimatorError(
                 f"NVIL baseline was built for inputs of size {net[0].in_features}, "
                 f"got x of shape {tuple(x.shape)}"
             )

@@ -9,6 +9,7 @@ from pyro.distributions.util import is_identically_zero
 from pyro.infer import Trace_ELBO
 from pyro.poutine.util import site_is_subsample
 
+from lvmkit.inference.estimators import EstimatorError
 from lvmkit.inference.estimators.nvil import (
     _PARTICLE_PLATE,
     latent_guide_sites,
@@ -45,19 +46,19 @@ def _common_scale(sites: list[tuple[str, dict]]) -> float:
         scale = site["scale"]
         if torch.is_tensor(scale):
             if scale.numel() != 1:
-                raise ValueError(
+                raise EstimatorError(
                     f"site {name!r}: VIMCOELBO needs a scalar scale, got shape {tuple(scale.shape)}"
                 )
             scale = float(scale)
         scales[name] = float(scale)
     if len(set(scales.values())) > 1:
-        raise ValueError(
+        raise EstimatorError(
             "VIMCOELBO needs every sample site to have the same scale (subsampling factor), "
             f"because the importance weights of a datum combine them; got {scales}"
         )
     scale = next(iter(scales.values()), 1.0)
     if scale <= 0:
-        raise ValueError(f"VIMCOELBO needs a positive scale, got {scale}")
+        raise EstimatorError(f"VIMCOELBO needs a positive scale, got {scale}")
     return scale
 
 
