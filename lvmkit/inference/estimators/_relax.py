@@ -5,7 +5,8 @@ Three kinds of guide passes are needed:
 * a *hard* pass, which samples every discrete site through its noise, ``b = H(z)`` with
   ``z = logits + n`` (logistic noise ``n = logit(u)`` for Bernoulli sites, Gumbel noise
   ``n = -log(-log u)`` for one-hot sites), and records ``n``, the logits and, for
-  reparameterized continuous sites, a seed that reproduces their noise;
+  reparameterized continuous sites (sampled by Pyro as ``Trace_ELBO`` samples them) the RNG
+  state that reproduces their noise;
 * *relaxed* passes, which replay the guide with ``sigma_lambda(logits' + n)`` (sigmoid or
   softmax at temperature ``lambda``) where ``logits'`` is recomputed by the guide from the
   relaxed upstream values, continuous sites redrawn with the recorded noise, and the
@@ -24,6 +25,7 @@ Numerics: uniforms are clamped to ``[tiny, 1 - eps]`` and every formula is writt
 from __future__ import annotations
 
 import contextlib
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -57,12 +59,46 @@ def uniform_like(shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
     return u.clamp(finfo.tiny, 1 - finfo.eps)
 
 
+class StepNoise:
+    """The keyed noise source of one step (one particle): the uniforms of every
+    ``(site, role)`` come from a generator seeded by ``(key, site, role)``, so every path
+    (fused, stacked, sequential, ``loss()``) sees the same numbers whatever order it draws
+    them in. ``key`` is drawn from torch's RNG at the first discrete site, so a guide whose
+    continuous sites come first draws exactly what ``Trace_ELBO`` draws for them."""
+
+    def __init__(self) -> None:
+        self.key: int | None = None
+
+    def __enter__(self) -> StepNoise:
+        _STEPS.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _STEPS.remove(self)
+
+    def uniform(self, shape: torch.Size, like: torch.Tensor, site: str, role: str
+                ) -> torch.Tensor:
+        if self.key is None:
+            self.key = int(torch.randint(0, 2**62, ()))
+        generator = torch.Generator(device=like.device)
+        generator.manual_seed((self.key + zlib.crc32(f"{site}/{role}".encode())) % 2**63)
+        u = torch.rand(shape, generator=generator, dtype=like.dtype, device=like.device)
+        finfo = torch.finfo(like.dtype)
+        return u.clamp(finfo.tiny, 1 - finfo.eps)
+
+
+_STEPS: list[StepNoise] = []
+
+
 def draw_uniform(shape: torch.Size, like: torch.Tensor, site: str, role: str) -> torch.Tensor:
-    """The uniforms behind one site's noise; ``role`` is ``"hard"`` or ``"conditional"``.
+    """The uniforms behind one site's noise; ``role`` is ``"hard"`` or ``"conditional"``:
+    from the active :class:`StepNoise`, else straight from torch's RNG.
 
     Every pass draws through here, so a test can substitute fixed uniforms per site and
     role and compare two code paths that draw in different orders.
     """
+    if _STEPS:
+        return _STEPS[-1].uniform(shape, like, site, role)
     return uniform_like(shape, like)
 
 
@@ -288,7 +324,8 @@ class SiteRecord:
     value: torch.Tensor | None  # None until an opted-out site has been sampled
     logits: torch.Tensor | None = None  # hard-pass logits (discrete sites)
     noise: torch.Tensor | None = None  # logistic / Gumbel noise (discrete sites)
-    seed: int | None = None  # reproduces the noise of a reparameterized continuous site
+    # torch's RNG state before a reparameterized continuous site was sampled (its noise)
+    seed: RngSnapshot | None = None
 
 
 @dataclass
@@ -311,13 +348,29 @@ class HardPass:
 
 
 
-@contextlib.contextmanager
-def seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """Run with torch's RNG seeded by ``seed`` and restore the outer RNG state afterwards."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, device_type=device.type):
-        torch.manual_seed(seed)
-        yield
+@dataclass(frozen=True)
+class RngSnapshot:
+    """torch's RNG state on one device, taken just before a site was sampled."""
+
+    device: torch.device
+    state: torch.Tensor
+
+    @classmethod
+    def take(cls, device: torch.device) -> RngSnapshot:
+        if device.type == "cuda":
+            return cls(device, torch.cuda.get_rng_state(device))
+        return cls(device, torch.get_rng_state())
+
+    @contextlib.contextmanager
+    def replaying(self) -> Iterator[None]:
+        """Run from this state, and restore the outer RNG state afterwards."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, device_type=self.device.type):
+            if self.device.type == "cuda":
+                torch.cuda.set_rng_state(self.state, self.device)
+            else:
+                torch.set_rng_state(self.state)
+            yield
 
 
 def _device_of(fn: dist.Distribution) -> torch.device:
@@ -372,11 +425,10 @@ class HardSampler(Messenger):
                 f" {self.estimator} needs pathwise gradients for continuous guide sites"
                 f" (or opt the site out with infer={{{self.opt_out_key!r}: False}})"
             )
-        seed = int(torch.randint(0, 2**62, ()))
-        with seeded(seed, _device_of(fn)):
-            value = fn.rsample()
-        msg["value"] = value
-        self.result.records[name] = SiteRecord(name, None, False, value, seed=seed)
+        # Pyro samples it, drawing exactly what Trace_ELBO draws; the relaxed passes redraw
+        # it from the same RNG state (same noise, recomputed parameters).
+        snapshot = RngSnapshot.take(_device_of(fn))
+        self.result.records[name] = SiteRecord(name, None, False, None, seed=snapshot)
 
     def _pyro_post_sample(self, msg) -> None:
         if site_is_subsample(msg):
@@ -538,8 +590,8 @@ class RelaxedReplay(Messenger):
             msg["value"] = mark_relaxed(value, record.name, self.estimator)
             msg["fn"] = with_relaxed_scores(msg["fn"], detach=detach)
         elif record.seed is not None:
-            with seeded(record.seed, _device_of(msg["fn"])):
-                msg["value"] = msg["fn"].rsample()
+            with record.seed.replaying():
+                msg["value"] = msg["fn"](*msg["args"], **msg["kwargs"])
             self._remember(msg["value"])
         else:
             msg["value"] = record.value

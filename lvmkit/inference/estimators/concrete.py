@@ -31,6 +31,7 @@ from pyro.infer.util import torch_item
 from pyro.util import warn_if_nan
 
 from lvmkit.inference.estimators._relax import (
+    StepNoise,
     elbo_integrand,
     hard_traces,
     log_weight_terms,
@@ -86,22 +87,41 @@ class ConcreteELBO(Trace_ELBO):
             surrogate.backward(retain_graph=self.retain_graph)
         return float(loss)
 
-    def _loss_and_surrogate(self, model, guide, args, kwargs):
+    def loss(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
+        """The negative ELBO estimate of the hard pass, from the draws that
+        :meth:`loss_and_grads` and :meth:`differentiable_loss` make under the same seed."""
+        with torch.no_grad():
+            model, guide, repeats = self._particle_fns(model, guide, args, kwargs)
+            elbo = 0.0
+            for _ in range(repeats):
+                with StepNoise():
+                    model_trace, guide_trace, _ = hard_traces(
+                        model, guide, args, kwargs, self.max_plate_nesting,
+                        self.estimator_name, self.opt_out_key,
+                    )
+                elbo += torch_item(elbo_integrand(model_trace, guide_trace))
+        loss = -elbo / self.num_particles
+        warn_if_nan(loss, "loss")
+        return loss
+
+    def _particle_fns(self, model, guide, args, kwargs):
         if self.vectorize_particles:
             if self.max_plate_nesting == float("inf"):
                 self._guess_max_plate_nesting(model, guide, args, kwargs)
-            model = self._vectorized_num_particles(model)
-            guide = self._vectorized_num_particles(guide)
-            repeats = 1
-        else:
-            repeats = self.num_particles
+            return (self._vectorized_num_particles(model),
+                    self._vectorized_num_particles(guide), 1)
+        return model, guide, self.num_particles
+
+    def _loss_and_surrogate(self, model, guide, args, kwargs):
+        model, guide, repeats = self._particle_fns(model, guide, args, kwargs)
         loss = 0.0
         surrogate = 0.0
         for _ in range(repeats):
-            model_trace, guide_trace, hard = hard_traces(
-                model, guide, args, kwargs, self.max_plate_nesting,
-                self.estimator_name, self.opt_out_key,
-            )
+            with StepNoise():
+                model_trace, guide_trace, hard = hard_traces(
+                    model, guide, args, kwargs, self.max_plate_nesting,
+                    self.estimator_name, self.opt_out_key,
+                )
             hard_elbo = torch_item(elbo_integrand(model_trace, guide_trace))
             loss = loss - hard_elbo / self.num_particles
             noise = {r.name: r.noise for r in hard.relaxed}

@@ -31,7 +31,7 @@ import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO
 from pyro.infer.elbo import ELBOModule
-from pyro.infer.util import MultiFrameTensor
+from pyro.infer.util import MultiFrameTensor, torch_item
 from pyro.util import warn_if_nan
 
 from lvmkit._rng import RandomState
@@ -42,6 +42,7 @@ from lvmkit.inference.estimators._relax import (
     HardPass,
     NoiseTape,
     NotFusable,
+    StepNoise,
     conditional_gumbel_noise,
     conditional_logistic_noise,
     draw_uniform,  # noqa: F401 - tests substitute it here
@@ -336,6 +337,20 @@ class RebarELBO(Trace_ELBO):
             surrogate = surrogate + sum((g.detach() * p).sum() for p, g in estimate.control_grads)
         return estimate.loss + (surrogate - surrogate.detach())
 
+    def loss(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
+        """The negative ELBO estimate of the hard pass, from the draws that
+        :meth:`loss_and_grads` and :meth:`differentiable_loss` make under the same seed."""
+        with torch.no_grad():
+            model, guide, repeats = self._particle_fns(model, guide, args, kwargs)
+            elbo = 0.0
+            for _ in range(repeats):
+                with StepNoise():
+                    model_trace, guide_trace, _ = self._hard_traces(model, guide, args, kwargs)
+                elbo += torch_item(elbo_integrand(model_trace, guide_trace))
+        loss = -elbo / self.num_particles
+        warn_if_nan(loss, "loss")
+        return loss
+
     def loss_and_grads(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
         """Backpropagate the REBAR estimate, then take one variance-objective Adam step."""
         estimate = self._estimate(model, guide, args, kwargs)
@@ -372,8 +387,9 @@ class RebarELBO(Trace_ELBO):
         scores: dict[str, list[torch.Tensor]] = {}
         stops: list = []
         for _ in range(repeats):
-            model_trace, guide_trace, hard, passes = self._passes(pair, model, guide, args,
-                                                                  kwargs)
+            with StepNoise():
+                model_trace, guide_trace, hard, passes = self._passes(pair, model, guide,
+                                                                      args, kwargs)
             loss_p, surrogate_loss_p = Trace_ELBO._differentiable_loss_particle(
                 self, model_trace, guide_trace
             )
