@@ -273,3 +273,234 @@ def test_entry_points_agree_on_one_seed_with_discrete_sites(name):
     finally:
         _relax.HardSampler._pyro_post_sample = original
     torch.testing.assert_close(values[0], trace.nodes["z"]["value"].detach())
+
+
+# ----------------------------------------------------------------------------------------
+# The structures of Pyro's test_valid_models / test_gradient, for every estimator
+# ----------------------------------------------------------------------------------------
+
+DATA = torch.tensor([0.3, -1.2, 0.8, 2.0])
+
+
+def _logit(name, init):
+    return pyro.param(name, torch.as_tensor(init))
+
+
+def nested_plates():
+    def model():
+        with pyro.plate("outer", 2, dim=-2), pyro.plate("inner", 2, dim=-1):
+            b = pyro.sample("b", dist.Bernoulli(0.4))
+            pyro.sample("y", dist.Normal(b, 1.0), obs=DATA[:4].reshape(2, 2))
+
+    def guide():
+        with pyro.plate("outer", 2, dim=-2), pyro.plate("inner", 2, dim=-1):
+            pyro.sample("b", dist.Bernoulli(logits=_logit("a", [[0.2, -0.3], [0.5, 0.1]])))
+
+    return model, guide
+
+
+def subsampled_plate():
+    def model():
+        with pyro.plate("data", 4, subsample_size=2) as idx:
+            b = pyro.sample("b", dist.Bernoulli(0.4))
+            pyro.sample("y", dist.Normal(2 * b, 1.0), obs=DATA[idx])
+
+    def guide():
+        a = _logit("a", [0.2, -0.3, 0.5, 0.1])
+        with pyro.plate("data", 4, subsample_size=2) as idx:
+            pyro.sample("b", dist.Bernoulli(logits=a[idx]))
+
+    return model, guide
+
+
+def dim_fixed_plate():
+    def model():
+        with pyro.plate("a_plate", 2, dim=-3):
+            b = pyro.sample("b", dist.Bernoulli(0.4))
+            assert b.shape[-3:] == (2, 1, 1)
+            pyro.sample("y", dist.Normal(b, 1.0), obs=DATA[:2].reshape(2, 1, 1))
+
+    def guide():
+        with pyro.plate("a_plate", 2, dim=-3):
+            pyro.sample("b", dist.Bernoulli(logits=_logit("a", [0.2, -0.3]).reshape(2, 1, 1)))
+
+    return model, guide
+
+
+def to_event_sites():
+    def model():
+        with pyro.plate("data", 2):
+            b = pyro.sample("b", dist.Bernoulli(0.4).expand([2, 2]).to_event(1))
+            pyro.sample("y", dist.Normal(b.sum(-1), 1.0), obs=DATA[:2])
+
+    def guide():
+        with pyro.plate("data", 2):
+            pyro.sample("b", dist.Bernoulli(logits=_logit("a", [[0.2, -0.3], [0.5, 0.1]]))
+                        .to_event(1))
+
+    return model, guide
+
+
+def masked_sites():
+    mask = torch.tensor([True, False, True])
+
+    def model():
+        with pyro.plate("data", 3):
+            b = pyro.sample("b", dist.Bernoulli(0.4))
+            with pyro.poutine.mask(mask=mask):
+                pyro.sample("y", dist.Normal(b, 1.0), obs=DATA[:3])
+
+    def guide():
+        with pyro.plate("data", 3):
+            pyro.sample("b", dist.Bernoulli(logits=_logit("a", [0.2, -0.3, 0.5])).mask(mask))
+
+    return model, guide
+
+
+def scaled_program():
+    model, guide = nested_plates()
+    return pyro.poutine.scale(model, scale=2.5), pyro.poutine.scale(guide, scale=2.5)
+
+
+def reparam_beside_discrete():
+    def model():
+        with pyro.plate("data", 2):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            b = pyro.sample("b", dist.Bernoulli(logits=z))
+            pyro.sample("y", dist.Normal(z + b, 1.0), obs=DATA[:2])
+
+    def guide():
+        loc = _logit("loc", [0.1, -0.2])
+        with pyro.plate("data", 2):
+            z = pyro.sample("z", dist.Normal(loc, 1.0))
+            pyro.sample("b", dist.Bernoulli(logits=_logit("a", [0.2, -0.3]) + 0.5 * z))
+
+    return model, guide
+
+
+def empty_program():
+    def model():
+        pyro.param("unused", torch.tensor(0.0))
+
+    return model, model
+
+
+def params_shaped_by_plates():
+    def model():
+        with pyro.plate("data", 4, subsample_size=2) as idx:
+            b = pyro.sample("b", dist.Bernoulli(0.4))
+            pyro.sample("y", dist.Normal(b, 1.0), obs=DATA[idx])
+
+    def guide():
+        with pyro.plate("data", 4, subsample_size=2):
+            # a param inside a subsampled plate is subsampled with it
+            a = pyro.param("a", torch.tensor([0.2, -0.3, 0.5, 0.1]), event_dim=0)
+            pyro.sample("b", dist.Bernoulli(logits=a))
+
+    return model, guide
+
+
+def sequential_plate():
+    def model():
+        for i in pyro.plate("seq", 2):
+            b = pyro.sample(f"b_{i}", dist.Bernoulli(0.4))
+            pyro.sample(f"y_{i}", dist.Normal(b, 1.0), obs=DATA[i])
+
+    def guide():
+        a = _logit("a", [0.2, -0.3])
+        for i in pyro.plate("seq", 2):
+            pyro.sample(f"b_{i}", dist.Bernoulli(logits=a[i]))
+
+    return model, guide
+
+
+STRUCTURES = {
+    "nested": nested_plates,
+    "subsampled": subsampled_plate,
+    "dim_fixed": dim_fixed_plate,
+    "to_event": to_event_sites,
+    "masked": masked_sites,
+    "scaled": scaled_program,
+    "reparam_beside_discrete": reparam_beside_discrete,
+    "empty": empty_program,
+    "params_shaped_by_plates": params_shaped_by_plates,
+    "sequential": sequential_plate,
+}
+
+
+def _grads_of(elbo, model, guide, entry, seed=1):
+    params = dict(pyro.get_param_store().named_parameters())
+    for p in params.values():
+        p.grad = None
+    pyro.set_rng_seed(seed)
+    if entry == "loss_and_grads":
+        loss = elbo.loss_and_grads(model, guide)
+    else:
+        loss = elbo.differentiable_loss(model, guide)
+        if torch.is_tensor(loss) and loss.requires_grad:
+            loss.backward()
+    return torch_item(loss), {n: None if p.grad is None else p.grad.clone()
+                              for n, p in params.items()}
+
+
+@pytest.mark.parametrize("vectorize", [False, True], ids=["", "vectorized"])
+@pytest.mark.parametrize("structure", list(STRUCTURES))
+@pytest.mark.parametrize("name", list(ESTIMATORS))
+def test_loss_and_grads_and_differentiable_loss_agree(name, structure, vectorize):
+    """On every structure, both entry points of a fresh estimator give the same loss and
+    gradients under one seed (vectorized particles too)."""
+    model, guide = STRUCTURES[structure]()
+    kwargs = {"num_particles": 3, "vectorize_particles": True} if vectorize else {}
+    if name == "vimco":
+        if vectorize:
+            pytest.skip("VIMCO always vectorizes its particles")
+    elif structure == "sequential" and vectorize:
+        kwargs["max_plate_nesting"] = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # e.g. guessed plate nesting
+        pyro.set_rng_seed(0)
+        pyro.poutine.trace(guide).get_trace()  # create the params
+        results = [_grads_of(ESTIMATORS[name](**kwargs), model, guide, entry)
+                   for entry in ("loss_and_grads", "differentiable_loss")]
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert loss_a == pytest.approx(loss_b, abs=1e-5)
+    assert set(grads_a) == set(grads_b)
+    for n in grads_a:
+        if grads_a[n] is None or grads_b[n] is None:
+            assert grads_a[n] is None or not grads_a[n].any(), n
+            assert grads_b[n] is None or not grads_b[n].any(), n
+        else:
+            torch.testing.assert_close(grads_a[n], grads_b[n], rtol=1e-5, atol=1e-6, msg=n)
+    if structure == "empty":
+        assert loss_a == 0.0
+
+
+_UNBIASED = [n for n in ESTIMATORS if n != "concrete"]  # Concrete is biased by design
+_ENUMERABLE = [s for s in STRUCTURES if s not in ("empty",)]
+
+
+def _check(name, structure, num_draws):
+    from lvmkit.inference.check import check_unbiased
+
+    model, guide = STRUCTURES[structure]()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        pyro.set_rng_seed(0)
+        pyro.poutine.trace(guide).get_trace()
+        result = check_unbiased(model, guide, ESTIMATORS[name](), num_draws=num_draws,
+                                num_continuous_draws=32)
+    assert result.passed, result.summary()
+
+
+@pytest.mark.parametrize("structure", ["nested", "dim_fixed", "reparam_beside_discrete"])
+@pytest.mark.parametrize("name", ["rebar", "vimco"])
+def test_gradient_is_exact_in_mean(name, structure):
+    """The fast sample of the exactness checks (the slow test below runs all)."""
+    _check(name, structure, num_draws=100)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("structure", _ENUMERABLE)
+@pytest.mark.parametrize("name", _UNBIASED)
+def test_slow_gradient_is_exact_in_mean_on_every_structure(name, structure):
+    _check(name, structure, num_draws=400)
