@@ -23,12 +23,8 @@ that is biased as well. :func:`lvmkit.inference.check.check_unbiased` detects th
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-import torch
 from pyro.infer import Trace_ELBO
 from pyro.infer.util import torch_item
-from pyro.util import warn_if_nan
 
 from lvmkit.inference.estimators._relax import (
     StepNoise,
@@ -77,63 +73,29 @@ class ConcreteELBO(Trace_ELBO):
         """Floats to log each step (the temperature is fixed)."""
         return {"temperature": self.temperature}
 
-    def differentiable_loss(self, model: Callable, guide: Callable, *args, **kwargs):
-        loss, surrogate = self._loss_and_surrogate(model, guide, args, kwargs)
-        return loss + (surrogate - surrogate.detach())
+    # Pyro's template: Trace_ELBO runs the particles (vectorized or not) and the three
+    # entry points; a particle is a hard pass (the loss) and a relaxed pass (the gradient).
 
-    def loss_and_grads(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
-        loss, surrogate = self._loss_and_surrogate(model, guide, args, kwargs)
-        if surrogate.requires_grad:
-            surrogate.backward(retain_graph=self.retain_graph)
-        return float(loss)
-
-    def loss(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
-        """The negative ELBO estimate of the hard pass, from the draws that
-        :meth:`loss_and_grads` and :meth:`differentiable_loss` make under the same seed."""
-        with torch.no_grad():
-            model, guide, repeats = self._particle_fns(model, guide, args, kwargs)
-            elbo = 0.0
-            for _ in range(repeats):
-                with StepNoise():
-                    model_trace, guide_trace, _ = hard_traces(
-                        model, guide, args, kwargs, self.max_plate_nesting,
-                        self.estimator_name, self.opt_out_key,
-                    )
-                elbo += torch_item(elbo_integrand(model_trace, guide_trace))
-        loss = -elbo / self.num_particles
-        warn_if_nan(loss, "loss")
-        return loss
-
-    def _particle_fns(self, model, guide, args, kwargs):
-        if self.vectorize_particles:
-            if self.max_plate_nesting == float("inf"):
-                self._guess_max_plate_nesting(model, guide, args, kwargs)
-            return (self._vectorized_num_particles(model),
-                    self._vectorized_num_particles(guide), 1)
-        return model, guide, self.num_particles
-
-    def _loss_and_surrogate(self, model, guide, args, kwargs):
-        model, guide, repeats = self._particle_fns(model, guide, args, kwargs)
-        loss = 0.0
-        surrogate = 0.0
-        for _ in range(repeats):
-            with StepNoise():
-                model_trace, guide_trace, hard = hard_traces(
-                    model, guide, args, kwargs, self.max_plate_nesting,
-                    self.estimator_name, self.opt_out_key,
-                )
-            hard_elbo = torch_item(elbo_integrand(model_trace, guide_trace))
-            loss = loss - hard_elbo / self.num_particles
-            noise = {r.name: r.noise for r in hard.relaxed}
-            rmt, rgt, _ = relaxed_traces(
-                model, guide, args, kwargs, hard, noise, self.temperature,
-                self.estimator_name, straight_through=self.straight_through,
+    def _get_trace(self, model, guide, args, kwargs):
+        """The hard pass; what its relaxed pass needs rides on the guide trace (that pass
+        draws nothing new: the hard pass's noise, continuous sites from their RNG state)."""
+        with StepNoise():
+            model_trace, guide_trace, hard = hard_traces(
+                model, guide, args, kwargs, self.max_plate_nesting,
+                self.estimator_name, self.opt_out_key,
             )
-            particle = elbo_integrand(rmt, rgt) + self._score_terms(rmt, rgt, hard)
-            surrogate = surrogate - particle / self.num_particles
-        loss = torch.as_tensor(loss)
-        warn_if_nan(loss, "loss")
-        return loss, torch.as_tensor(surrogate)
+        guide_trace.concrete_pass = (model, guide, args, kwargs, hard)
+        return model_trace, guide_trace
+
+    def _differentiable_loss_particle(self, model_trace, guide_trace):
+        loss = -torch_item(elbo_integrand(model_trace, guide_trace))
+        model, guide, args, kwargs, hard = guide_trace.concrete_pass
+        noise = {r.name: r.noise for r in hard.relaxed}
+        rmt, rgt, _ = relaxed_traces(
+            model, guide, args, kwargs, hard, noise, self.temperature,
+            self.estimator_name, straight_through=self.straight_through,
+        )
+        return loss, -(elbo_integrand(rmt, rgt) + self._score_terms(rmt, rgt, hard))
 
     @staticmethod
     def _score_terms(model_trace, guide_trace, hard):
