@@ -16,7 +16,9 @@ Three kinds of guide passes are needed:
 
 REBAR and RELAX run the three as one *fused* evaluation where they can
 (:func:`fused_traces`: a size-3 plate left of the model's plates, each site sampling all
-three passes at once) and fall back to a hard pass plus stacked or separate relaxed passes.
+three passes at once), else a hard pass plus stacked or separate relaxed passes, decided
+once per model and guide (``RebarELBO._first_passes``). All noise comes from one keyed
+source per step (:class:`StepNoise`), so every path sees the same numbers.
 
 Numerics: uniforms are clamped to ``[tiny, 1 - eps]`` and every formula is written with
 ``logsigmoid`` / ``logaddexp`` so that logits of +-50 give finite values and gradients.
@@ -786,7 +788,7 @@ FUSED_PASSES = 3  # hard, relaxed from the hard noise, relaxed from the conditio
 
 
 class NotFusable(Exception):
-    """The fused pass cannot run this model and guide; the caller falls back."""
+    """The fused pass cannot run this model and guide (a site it does not handle)."""
 
 
 class FusedSampler(Messenger):

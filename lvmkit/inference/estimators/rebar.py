@@ -159,9 +159,15 @@ class RebarELBO(Trace_ELBO):
     :param variance_ema_decay: decay of the gradient-variance tracker in :meth:`diagnostics`.
     :param fuse_passes: run the hard pass and both relaxed passes as one model and guide
         evaluation inside a plate of size 3 left of the model's plates (like Pyro's
-        vectorized particles) when every guide latent is a relaxable discrete site and the
-        model broadcasts over that plate; else, and with ``False``, a hard pass and one
-        stacked relaxed pass. Same estimator either way; fusing saves per-trace overhead.
+        vectorized particles) when every guide latent is a relaxable discrete site; else,
+        and with ``False``, a hard pass and one stacked relaxed pass (a new leftmost
+        dimension), else the relaxed passes one by one. Which of the three runs is decided
+        once per model and guide, on their first call: the fast path runs on the
+        reference path's noise and mini-batch and is kept only if every site of every pass
+        gets the reference's log-probability (a model that asserts its shapes, reduces over
+        the extra dimension or mixes it into its data does not). Same estimator either way;
+        fusing saves per-trace overhead. A decided fast path that fails later raises
+        :class:`~lvmkit.inference.estimators.EstimatorError`.
 
     With ``differentiable_loss`` (``elbo(model, guide)`` as an ``nn.Module``) the estimator
     takes no optimizer step of its own: the returned surrogate carries the gradient of the
