@@ -584,7 +584,11 @@ def _rebar_grads(model, guide, x, seed, stacked: bool, monkeypatch) -> dict[str,
     taken = []
 
     def spy(*args, **kwargs):
-        passes = _relax.stacked_relaxed_traces(*args, **kwargs) if stacked else None
+        try:
+            passes = _relax.stacked_relaxed_traces(*args, **kwargs) if stacked else None
+        except Exception:
+            taken.append(False)
+            raise
         taken.append(passes is not None)
         return passes
 

@@ -744,10 +744,11 @@ def stacked_relaxed_traces(
     that pass's slice of each site's ``log_prob`` (and ``log_prob_sum``); other fields are
     the stacked pass's.
 
-    Returns ``None`` (the caller then runs the passes one by one, which also gives the
-    precise error messages) when the stacked pass cannot be trusted: a reparameterized
-    continuous site (its recorded noise has the unstacked shape), any exception, or a site
-    whose log-probability does not come out as ``(len(noises),) + hard shape``. A site
+    Returns ``None`` when the stacked pass cannot be trusted: a reparameterized continuous
+    site (its recorded noise has the unstacked shape), or a site whose log-probability does
+    not come out as ``(len(noises),) + hard shape``; what the model or guide raise on the
+    stacked values propagates (the caller decides once per model and guide whether to
+    stack, see ``RebarELBO``). A site
     that does not depend on the relaxed values (same shape as in the hard pass) is shared
     by all passes, except that observed and relaxed sites must always carry the stacked
     dimension: a model that reduces over it would lose it there. Not detected: a model
@@ -761,13 +762,10 @@ def stacked_relaxed_traces(
         return None
     count = len(noises)
     stacked = {name: torch.stack([n[name] for n in noises]) for name in noises[0]}
-    try:
-        model_trace, guide_trace, values = _relaxed_traces(
-            model, guide, args, kwargs, hard, stacked, temperature, False, detach_scores,
-            estimator,
-        )
-    except (IndexError, RuntimeError, TypeError, ValueError):
-        return None
+    model_trace, guide_trace, values = _relaxed_traces(
+        model, guide, args, kwargs, hard, stacked, temperature, False, detach_scores,
+        estimator,
+    )
     relaxed_names = {r.name for r in hard.relaxed}
     passes = []
     for i in range(count):
