@@ -38,32 +38,6 @@ def _bernoulli_logits(fn: dist.Distribution, shape: torch.Size) -> torch.Tensor:
     return innermost(fn).logits.expand(shape)
 
 
-def _element_mask(site: dict) -> torch.Tensor | None:
-    """Boolean mask over the value's elements from ``poutine.mask`` and ``.mask()``."""
-    shape = site["value"].shape
-    masks = []
-    if torch.is_tensor(site["mask"]):
-        masks.append(site["mask"].reshape(site["mask"].shape + (1,) * site["fn"].event_dim))
-    fn = site["fn"]
-    while isinstance(
-        fn, dist.Independent | torch.distributions.Independent | dist.ExpandedDistribution
-        | dist.MaskedDistribution
-    ):
-        if isinstance(fn, dist.MaskedDistribution) and torch.is_tensor(fn._mask):
-            masks.append(fn._mask.reshape(fn._mask.shape + (1,) * fn.event_dim))
-        elif isinstance(fn, dist.MaskedDistribution) and fn._mask is False:
-            masks.append(torch.zeros((), dtype=torch.bool))
-        fn = fn.base_dist
-    if site["mask"] is False:
-        masks.append(torch.zeros((), dtype=torch.bool))
-    if not masks:
-        return None
-    out = torch.ones(shape, dtype=torch.bool)
-    for m in masks:
-        out = out & m.expand(shape)
-    return out
-
-
 class _BernoulliNoise(Messenger):
     """Draws every Bernoulli guide site as ``1[u < p]`` from recorded uniforms.
 
@@ -207,10 +181,10 @@ class ARMELBO(Trace_ELBO):
         f_anti = per_element(site["infer"][_ANTITHETIC])
         logits = _bernoulli_logits(site["fn"], value.shape)
         u = site["infer"][_UNIFORM]
+        # Not masked: a mask removes the site's log-density from the ELBO, not the
+        # dependence of the rest of it on the value drawn (as Trace_ELBO's unmasked score
+        # term); where nothing depends on a masked element, f_anti = f_main there.
         coefficient = self._coefficient(f_main, f_anti, u, torch.sigmoid(logits.detach()), value)
-        mask = _element_mask(site)
-        if mask is not None:
-            coefficient = coefficient * mask
         return (coefficient.detach() * logits).sum()
 
 
