@@ -7,9 +7,12 @@ import math
 import torch
 from pyro.distributions.util import is_identically_zero
 from pyro.infer import Trace_ELBO
+from pyro.infer.util import torch_item
 from pyro.poutine.util import site_is_subsample
+from pyro.util import warn_if_nan
 
 from lvmkit.inference.estimators import EstimatorError
+from lvmkit.inference.estimators._relax import plate_nesting
 from lvmkit.inference.estimators.nvil import (
     _PARTICLE_PLATE,
     latent_guide_sites,
@@ -91,8 +94,10 @@ class VIMCOELBO(Trace_ELBO):
     Independence: the bound is taken per element of the plates that *every* sample site
     (model and guide) shares, typically the ``"data"`` plate, i.e. the estimate is of
     ``scale * sum_i L_K(x_i)``; sites outside such a plate make it one joint bound. All
-    sites must then have the same subsampling scale ``scale``. The particles are always
-    vectorized (``vectorize_particles=True``). ``loss`` returns ``-L_K`` (estimated), not
+    sites must then have the same subsampling scale ``scale``. The particles are
+    vectorized by default (Pyro's ``vectorize_particles``); with
+    ``vectorize_particles=False`` they are K traces, for models whose plates or parameters
+    assume no particle dimension (same estimator). ``loss`` returns ``-L_K`` (estimated), not
     the ELBO.
 
     This estimates the gradient of ``L_K``, *not* of the ELBO (``objective = "iwae"``);
@@ -109,13 +114,13 @@ class VIMCOELBO(Trace_ELBO):
                 f"VIMCOELBO needs num_particles >= 2 for its leave-one-out baselines, "
                 f"got {num_particles}"
             )
-        if kwargs.pop("vectorize_particles", True) is not True:
-            raise ValueError("VIMCOELBO always vectorizes its particles")
-        super().__init__(num_particles=num_particles, vectorize_particles=True, **kwargs)
+        super().__init__(num_particles=num_particles,
+                         vectorize_particles=kwargs.pop("vectorize_particles", True), **kwargs)
 
-    def _particle_terms(self, model_trace, guide_trace):
+    def _particle_terms(self, model_trace, guide_trace, ndim: int | None = None):
         """``(log_w, score, scale, pdim)``: per-particle log-weights and guide scores,
-        summed to the shared plates, with the particle dim at ``pdim``."""
+        summed to the shared plates (``ndim`` batch dims), with the particle dim at
+        ``pdim`` (``None`` for a trace of one particle)."""
         guide_latents = latent_guide_sites(guide_trace)
         for name, site in guide_latents:
             refuse_enumerated(name, site, "VIMCOELBO")
@@ -125,11 +130,11 @@ class VIMCOELBO(Trace_ELBO):
         guide_sites = _sample_sites(guide_trace)
         sites = _sample_sites(model_trace) + guide_sites
         particle_frame = next(
-            f for f in sites[0][1]["cond_indep_stack"] if f.name == _PARTICLE_PLATE
+            (f for f in sites[0][1]["cond_indep_stack"] if f.name == _PARTICLE_PLATE), None
         )
         shared = frozenset.intersection(*(_vectorized_frames(s) for _, s in sites))
         keep = {f.dim for f in shared}
-        ndim = int(self.max_plate_nesting)
+        ndim = int(self.max_plate_nesting) if ndim is None else ndim
         scale = _common_scale(sites)
 
         log_w = 0.0
@@ -145,12 +150,10 @@ class VIMCOELBO(Trace_ELBO):
                 if mask is not None:
                     score_term = score_term * mask
                 score = score + _sum_to(score_term, keep, ndim)
-        return log_w, score, scale, particle_frame.dim
+        return log_w, score, scale, None if particle_frame is None else particle_frame.dim
 
-    def _differentiable_loss_particle(self, model_trace, guide_trace):
-        if not _sample_sites(model_trace) + _sample_sites(guide_trace):
-            return 0.0, 0.0  # an empty program, as Trace_ELBO scores it
-        log_w, score, scale, pdim = self._particle_terms(model_trace, guide_trace)
+    def _objective(self, log_w, score, scale: float, pdim: int):
+        """``(-s L_K estimate, surrogate)`` from the particles' log-weights along ``pdim``."""
         k = self.num_particles
         log_w_det = log_w.detach()
         bound = torch.logsumexp(log_w_det, pdim, keepdim=True) - math.log(k)
@@ -158,13 +161,53 @@ class VIMCOELBO(Trace_ELBO):
         if torch.is_tensor(score):
             signal = bound - _leave_one_out_bound(log_w_det, pdim)
             surrogate = surrogate + (signal * score).sum(pdim, keepdim=True)
+        return -scale * float(bound.sum()), -scale * surrogate.sum()
+
+    def _differentiable_loss_particle(self, model_trace, guide_trace):
+        if not _sample_sites(model_trace) + _sample_sites(guide_trace):
+            return 0.0, 0.0  # an empty program, as Trace_ELBO scores it
+        loss, surrogate = self._objective(*self._particle_terms(model_trace, guide_trace))
         # Trace_ELBO divides by num_particles; the vectorized trace holds all K at once.
-        loss = -k * scale * float(bound.sum())
-        return loss, -k * scale * surrogate.sum()
+        return self.num_particles * loss, self.num_particles * surrogate
+
+    def _sequential(self, model, guide, args, kwargs):
+        """``vectorize_particles=False``: the K particles as K traces (for models whose
+        plates or parameters assume no particle dimension), their terms stacked along a
+        new leftmost dimension; ``(loss, surrogate)``."""
+        traces = [self._get_trace(model, guide, args, kwargs) for _ in range(self.num_particles)]
+        if not any(_sample_sites(m) + _sample_sites(g) for m, g in traces):
+            return 0.0, 0.0
+        ndim = max(plate_nesting(m, g) for m, g in traces)
+        terms = [self._particle_terms(m, g, ndim) for m, g in traces]
+        scales = {t[2] for t in terms}
+        if len(scales) > 1:
+            raise EstimatorError(f"VIMCOELBO: the particles have different scales {scales}")
+        log_w = torch.stack(torch.broadcast_tensors(*(t[0] for t in terms)))
+        scores = [torch.as_tensor(t[1], dtype=log_w.dtype, device=log_w.device) for t in terms]
+        score = torch.stack(torch.broadcast_tensors(*scores))
+        return self._objective(log_w, score, scales.pop(), -(ndim + 1))
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        if self.vectorize_particles:
+            return super().differentiable_loss(model, guide, *args, **kwargs)
+        loss, surrogate = self._sequential(model, guide, args, kwargs)
+        warn_if_nan(surrogate, "loss")
+        return loss + (surrogate - torch_item(surrogate))
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        if self.vectorize_particles:
+            return super().loss_and_grads(model, guide, *args, **kwargs)
+        loss, surrogate = self._sequential(model, guide, args, kwargs)
+        if getattr(surrogate, "requires_grad", False):
+            surrogate.backward(retain_graph=self.retain_graph)
+        warn_if_nan(loss, "loss")
+        return loss
 
     def loss(self, model, guide, *args, **kwargs) -> float:
         """Estimate of ``-L_K`` (negative importance-weighted bound)."""
         with torch.no_grad():
+            if not self.vectorize_particles:
+                return self._sequential(model, guide, args, kwargs)[0]
             total = 0.0
             for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
                 if not _sample_sites(model_trace) + _sample_sites(guide_trace):
