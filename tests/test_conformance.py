@@ -503,3 +503,41 @@ def test_gradient_is_exact_in_mean(name, structure):
 @pytest.mark.parametrize("name", _UNBIASED)
 def test_slow_gradient_is_exact_in_mean_on_every_structure(name, structure):
     _check(name, structure, num_draws=400)
+
+
+def test_decisions_are_forgotten_with_the_model_and_guide():
+    """The per-pair path is keyed by the callables' ids; a freed callable's id can be reused
+    by a new one, which must be checked afresh (a stale "fused" would skip the check)."""
+    import gc
+
+    elbo = RebarELBO()
+
+    def make():
+        def model():
+            with pyro.plate("data", 3):
+                pyro.sample("b", dist.Bernoulli(0.5))
+
+        def guide():
+            with pyro.plate("data", 3):
+                pyro.sample("b", dist.Bernoulli(_prob()))
+
+        return model, guide
+
+    model, guide = make()
+    elbo.loss_and_grads(model, guide)
+    assert list(elbo._paths.values()) == ["fused"]
+    del model, guide
+    gc.collect()
+    assert not elbo._paths and not elbo._guessed_nesting
+    # bound methods: keyed by their owner, decided once however often they are accessed
+    class Pair:
+        def model(self):
+            _enum_model()
+
+        def guide(self):
+            _enum_guide_plain()
+
+    pair = Pair()
+    for _ in range(3):
+        elbo.loss_and_grads(pair.model, pair.guide)
+    assert len(elbo._paths) == 1

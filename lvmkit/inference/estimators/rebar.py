@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -227,6 +228,7 @@ class RebarELBO(Trace_ELBO):
         self._paths: dict[tuple[int, int], str] = {}
         self._not_fusable: set[tuple[int, int]] = set()
         self._guessed_nesting: dict[tuple[int, int], int] = {}
+        self._watched: set[tuple] = set()
 
     # ----------------------------------------------------------------------------------
     # Public read-outs
@@ -384,7 +386,7 @@ class RebarELBO(Trace_ELBO):
         return model, guide, self.num_particles
 
     def _estimate(self, model, guide, args, kwargs) -> _Estimate:
-        pair = (id(model), id(guide))
+        pair = self._pair_key(model, guide)
         model, guide, repeats = self._particle_fns(model, guide, args, kwargs)
         loss = 0.0
         surrogate_elbo = 0.0
@@ -439,6 +441,41 @@ class RebarELBO(Trace_ELBO):
     # ----------------------------------------------------------------------------------
     # Which path runs the passes: decided once per model and guide
     # ----------------------------------------------------------------------------------
+
+    def _pair_key(self, model, guide) -> tuple:
+        """The key of a model/guide pair in the per-pair decisions: the callables' ids (a
+        bound method's owner and function, as ``obj.model`` is a new object per access).
+        The decisions are forgotten when either owner is garbage collected, so that a new
+        callable that reuses a freed id is checked afresh rather than run on a stale one."""
+        keys, owners = [], []
+        for fn in (model, guide):
+            owner = getattr(fn, "__self__", None)
+            if owner is not None and getattr(fn, "__func__", None) is not None:
+                keys.append((id(owner), id(fn.__func__)))
+            else:
+                owner = fn
+                keys.append(id(fn))
+            owners.append(owner)
+        pair = tuple(keys)
+        if pair not in self._watched:
+            self._watched.add(pair)
+            for owner in owners:
+                try:
+                    weakref.finalize(owner, self._forget, pair)
+                except TypeError:  # not weakly referenceable: nothing can free its id
+                    pass
+        return pair
+
+    def __setstate__(self, state: dict) -> None:
+        # A copy (deepcopy, pickle) watches its pairs afresh: finalizers are not copied.
+        self.__dict__.update(state)
+        self._watched = set()
+
+    def _forget(self, pair: tuple) -> None:
+        for decisions in (self._paths, self._guessed_nesting):
+            decisions.pop(pair, None)
+        self._not_fusable.discard(pair)
+        self._watched.discard(pair)
 
     def _passes(self, pair: tuple[int, int], model, guide, args, kwargs):
         """``(model_trace, guide_trace, hard, passes)``: the hard pass and, if it relaxed
