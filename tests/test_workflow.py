@@ -33,7 +33,9 @@ def test_every_registered_estimator_builds(name):
 def test_registry_raises_vimco_to_two_particles_and_passes_kwargs():
     assert make_estimator("vimco").num_particles == 2
     assert make_estimator("nvil", normalize=False).normalize is False
-    assert make_estimator("nvil").normalize is True
+    # NVIL's default is the unbiased one; the paper's normalisation is its own entry
+    assert make_estimator("nvil").normalize is False
+    assert make_estimator("nvil-norm").normalize is True
     # compared variances need NVIL on the others' scale; an explicit argument still wins
     assert make_estimator("nvil", comparable=True).normalize is False
     assert make_estimator("nvil", comparable=True, normalize=True).normalize is True

@@ -26,6 +26,8 @@ _EXPORTS: dict[str, str] = {
     "ConcreteELBO": "lvmkit.inference.estimators.concrete",
     "check_unbiased": "lvmkit.inference.check",
     "exact_elbo_gradient": "lvmkit.inference.check",
+    "exact_iwae_gradient": "lvmkit.inference.check",
+    "EstimatorError": "lvmkit.inference.estimators",
     "gradient_variance": "lvmkit.inference.check",
     "UnbiasedCheck": "lvmkit.inference.check",
 }

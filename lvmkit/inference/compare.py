@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 import math
 import os
@@ -18,31 +17,29 @@ import torch
 from pyro.infer import ELBO
 
 from lvmkit._rng import RandomState
+from lvmkit.inference.registry import make_estimator
 
 __all__ = ["compare_estimators", "default_estimators", "markdown_table"]
 
-# label -> (module, class name, keyword arguments); imported lazily so that a missing
-# estimator module only drops its row.
-_DEFAULTS: dict[str, tuple[str, str, dict[str, Any]]] = {
-    "score": ("pyro.infer", "Trace_ELBO", {}),
-    # NVIL's default, unbiased and without the paper's variance normalisation, so that its
-    # gradient variance is on the same scale as the others' (the normalisation rescales
-    # its score term); spelled out so that the comparison does not follow a default.
-    "nvil": ("lvmkit.inference.estimators.nvil", "NVILELBO", {"normalize": False}),
-    "concrete": ("lvmkit.inference.estimators.concrete", "ConcreteELBO", {}),
-    "rebar": ("lvmkit.inference.estimators.rebar", "RebarELBO", {}),
-    "relax": ("lvmkit.inference.estimators.relax", "RelaxELBO", {}),
-    "arm": ("lvmkit.inference.estimators.arm", "ARMELBO", {}),
-    "disarm": ("lvmkit.inference.estimators.arm", "DisARMELBO", {}),
+# label -> name in lvmkit.inference.registry, built with comparable=True (NVIL without the
+# paper's variance normalisation, so that its gradient variance is on the others' scale).
+_DEFAULTS: dict[str, str] = {
+    "score": "trace",
+    "nvil": "nvil",
+    "concrete": "concrete",
+    "rebar": "rebar",
+    "relax": "relax",
+    "arm": "arm",
+    "disarm": "disarm",
 }
 
 
 def default_estimators() -> tuple[dict[str, ELBO], dict[str, str]]:
     """``({label: estimator}, {label: why it is missing})`` for the default line-up."""
     found, missing = {}, {}
-    for label, (module, name, kwargs) in _DEFAULTS.items():
+    for label, name in _DEFAULTS.items():
         try:
-            found[label] = getattr(importlib.import_module(module), name)(**kwargs)
+            found[label] = make_estimator(name, comparable=True)
         except (ImportError, AttributeError) as error:
             missing[label] = f"not available: {error}"
     return found, missing

@@ -66,6 +66,12 @@ ESTIMATORS: dict[str, EstimatorSpec] = {
         # the paper's variance normalisation rescales the score term, and so the variance
         comparable={"normalize": False},
     ),
+    "nvil-norm": EstimatorSpec(
+        "lvmkit.inference.estimators.nvil",
+        "NVILELBO",
+        "NVIL with the paper's variance normalisation (biased; Mnih & Gregor 2014)",
+        defaults={"normalize": True},
+    ),
     "vimco": EstimatorSpec(
         "lvmkit.inference.estimators.vimco",
         "VIMCOELBO",
