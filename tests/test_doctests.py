@@ -47,9 +47,9 @@ FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples(name, tmp_path, monkeypatch):
+    module = importlib.import_module(name)  # before the chdir, while cwd's lvmkit is found
     # examples that write files (run folders, checkpoints) write them here
     monkeypatch.chdir(tmp_path)
-    module = importlib.import_module(name)
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
     torch.manual_seed(0)

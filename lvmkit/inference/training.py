@@ -128,6 +128,19 @@ class History:
     :ivar epoch: the 0-based epoch the step's batch came from.
     :ivar extras: other per-step scalars, e.g. an estimator's ``diagnostics()`` or what the
         callback returns; a key first seen at a later step is padded with NaN before it.
+
+    Example:
+
+    >>> import torch
+    >>> from lvmkit.inference import fit
+    >>> from lvmkit.models import build
+    >>> model, guide = build("vae", x_dim=4, z_dim=2, hidden=(8,))
+    >>> x = torch.bernoulli(torch.full((8, 4), 0.5))
+    >>> history = fit(model, guide, x, steps=5, batch_size=4, progress=False)
+    >>> history.step, history.epoch
+    ([1, 2, 3, 4, 5], [0, 0, 1, 1, 2])
+    >>> len(history.loss), len(history.wall_time)
+    (5, 5)
     """
 
     loss: list[float] = field(default_factory=list)
@@ -380,6 +393,26 @@ def fit(
     Any exception raised while training (a non-finite loss, an error in the model, an
     interrupt) carries the :class:`History` of the steps done as ``exc.history``; with a
     ``checkpoint_dir`` it is also written to ``checkpoint_dir/history.json``.
+
+    Example: a sigmoid belief net trained with REBAR for 10 steps, then 5 more steps
+    resumed from its checkpoint.
+
+    >>> import pyro
+    >>> import torch
+    >>> from lvmkit.inference import RebarELBO, fit
+    >>> from lvmkit.models import build
+    >>> x = torch.bernoulli(torch.full((20, 4), 0.5))
+    >>> model, guide = build("sbn-linear", x_dim=4, layers=(3,), init_data=x)
+    >>> history = fit(model, guide, x, elbo=RebarELBO(), steps=10, batch_size=5,
+    ...               optim=pyro.optim.Adam({"lr": 1e-2}), checkpoint_dir="run",
+    ...               progress=False)
+    >>> len(history.loss), sorted(history.extras)
+    (10, ['eta/b1', 'log_grad_variance', 'temperature', 'variance_objective'])
+    >>> history = fit(model, guide, x, elbo=RebarELBO(), steps=15, batch_size=5,
+    ...               optim=pyro.optim.Adam({"lr": 1e-2}), checkpoint_dir="run",
+    ...               progress=False)
+    >>> history.step[-1], len(history.loss)
+    (15, 15)
     """
     x_all, y_all = _unpack(data, labels)
     n = x_all.shape[0]
