@@ -65,7 +65,8 @@ class RunResult:
     >>> test = load_dataset("digits", split="test")
     >>> from lvmkit.workflow import train_and_evaluate
     >>> result = train_and_evaluate("vae", train, test, steps=5, eval_samples=5,
-    ...                             eval_points=10, progress=False, model_kwargs={"z_dim": 2, "hidden": (16,)})
+    ...                             eval_points=10, progress=False,
+    ...                             model_kwargs={"z_dim": 2, "hidden": (16,)})
     >>> type(result.model).__name__, len(result.history.loss), result.files
     ('VAE', 5, {})
     >>> result.metrics["test_points"], result.metrics["num_samples"]
