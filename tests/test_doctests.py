@@ -11,6 +11,7 @@ import importlib
 import pyro
 import pytest
 import torch
+import torch.distributed as dist
 
 MODULES = [
     "lvmkit",
@@ -53,6 +54,12 @@ def test_docstring_examples(name, tmp_path, monkeypatch):
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
     torch.manual_seed(0)
-    result = doctest.testmod(module, optionflags=FLAGS, report=True)
+    try:
+        result = doctest.testmod(module, optionflags=FLAGS, report=True)
+    finally:
+        # the distributed examples open a one-rank process group; a failure between its
+        # init and destroy must not leave it to the tests that follow (fit would join it)
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     assert result.attempted > 0, f"{name} has no docstring examples"
     assert result.failed == 0, f"{result.failed} of {result.attempted} examples failed in {name}"
