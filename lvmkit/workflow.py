@@ -102,7 +102,15 @@ def save_weights(path: PathLike, model: Any, guide: Any) -> None:
     """Save the module state dicts of ``model`` and ``guide`` and Pyro's param store,
     atomically (see :func:`lvmkit._io.atomic_save`).
 
-    Example: see :func:`load_weights`.
+    Example (:func:`load_weights` reads it back):
+
+    >>> from pathlib import Path
+    >>> from lvmkit.models import build
+    >>> from lvmkit.workflow import save_weights
+    >>> model, guide = build("vae", x_dim=4, z_dim=2, hidden=(8,))
+    >>> save_weights("weights.pt", model, guide)
+    >>> Path("weights.pt").exists()
+    True
     """
     import pyro
 

@@ -34,6 +34,7 @@ MODULES = [
     "lvmkit.inference.compare",
     "lvmkit.inference.check",
     "lvmkit.inference.distributed",
+    "lvmkit.inference.plots",
     "lvmkit.inference.estimators",
     "lvmkit.inference.estimators.nvil",
     "lvmkit.inference.estimators.vimco",

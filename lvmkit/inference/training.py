@@ -111,11 +111,52 @@ _CHECKPOINT_KEYS = ("step", "n", "batch_size", "params", "optim", "rng", "batche
 
 
 class CheckpointError(RuntimeError):
-    """No checkpoint in ``checkpoint_dir`` can be read; the message names every file tried."""
+    """No checkpoint in ``checkpoint_dir`` can be read; the message names every file tried.
+
+    Example:
+
+    >>> import os
+    >>> import torch
+    >>> from lvmkit.inference import fit
+    >>> from lvmkit.inference.training import CheckpointError
+    >>> from lvmkit.models import build
+    >>> model, guide = build("vae", x_dim=4, z_dim=2, hidden=(8,))
+    >>> os.makedirs("broken")
+    >>> with open("broken/checkpoint.pt", "w") as handle:
+    ...     _ = handle.write("not a checkpoint")
+    >>> x = torch.bernoulli(torch.full((8, 4), 0.5))
+    >>> fit(model, guide, x, steps=2, batch_size=4, checkpoint_dir="broken", progress=False)
+    Traceback (most recent call last):
+    ...
+    lvmkit.inference.training.CheckpointError: no checkpoint in 'broken' can be read: ...
+    """
 
 
 class SaturatedLogitsWarning(RuntimeWarning):
-    """A discrete guide site's logits are so large that its gradient is exactly zero."""
+    """A discrete guide site's logits are so large that its gradient is exactly zero.
+
+    Example: a guide whose logit starts at 200.
+
+    >>> import warnings
+    >>> import pyro
+    >>> import pyro.distributions as dist
+    >>> import torch
+    >>> from lvmkit.inference import fit
+    >>> from lvmkit.inference.training import SaturatedLogitsWarning
+    >>> def model(x):
+    ...     with pyro.plate("data", len(x)):
+    ...         z = pyro.sample("z", dist.Bernoulli(0.5))
+    ...         pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+    >>> def guide(x):
+    ...     logit = pyro.param("logit", torch.tensor(200.0))
+    ...     with pyro.plate("data", len(x)):
+    ...         pyro.sample("z", dist.Bernoulli(logits=logit))
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     history = fit(model, guide, torch.zeros(4), steps=1, batch_size=4, progress=False)
+    >>> [str(w.message)[:43] for w in caught if w.category is SaturatedLogitsWarning]
+    ["guide site 'z': 4 of 4 logits are saturated"]
+    """
 
 
 @dataclass
