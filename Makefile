@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 OUT ?= results/demo
 
-.PHONY: install demo test test-arviz1 test-slow lint bench bench-runner bench-estimators bench-step-time bench-hierarchical bench-distributed notebooks notebooks-full clean
+.PHONY: install demo test test-arviz1 test-slow lint bench bench-runner bench-estimators bench-step-time bench-hierarchical bench-distributed notebooks notebooks-full docs wheel-smoke clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -69,5 +69,23 @@ notebooks: $(STAMP)
 notebooks-full: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest --nbmake --overwrite -n 0 -q tutorials/
 
+# The API reference and user guide (docs/), warnings as errors; tutorials are rendered from
+# their committed outputs, not re-executed.
+docs: $(STAMP)
+	$(PIP) install -q -c constraints.txt -e '.[docs]'
+	$(PY) -m sphinx -E -W --keep-going -q -b html docs docs/_build/html
+
+# Builds the wheel, installs it into a fresh venv without the source tree, and runs a
+# 20-step fit and `lvmkit --version` from outside the checkout.
+SMOKE_VENV ?= .venv-smoke
+wheel-smoke: $(STAMP)
+	rm -rf dist $(SMOKE_VENV)
+	$(PY) -m build -q --wheel --outdir dist .
+	$(PYTHON) -m venv $(SMOKE_VENV)
+	$(SMOKE_VENV)/bin/pip install -q --upgrade pip
+	$(SMOKE_VENV)/bin/pip install -q -c constraints.txt torch==2.13.0
+	$(SMOKE_VENV)/bin/pip install -q -c constraints.txt dist/lvmkit-*.whl
+	cd /tmp && $(CURDIR)/$(SMOKE_VENV)/bin/python $(CURDIR)/.ci/smoke.py
+
 clean:
-	rm -rf $(VENV) results .pytest_cache
+	rm -rf $(VENV) $(SMOKE_VENV) $(AZ1_VENV) results .pytest_cache dist docs/_build

@@ -5,7 +5,7 @@ Models are plain Pyro programs (:mod:`lvmkit.models`), approximate posteriors li
 :mod:`lvmkit.inference`.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _EXPORTS = {
     "data": "lvmkit.data",
