@@ -163,9 +163,7 @@ def check_auxiliary_guide(model: Callable, guide: Callable, *args, **kwargs) -> 
     Mark the correcting factor with :func:`reverse_factor`.
     """
     guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-        *args, **kwargs
-    )
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
     model_latents = {
         name
         for name, site in model_trace.nodes.items()
@@ -192,14 +190,77 @@ def _inverse_softplus(y: float) -> float:
     return y + math.log(-math.expm1(-y))
 
 
+def _detached(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach() for name, p in module.named_parameters()}
+
+
+def iwhvi_log_q_hat(
+    log_joint: Callable[[torch.Tensor, bool], torch.Tensor],
+    reverse_params: Callable[[torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor]],
+    a0: torch.Tensor,
+    v: torch.Tensor,
+    num_samples: int,
+    dreg: bool = True,
+) -> torch.Tensor:
+    """The IWHVI estimate ``log q̂(v) = log 1/(K+1) Σ_{k=0..K} q(a_k) q(v | a_k) / τ(a_k | v)``
+    (Sobolev & Vetrov 2019) with ``a_0`` the draw that generated ``v`` and
+    ``a_1..a_K ~ τ(a | v) = N(loc(v), diag scale(v)^2)``.
+
+    Its expectation upper-bounds ``log q(v)`` and decreases monotonically to it as ``K``
+    grows; ``K = 0`` gives ``-log τ(a_0 | v) + log q(a_0, v)``, the HVM (Agakov & Barber)
+    term.
+
+    Gradients: the value's gradient reaches the parameters of ``q`` (and ``v``) with the
+    reverse model's parameters held fixed; the reverse model's parameters get the
+    doubly-reparameterised gradient (DReG, Tucker et al. 2019, eq. for IWAE's proposal),
+    ``Σ_{k>=1} w̃_k^2 ∂ log w_k / ∂a_k · ∂a_k / ∂φ - w̃_0 ∂ log τ(a_0 | v) / ∂φ`` with
+    ``w̃`` the normalised weights: ``a_0`` is not a draw of ``τ``, so its term keeps the
+    plain score. Both are unbiased for the gradient of ``E log q̂``; DReG's signal-to-noise
+    ratio does not fall as ``K`` grows (Rainforth et al. 2018; Tucker et al. 2019).
+    ``dreg=False`` differentiates the value through everything (the IWAE-style gradient).
+
+    :param log_joint: ``(a, detach) -> log q(a) + log q(v | a)`` for ``a`` of shape
+        ``(S, ..., A)`` (``v`` broadcast); ``detach=True`` must hold ``q``'s parameters and
+        ``v`` fixed.
+    :param reverse_params: ``(v, detach) -> (loc, scale)`` of τ; ``detach=True`` holds τ's
+        parameters fixed (not ``v``).
+    :param a0: the ancestral auxiliary draw, shape ``(..., A)``.
+    :param v: the latent draw, shape ``(..., D)``.
+    :param num_samples: ``K >= 0``.
+    :param dreg: use DReG gradients for τ.
+    """
+    if not dreg:
+        loc, scale = reverse_params(v, False)
+        tau = dist.Normal(loc, scale).to_event(1)
+        a = torch.cat([a0.unsqueeze(0), tau.rsample((num_samples,))], 0)
+        log_w = log_joint(a, False) - tau.log_prob(a)
+        return torch.logsumexp(log_w, 0) - math.log(num_samples + 1)
+    loc, scale = reverse_params(v, True)  # τ's parameters fixed, v live
+    noise = torch.randn((num_samples,) + loc.shape, dtype=loc.dtype, device=loc.device)
+    extra = loc + scale * noise
+    a = torch.cat([a0.unsqueeze(0), extra], 0)
+    log_w = log_joint(a, False) - dist.Normal(loc, scale).to_event(1).log_prob(a)
+    value = torch.logsumexp(log_w, 0) - math.log(num_samples + 1)
+    # DReG surrogate: only τ's parameters carry gradient, through the draws' locations
+    loc_live, scale_live = reverse_params(v.detach(), False)
+    weights = torch.softmax(log_w.detach(), 0)
+    surrogate = -weights[0] * dist.Normal(loc_live, scale_live).to_event(1).log_prob(a0.detach())
+    if num_samples > 0:
+        extra_live = loc_live + scale_live * noise
+        log_w_live = log_joint(extra_live, True) - dist.Normal(
+            loc.detach(), scale.detach()
+        ).to_event(1).log_prob(extra_live)
+        surrogate = surrogate + (weights[1:] ** 2 * log_w_live).sum(0)
+    return value + (surrogate - surrogate.detach())
+
+
 class _ResidualGaussian(nn.Module):
     """``N(P (v - v0) + f(v), diag softplus(g(v) + c)^2)`` with ``softplus(c) = init_scale``.
 
     ``P`` is a fixed zero-padded identity, so at initialisation (``f``'s output layer is
     zero) the map is the identity between the first coordinates of ``v - v0`` and the
-    output: ``q(u | a)`` starts as ``a`` plus small noise and ``r(a | u)`` as its exact
-    inverse, so the reverse model is right from the first step and the guide starts as
-    the mixture ``q(a)`` itself.
+    output: ``q(v | a)`` starts as ``a`` plus small noise and ``r(a | v)`` as its inverse,
+    so the reverse model is right from the first step.
     """
 
     def __init__(self, in_dim: int, out_dim: int, hidden: Sequence[int], init_scale: float):
@@ -218,52 +279,60 @@ class _ResidualGaussian(nn.Module):
 
 
 class AutoHVM(AutoContinuous):
-    """Hierarchical variational model (Ranganath et al. 2016) as a Pyro autoguide.
+    """Hierarchical variational model (Ranganath et al. 2016) as a Pyro autoguide, trained
+    on the IWHVI bound (Sobolev & Vetrov 2019).
 
     For a model whose latent sites are continuous, all of them are transformed to
     unconstrained space and concatenated into ``u`` (Pyro's :class:`AutoContinuous`
     machinery: ``biject_to`` of each site's support, Jacobians included). Then
 
     - ``q(a)``: an equal-weight mixture of ``num_components`` diagonal Gaussians on
-      ``R^aux_dim`` with learned means and scales (:class:`EqualMixtureNormal`),
-    - ``q(u | a) = N(u0 + P a + f(a), diag σ(a)^2)``, ``f, σ`` a tanh MLP, ``P`` a fixed
+      ``R^aux_dim`` (:class:`EqualMixtureNormal`),
+    - ``q(v | a) = N(P a + f(a), diag σ(a)^2)``, ``f, σ`` a tanh MLP, ``P`` a fixed
       zero-padded identity,
-    - ``r(a | u) = N(P^T (u - u0) + g(u), diag s(u)^2)``, an MLP reverse model (or a user's
-      ``reverse``),
+    - ``u = T(u0 + s ⊙ v)``: ``T`` is ``num_flows`` affine-autoregressive transforms
+      (Kingma et al. 2016; Pyro's ``affine_autoregressive``, the layers of
+      :class:`~pyro.infer.autoguide.AutoIAFNormal`; identity when ``num_flows=0``) and
+      ``u0, log s`` are learned (``s`` starts at ``init_scale``), so ``q(u | a)`` is a
+      normalising flow of a Gaussian whose mean depends on ``a``,
+    - ``r(a | v) = N(P^T v + g(v), diag ρ(v)^2)``, an MLP reverse model.
 
-    trained on the auxiliary bound (``num_aux_samples=1``) or the IWHVI bound with
-    ``num_aux_samples=K`` draws (Sobolev & Vetrov 2019); see the module docstring. Guide
-    sites ``_AutoHVM_aux`` (``a``), ``_AutoHVM_latent`` (``u``) and the factor
+    With ``num_components=1`` and ``f = 0`` this is AutoIAFNormal's family
+    (``num_flows >= 1``) or AutoDiagonalNormal's (``num_flows=0``) with an auxiliary
+    variable; the mixture adds modes and ``f`` curvature. ``log q(u)`` is replaced by the
+    IWHVI estimate with ``num_aux_samples = K`` reverse draws plus the ancestral ``a``
+    (:func:`iwhvi_log_q_hat`; the flow's Jacobian enters as in any flow), so the objective
+    is a lower bound on the ELBO of ``q(u)`` that tightens with ``K``; ``K = 0`` is the
+    HVM bound. The reverse model is trained with DReG gradients.
+
+    Guide sites ``_AutoHVM_aux`` (``a``), ``_AutoHVM_latent`` (``u``) and the factor
     ``_AutoHVM_reverse`` are auxiliary; the model's sites are Delta sites as in every
     :class:`AutoContinuous` guide, so ``Predictive`` returns posterior samples of them and
-    leaves the auxiliary sites out.
-
-    Works with ``Trace_ELBO``, ``TraceGraph_ELBO``, ``RenyiELBO`` (``alpha=0`` gives the
-    importance-weighted bound) and ``TraceEnum_ELBO`` when enumerated discrete model sites
-    are hidden from the guide (``AutoHVM(poutine.block(model, hide=[...]))``), as for any
-    Pyro autoguide. Discrete latent sites are refused with an error naming them. Local
-    latents in a subsampled plate are not supported (the guide is global, as
-    :class:`~pyro.infer.autoguide.AutoMultivariateNormal`).
+    leaves the auxiliary sites out. Works with ``Trace_ELBO``, ``TraceGraph_ELBO``,
+    ``RenyiELBO`` (``alpha=0`` gives the doubly importance-weighted bound) and
+    ``TraceEnum_ELBO`` when enumerated discrete model sites are hidden from the guide
+    (``AutoHVM(poutine.block(model, hide=[...]))``). Discrete latent sites are refused with
+    an error naming them. Local latents in a subsampled plate are not supported (the guide
+    is global, as :class:`~pyro.infer.autoguide.AutoMultivariateNormal`).
 
     :param model: a Pyro model.
-    Defaults that work without tuning (measured on :mod:`lvmkit.models.targets`, see
-    ``benchmarks/hierarchical.py`` for what else was tried): ``f`` and ``g`` start at zero,
-    so ``r`` is the exact inverse of ``q(u | a)`` at the first step and the guide starts as
-    the mixture ``q(a)`` shifted to ``u0``; the components start at ``component_spread ·
-    N(0, I)`` so that they can find different modes. Train with several particles per
-    step (e.g. ``Trace_ELBO(num_particles=32, vectorize_particles=True)``) and a learning
-    rate around 3e-3; ``num_aux_samples=4`` trains and evaluates the tighter IWHVI bound.
-
     :param aux_dim: dimension of ``a``; default ``latent_dim``.
     :param num_components: components of the mixture ``q(a)``; ``1`` gives a Gaussian.
-    :param hidden: hidden sizes of the ``q(u | a)`` and ``r(a | u)`` MLPs.
-    :param init_scale: initial standard deviation of ``q(u | a)``.
-    :param num_aux_samples: ``K`` auxiliary draws for the IWHVI estimate of ``log q(u)``.
-    :param reverse: optional callable ``u -> distribution over a`` replacing the MLP;
-        its event shape must be ``(aux_dim,)``.
-    :param init_loc_fn: per-site initialisation, as in Pyro's autoguides.
-    :param component_spread: standard deviation of the initial mixture means around
-        ``u0``; ``None`` starts them at prior draws instead.
+    :param hidden: hidden sizes of the ``q(v | a)`` and ``r(a | v)`` MLPs.
+    :param init_scale: initial global scale ``s`` of ``u``.
+    :param noise_scale: initial standard deviation of ``q(v | a)`` (relative to ``s``).
+    :param num_aux_samples: ``K >= 0`` reverse draws for the IWHVI estimate of ``log q(u)``.
+    :param reverse: optional callable ``v -> distribution over a`` replacing the MLP; its
+        event shape must be ``(aux_dim,)``. Its parameters get the plain (IWAE-style)
+        gradient, not DReG, since the guide cannot hold them fixed.
+    :param init_loc_fn: per-site initialisation of ``u0``, as in Pyro's autoguides.
+    :param component_spread: standard deviation of the initial mixture means (in units of
+        ``s``); ``None`` starts them at prior draws instead.
+    :param component_scale: initial standard deviation of each component (units of ``s``).
+    :param num_flows: affine-autoregressive layers in ``T``.
+    :param flow_hidden: hidden sizes of each layer's autoregressive network (default
+        ``[3 * latent_dim + 1]``, Pyro's default).
+    :param dreg: DReG gradients for the reverse model.
     """
 
     def __init__(
@@ -272,26 +341,48 @@ class AutoHVM(AutoContinuous):
         aux_dim: int | None = None,
         num_components: int = 8,
         hidden: Sequence[int] = (64, 64),
-        init_scale: float = 0.1,
-        num_aux_samples: int = 1,
+        init_scale: float = 1.0,
+        num_aux_samples: int = 0,
         reverse: Callable[[torch.Tensor], dist.Distribution] | None = None,
         init_loc_fn: Callable = init_to_median,
         component_spread: float | None = 2.0,
+        component_scale: float = 1.0,
+        noise_scale: float = 0.1,
+        num_flows: int = 0,
+        flow_hidden: Sequence[int] | None = None,
+        dreg: bool = True,
     ) -> None:
         if aux_dim is not None:
             check_size(aux_dim, "aux_dim")
         check_size(num_components, "num_components")
-        check_size(num_aux_samples, "num_aux_samples")
-        if not init_scale > 0:
-            raise ValueError(f"init_scale must be positive, got {init_scale}")
+        _check_count(num_aux_samples, "num_aux_samples")
+        _check_count(num_flows, "num_flows")
+        for value, what in [
+            (init_scale, "init_scale"),
+            (noise_scale, "noise_scale"),
+            (component_scale, "component_scale"),
+        ]:
+            if not value > 0:
+                raise ValueError(f"{what} must be positive, got {value}")
+        if component_spread is not None and not component_spread >= 0:
+            raise ValueError(f"component_spread must be >= 0 or None, got {component_spread}")
         super().__init__(model, init_loc_fn=init_loc_fn)
         self._aux_dim_arg = aux_dim
         self.num_components = num_components
         self.hidden = tuple(check_size(h, "hidden layer size") for h in hidden)
         self._init_scale = float(init_scale)
+        self._noise_scale = float(noise_scale)
+        self._component_scale = float(component_scale)
         self.num_aux_samples = num_aux_samples
         self._custom_reverse = reverse
         self.component_spread = component_spread
+        self.num_flows = num_flows
+        self.flow_hidden = (
+            None
+            if flow_hidden is None
+            else [check_size(h, "flow hidden size") for h in flow_hidden]
+        )
+        self.dreg = bool(dreg)
         # a tuple, so that a PyroModule model is not registered as a submodule of the guide
         self._original_model = (model,)
 
@@ -311,21 +402,35 @@ class AutoHVM(AutoContinuous):
         dim, aux = self.latent_dim, self.aux_dim
         init_loc = self._init_loc()
         self.loc0 = nn.Parameter(init_loc)
+        self.log_scale0 = nn.Parameter(torch.full_like(init_loc, math.log(self._init_scale)))
         # A mode-seeking objective rarely moves a component from one basin to another, so
         # the components must start spread out to find several modes.
         self.aux_locs = nn.Parameter(self._component_inits(init_loc, *args, **kwargs))
-        self.aux_raw_scales = nn.Parameter(
-            torch.full((self.num_components, aux), _inverse_softplus(1.0))
+        self.aux_log_scales = nn.Parameter(
+            torch.full((self.num_components, aux), math.log(self._component_scale))
         )
-        self.forward_net = _ResidualGaussian(aux, dim, self.hidden, self._init_scale)
+        self.forward_net = _ResidualGaussian(aux, dim, self.hidden, self._noise_scale)
         if self._custom_reverse is None:
-            self.reverse_net = _ResidualGaussian(dim, aux, self.hidden, self._init_scale)
+            self.reverse_net = _ResidualGaussian(dim, aux, self.hidden, self._noise_scale)
+        if self.num_flows:
+            from pyro.distributions.transforms import affine_autoregressive
+
+            self.flows = nn.ModuleList(
+                affine_autoregressive(dim, hidden_dims=self.flow_hidden)
+                for _ in range(self.num_flows)
+            )
+            # each flow starts as the identity (zero output layer: shift 0, log-scale 0), so
+            # the guide starts where num_flows=0 does instead of at a random warp
+            with torch.no_grad():
+                for flow in self.flows:
+                    flow.arn.layers[-1].weight.zero_()
+                    flow.arn.layers[-1].bias.zero_()
         for p in self.parameters():
             p.data = p.data.to(init_loc)
 
     def _component_inits(self, init_loc: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Initial mixture means: ``component_spread · N(0, I)``, or (``None``) prior draws
-        of ``u - u0`` on ``a``'s first coordinates."""
+        of ``(u - u0) / s`` on ``a``'s first coordinates."""
         if self.component_spread is not None:
             spread = self.component_spread * torch.randn(self.num_components, self.aux_dim)
             return spread.to(init_loc)
@@ -344,28 +449,49 @@ class AutoHVM(AutoContinuous):
             except (NotImplementedError, KeyError, RuntimeError):
                 # e.g. an improper prior cannot be sampled: fall back to unit spread
                 draw = torch.randn_like(init_loc)
-            draws.append(draw)
+            draws.append(draw / self._init_scale)
         draws = torch.stack(draws)
         aux = torch.zeros(self.num_components, self.aux_dim).to(init_loc)
         width = min(self.aux_dim, self.latent_dim)
         aux[:, :width] = draws[:, :width]
         return aux
 
-    def aux_prior(self) -> EqualMixtureNormal:
+    def aux_prior(self, detach: bool = False) -> EqualMixtureNormal:
         """q(a)."""
-        return EqualMixtureNormal(self.aux_locs, F.softplus(self.aux_raw_scales) + MIN_SCALE)
+        locs, log_scales = self.aux_locs, self.aux_log_scales
+        if detach:
+            locs, log_scales = locs.detach(), log_scales.detach()
+        return EqualMixtureNormal(locs, log_scales.exp() + MIN_SCALE)
 
-    def conditional(self, a: torch.Tensor) -> dist.Distribution:
-        """q(u | a) over the unconstrained latent vector."""
-        loc, scale = self.forward_net(a)
-        return dist.Normal(self.loc0 + loc, scale).to_event(1)
-
-    def reverse(self, u: torch.Tensor) -> dist.Distribution:
-        """r(a | u)."""
-        if self._custom_reverse is not None:
-            r = self._custom_reverse(u)
+    def conditional(self, a: torch.Tensor, detach: bool = False) -> dist.Distribution:
+        """q(v | a), the Gaussian before the global affine map and the flows."""
+        if detach:
+            loc, scale = torch.func.functional_call(
+                self.forward_net, _detached(self.forward_net), (a,)
+            )
         else:
-            loc, scale = self.reverse_net(u, self.loc0)
+            loc, scale = self.forward_net(a)
+        return dist.Normal(loc, scale).to_event(1)
+
+    def transform(self) -> dist.transforms.Transform:
+        """``T``: ``v -> flows(u0 + s ⊙ v)``."""
+        affine = dist.transforms.AffineTransform(self.loc0, self.log_scale0.exp(), event_dim=1)
+        if not self.num_flows:
+            return affine
+        # the affine map first: inverting u then walks back through each flow's cache
+        return dist.transforms.ComposeTransform([affine, *self.flows])
+
+    def _reverse_params(self, v: torch.Tensor, detach: bool):
+        if detach:
+            return torch.func.functional_call(self.reverse_net, _detached(self.reverse_net), (v,))
+        return self.reverse_net(v)
+
+    def reverse(self, v: torch.Tensor) -> dist.Distribution:
+        """r(a | v)."""
+        if self._custom_reverse is not None:
+            r = self._custom_reverse(v)
+        else:
+            loc, scale = self.reverse_net(v)
             r = dist.Normal(loc, scale).to_event(1)
         if tuple(r.event_shape) != (self.aux_dim,):
             raise ValueError(
@@ -379,21 +505,33 @@ class AutoHVM(AutoContinuous):
             "AutoHVM's marginal q(z) has no closed form; sample it by calling the guide"
         )
 
+    def log_q_hat(self, a0: torch.Tensor, v: torch.Tensor, num_aux_samples: int | None = None):
+        """The IWHVI estimate of ``log q(v)`` (before the transform's Jacobian)."""
+        K = self.num_aux_samples if num_aux_samples is None else num_aux_samples
+
+        def log_joint(a: torch.Tensor, detach: bool) -> torch.Tensor:
+            v_ = v.detach() if detach else v
+            return self.aux_prior(detach).log_prob(a) + self.conditional(a, detach).log_prob(v_)
+
+        if self._custom_reverse is not None:
+            r = self.reverse(v)
+            a = torch.cat([a0.unsqueeze(0), r.rsample((K,))], 0)
+            log_w = log_joint(a, False) - r.log_prob(a)
+            return torch.logsumexp(log_w, 0) - math.log(K + 1)
+        self.reverse(v)  # event-shape check
+        return iwhvi_log_q_hat(log_joint, self._reverse_params, a0, v, K, dreg=self.dreg)
+
     def sample_latent(self, *args, **kwargs) -> torch.Tensor:
         prefix = f"_{self._pyro_name}"
         q_a = self.aux_prior()
         a0 = pyro.sample(f"{prefix}_aux", q_a, infer={"is_auxiliary": True})
-        q_u = self.conditional(a0)
+        q_v = self.conditional(a0)
+        q_u = dist.TransformedDistribution(q_v, self.transform())
         u = pyro.sample(f"{prefix}_latent", q_u, infer={"is_auxiliary": True})
-        r = self.reverse(u)
-        log_q_extra = log_r_extra = None
-        if self.num_aux_samples > 1:
-            extra = r.rsample((self.num_aux_samples - 1,))
-            log_q_extra = q_a.log_prob(extra) + self.conditional(extra).log_prob(u)
-            log_r_extra = r.log_prob(extra)
-        correction = iw_hierarchical_correction(
-            q_a.log_prob(a0), q_u.log_prob(u), r.log_prob(a0), log_q_extra, log_r_extra
-        )
+        v = q_u.transforms[0].inv(u)  # the flows' cache holds the v that generated u
+        # log q(u | a0) = log q(v | a0) - log|det T'(v)| and log q̂(u) likewise: the
+        # Jacobian cancels in the correction log q̂(u) - log q(a0) - log q(u | a0)
+        correction = self.log_q_hat(a0, v) - q_a.log_prob(a0) - q_v.log_prob(v)
         reverse_factor(f"{prefix}_reverse", correction, [f"{prefix}_aux"])
         return u
 
@@ -401,8 +539,14 @@ class AutoHVM(AutoContinuous):
         # Moments of q(u) by Monte Carlo: the marginal has no closed form.
         with torch.no_grad():
             a = self.aux_prior().sample((1000,))
-            u = self.conditional(a).sample()
+            u = self.transform()(self.conditional(a).sample())
         return u.mean(0), u.std(0)
+
+
+def _check_count(value: int, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{what} must be a non-negative integer, got {value!r}")
+    return value
 
 
 class AuxiliaryEncoder(PyroModule):
@@ -411,15 +555,16 @@ class AuxiliaryEncoder(PyroModule):
     ``q(a | x) q(z | a, x)`` with reverse model ``r(a | x, z)``, all diagonal Gaussians with
     tanh-MLP parameters (the auxiliary VAE of Maaløe et al. 2016 without labels; Salimans et
     al. 2015). Sites, inside ``pyro.plate("data", N)``: ``"a"`` (auxiliary), ``"z"``, and
-    the factor ``"a_reverse"``. ``num_aux_samples=K > 1`` uses the IWHVI estimate of
-    ``log q(z | x)`` (Sobolev & Vetrov 2019). Valid with every Pyro ELBO and with
+    the factor ``"a_reverse"``. ``num_aux_samples=K > 0`` uses the IWHVI estimate of
+    ``log q(z | x)`` with ``K`` reverse draws plus the ancestral ``a`` (Sobolev & Vetrov
+    2019); ``K = 0`` is the auxiliary (HVM) bound. Valid with every Pyro ELBO and with
     ``lvmkit.inference.log_likelihood`` (see the module docstring).
 
     :param x_dim: pixels D.
     :param z_dim: latent dimensions (the model's site ``"z"``).
     :param a_dim: auxiliary dimensions.
     :param hidden: tanh hidden layers of each of the three MLPs.
-    :param num_aux_samples: auxiliary draws K for the IWHVI bound.
+    :param num_aux_samples: reverse draws K for the IWHVI bound.
     :param name: prefix of the parameter names in Pyro's param store.
     """
 
@@ -429,7 +574,7 @@ class AuxiliaryEncoder(PyroModule):
         z_dim: int,
         a_dim: int,
         hidden: Sequence[int] = (200,),
-        num_aux_samples: int = 1,
+        num_aux_samples: int = 0,
         *,
         name: str = "aux_encoder",
     ) -> None:
@@ -437,7 +582,7 @@ class AuxiliaryEncoder(PyroModule):
         self.x_dim = check_size(x_dim, "x_dim")
         self.z_dim = check_size(z_dim, "z_dim")
         self.a_dim = check_size(a_dim, "a_dim")
-        self.num_aux_samples = check_size(num_aux_samples, "num_aux_samples")
+        self.num_aux_samples = _check_count(num_aux_samples, "num_aux_samples")
         hidden = tuple(hidden)
         self.aux_net = mlp(x_dim, hidden, 2 * a_dim)
         self.z_net = mlp(x_dim + a_dim, hidden, 2 * z_dim)
@@ -463,8 +608,8 @@ class AuxiliaryEncoder(PyroModule):
             z = pyro.sample("z", q_z)
             r = self._r_a(x, z)
             log_q_extra = log_r_extra = None
-            if self.num_aux_samples > 1:
-                extra = r.rsample((self.num_aux_samples - 1,))
+            if self.num_aux_samples > 0:
+                extra = r.rsample((self.num_aux_samples,))
                 log_q_extra = q_a.log_prob(extra) + self._q_z(x, extra).log_prob(z)
                 log_r_extra = r.log_prob(extra)
             correction = iw_hierarchical_correction(
