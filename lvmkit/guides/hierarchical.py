@@ -73,7 +73,8 @@ class EqualMixtureNormal(dist.TorchDistribution):
     """Equal-weight mixture of ``K`` diagonal Gaussians, reparameterised.
 
     ``locs`` and ``scales`` have shape ``(..., K, D)``; the event shape is ``(D,)``. A draw
-    picks a component uniformly, then ``a = loc_k + scale_k ε``. The component's law does not
+    picks a component uniformly (stratified across a batch of draws, see
+    :meth:`_stratified_index`), then ``a = loc_k + scale_k ε``. The component's law does not
     depend on the parameters, so the pathwise gradient given ``k`` is unbiased: the site is
     ``has_rsample=True`` and Pyro uses no score-function term for it.
     """
@@ -102,11 +103,24 @@ class EqualMixtureNormal(dist.TorchDistribution):
 
     def rsample(self, sample_shape=()) -> torch.Tensor:
         shape = torch.Size(sample_shape) + self.batch_shape
-        index = torch.randint(self.num_components, shape, device=self.locs.device)
+        index = self._stratified_index(shape)
         gather = index[..., None, None].expand(shape + (1,) + self.event_shape)
         locs = self.locs.expand(shape + self.locs.shape[-2:]).gather(-2, gather).squeeze(-2)
         scales = self.scales.expand(shape + self.locs.shape[-2:]).gather(-2, gather).squeeze(-2)
         return locs + scales * torch.randn_like(locs)
+
+    def _stratified_index(self, shape: torch.Size) -> torch.Tensor:
+        """Component indices for ``shape`` draws: each is uniform on ``0..K-1`` (so every
+        draw is an exact draw of the mixture and any average over draws is unbiased), but
+        the draws are stratified (systematic sampling over a random permutation of the
+        batch), so that ``n >= K`` draws visit every component ``n // K`` times. With
+        vectorized particles that gives every component a pathwise gradient at every step
+        instead of about ``n / K`` on average, which is what lets the components find
+        their modes in a few hundred steps."""
+        n, device = shape.numel(), self.locs.device
+        offset = torch.randint(self.num_components, (), device=device)
+        index = (torch.arange(n, device=device) + offset) % self.num_components
+        return index[torch.randperm(n, device=device)].reshape(shape)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         per_component = dist.Normal(self.locs, self.scales).log_prob(value.unsqueeze(-2)).sum(-1)
