@@ -3,8 +3,9 @@
     python benchmarks/hierarchical.py [--quick] [--only targets,vae,semi] [--out DIR]
 
 1. Synthetic targets (:mod:`lvmkit.models.targets`, exact ``log Z`` by quadrature): the gap
-   ``log Z - ELBO`` of AutoNormal, AutoMultivariateNormal, AutoIAFNormal and AutoHVM (with
-   one auxiliary draw and with the IWHVI bound, ``num_aux_samples=4``). Every guide is
+   ``log Z - ELBO`` of AutoNormal, AutoMultivariateNormal, AutoIAFNormal and AutoHVM (the
+   HVM bound, ``num_aux_samples=0``, and the IWHVI bound with ``num_aux_samples=4`` reverse
+   draws). Every guide is
    trained with Adam on a 32-particle vectorized Trace_ELBO for the same number of steps;
    the ELBO is then estimated with 20,000 particles (for AutoHVM: its own valid bound).
    Goals: AutoHVM closes at least half of AutoNormal's gap on the ring of modes, and its
@@ -71,7 +72,7 @@ def _target_guides(quick: bool) -> dict:
         "AutoNormal": (lambda m: AutoNormal(m), 0.01),
         "AutoMultivariateNormal": (lambda m: AutoMultivariateNormal(m), 0.01),
         "AutoIAFNormal": (lambda m: AutoIAFNormal(m, hidden_dim=[32], num_transforms=2), 0.003),
-        "AutoHVM(K=1)": (lambda m: AutoHVM(m), 0.003),
+        "AutoHVM(K=0)": (lambda m: AutoHVM(m, num_aux_samples=0), 0.003),
         "AutoHVM(K=4)": (lambda m: AutoHVM(m, num_aux_samples=4), 0.003),
     }
 
@@ -105,7 +106,7 @@ def run_targets(quick: bool, seed: int = 0) -> dict:
             print(f"  {target.name:7s} {label:24s} gap {target.log_Z - elbo:7.3f}  "
                   f"({seconds:.0f}s)", flush=True)
     gaps = {(r["target"], r["guide"]): r["gap"] for r in rows}
-    best_hvm = {t.name: min(gaps[(t.name, "AutoHVM(K=1)")], gaps[(t.name, "AutoHVM(K=4)")])
+    best_hvm = {t.name: min(gaps[(t.name, "AutoHVM(K=0)")], gaps[(t.name, "AutoHVM(K=4)")])
                 for t in targets}
     goals = {
         "ring: AutoHVM closes >= half of AutoNormal's gap":

@@ -532,3 +532,15 @@ def test_autohvm_latent_density_matches_its_transform():
     a0 = trace.nodes[f"_{guide._pyro_name}_aux"]["value"]
     expected = guide.conditional(a0).log_prob(v) - transform.log_abs_det_jacobian(v, u)
     assert torch.allclose(site["fn"].log_prob(u), expected, atol=1e-4)
+
+
+def test_equal_mixture_draws_are_stratified_but_each_is_uniform():
+    locs = torch.arange(8.0).unsqueeze(-1) * 100  # component k sits at 100 k
+    mix = EqualMixtureNormal(locs, torch.full_like(locs, 1e-3)).expand((16,))
+    counts = torch.zeros(8)
+    for _ in range(200):
+        which = (mix.rsample() / 100).round().long().squeeze(-1)
+        per_call = torch.bincount(which, minlength=8)
+        assert per_call.tolist() == [2] * 8  # every component, every call
+        counts[which[0]] += 1  # the first draw alone is uniform over the components
+    assert float(counts.min()) > 5

@@ -12,17 +12,19 @@ Ranganath et al. 2016; Maaløe et al. 2016) replaces ``log q(z | x)`` by a rever
 which is a valid lower bound for *any* ``r``, and equals the marginal ELBO when
 ``r(a | x, z) = q(a | z, x)``.
 
-With ``K`` auxiliary draws (Sobolev & Vetrov 2019, "Importance Weighted Hierarchical
-Variational Inference"), ``a_0 ~ q(a | x)``, ``z ~ q(z | a_0, x)``, ``a_1..a_{K-1} ~
-r(a | x, z)``::
+With ``K`` reverse draws (Sobolev & Vetrov 2019, "Importance Weighted Hierarchical
+Variational Inference"), ``a_0 ~ q(a | x)``, ``z ~ q(z | a_0, x)``, ``a_1..a_K ~
+r(a | x, z)``, ``K + 1`` terms::
 
-    log q̂(z) = log (1/K) Σ_k q(a_k | x) q(z | a_k, x) / r(a_k | x, z)
+    log q̂(z) = log 1/(K+1) Σ_{k=0..K} q(a_k | x) q(z | a_k, x) / r(a_k | x, z)
     log p(x) >= E[ log p(x, z) - log q̂(z) ]
 
 ``E log q̂(z) >= log q(z|x)`` decreases monotonically to ``log q(z|x)`` as ``K`` grows, so
-the bound tightens with ``K``. Moreover ``E[p(x, z) / q̂(z)] = p(x)`` exactly (the a's are
-exchangeable under the symmetrised extended target), so the importance-weighted bound
-``E log (1/M) Σ_m p(x, z_m) / q̂(z_m)`` is valid too.
+the bound tightens with ``K``; ``K = 0`` is the auxiliary bound above. Moreover
+``E[p(x, z) / q̂(z)] = p(x)`` exactly (the a's are exchangeable under the symmetrised
+extended target), so the importance-weighted bound
+``E log (1/M) Σ_m p(x, z_m) / q̂(z_m)`` is valid too. :class:`AutoHVM` trains the reverse
+model with doubly-reparameterised gradients (:func:`iwhvi_log_q_hat`).
 
 How it is written in Pyro: the auxiliary ``a`` is an ordinary guide sample site marked
 ``is_auxiliary`` (so Pyro does not warn that the model lacks it), and the correction
@@ -155,8 +157,8 @@ def iw_hierarchical_correction(
 ) -> torch.Tensor:
     """``log q̂(z) - log q(a_0, z)``: the guide factor of the (IW) hierarchical bound.
 
-    ``log q̂(z) = log (1/K) Σ_k q(a_k) q(z | a_k) / r(a_k | z)`` with ``a_0`` the draw that
-    generated ``z`` and ``a_1..a_{K-1} ~ r(a | z)`` (Sobolev & Vetrov 2019, eq. 7). The
+    ``log q̂(z) = log 1/(K+1) Σ_{k=0..K} q(a_k) q(z | a_k) / r(a_k | z)`` with ``a_0`` the
+    draw that generated ``z`` and ``a_1..a_K ~ r(a | z)`` (Sobolev & Vetrov 2019, eq. 7). The
     ``*_extra`` tensors hold ``log q(a_k) + log q(z | a_k)`` and ``log r(a_k | z)`` for the
     extra draws, stacked on dim 0. With none it reduces to ``-log r(a_0 | z)``.
     """
@@ -204,10 +206,6 @@ def _inverse_softplus(y: float) -> float:
     return y + math.log(-math.expm1(-y))
 
 
-def _detached(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach() for name, p in module.named_parameters()}
-
-
 def iwhvi_log_q_hat(
     log_joint: Callable[[torch.Tensor, bool], torch.Tensor],
     reverse_params: Callable[[torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor]],
@@ -215,6 +213,7 @@ def iwhvi_log_q_hat(
     v: torch.Tensor,
     num_samples: int,
     dreg: bool = True,
+    log_joint_a0: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The IWHVI estimate ``log q̂(v) = log 1/(K+1) Σ_{k=0..K} q(a_k) q(v | a_k) / τ(a_k | v)``
     (Sobolev & Vetrov 2019) with ``a_0`` the draw that generated ``v`` and
@@ -242,18 +241,25 @@ def iwhvi_log_q_hat(
     :param v: the latent draw, shape ``(..., D)``.
     :param num_samples: ``K >= 0``.
     :param dreg: use DReG gradients for τ.
+    :param log_joint_a0: ``log_joint(a0, False)`` if the caller has it already.
     """
+    if log_joint_a0 is None:
+        log_joint_a0 = log_joint(a0.unsqueeze(0), False).squeeze(0)
     if not dreg:
         loc, scale = reverse_params(v, False)
         tau = dist.Normal(loc, scale).to_event(1)
-        a = torch.cat([a0.unsqueeze(0), tau.rsample((num_samples,))], 0)
-        log_w = log_joint(a, False) - tau.log_prob(a)
+        log_w = (log_joint_a0 - tau.log_prob(a0)).unsqueeze(0)
+        if num_samples > 0:
+            extra = tau.rsample((num_samples,))
+            log_w = torch.cat([log_w, log_joint(extra, False) - tau.log_prob(extra)], 0)
         return torch.logsumexp(log_w, 0) - math.log(num_samples + 1)
     loc, scale = reverse_params(v, True)  # τ's parameters fixed, v live
-    noise = torch.randn((num_samples,) + loc.shape, dtype=loc.dtype, device=loc.device)
-    extra = loc + scale * noise
-    a = torch.cat([a0.unsqueeze(0), extra], 0)
-    log_w = log_joint(a, False) - dist.Normal(loc, scale).to_event(1).log_prob(a)
+    tau = dist.Normal(loc, scale).to_event(1)
+    log_w = (log_joint_a0 - tau.log_prob(a0)).unsqueeze(0)
+    if num_samples > 0:
+        noise = torch.randn((num_samples,) + loc.shape, dtype=loc.dtype, device=loc.device)
+        extra = loc + scale * noise
+        log_w = torch.cat([log_w, log_joint(extra, False) - tau.log_prob(extra)], 0)
     value = torch.logsumexp(log_w, 0) - math.log(num_samples + 1)
     # DReG surrogate: only τ's parameters carry gradient, through the draws' locations
     loc_live, scale_live = reverse_params(v.detach(), False)
@@ -286,8 +292,18 @@ class _ResidualGaussian(nn.Module):
         self.register_buffer("projection", torch.eye(out_dim, in_dim))
         self.scale_offset = _inverse_softplus(init_scale)
 
-    def forward(self, v: torch.Tensor, v0: torch.Tensor | float = 0.0):
-        loc, raw = self.net(v).chunk(2, dim=-1)
+    def forward(self, v: torch.Tensor, v0: torch.Tensor | float = 0.0, detach: bool = False):
+        """``(loc, scale)``; ``detach=True`` holds the parameters fixed (not ``v``)."""
+        if detach:
+            h = v
+            for layer in self.net:
+                if isinstance(layer, nn.Linear):
+                    h = F.linear(h, layer.weight.detach(), layer.bias.detach())
+                else:
+                    h = layer(h)
+        else:
+            h = self.net(v)
+        loc, raw = h.chunk(2, dim=-1)
         loc = loc + (v - v0) @ self.projection.T
         return loc, F.softplus(raw + self.scale_offset) + MIN_SCALE
 
@@ -479,12 +495,7 @@ class AutoHVM(AutoContinuous):
 
     def conditional(self, a: torch.Tensor, detach: bool = False) -> dist.Distribution:
         """q(v | a), the Gaussian before the global affine map and the flows."""
-        if detach:
-            loc, scale = torch.func.functional_call(
-                self.forward_net, _detached(self.forward_net), (a,)
-            )
-        else:
-            loc, scale = self.forward_net(a)
+        loc, scale = self.forward_net(a, detach=detach)
         return dist.Normal(loc, scale).to_event(1)
 
     def transform(self) -> dist.transforms.Transform:
@@ -496,9 +507,7 @@ class AutoHVM(AutoContinuous):
         return dist.transforms.ComposeTransform([affine, *self.flows])
 
     def _reverse_params(self, v: torch.Tensor, detach: bool):
-        if detach:
-            return torch.func.functional_call(self.reverse_net, _detached(self.reverse_net), (v,))
-        return self.reverse_net(v)
+        return self.reverse_net(v, detach=detach)
 
     def reverse(self, v: torch.Tensor) -> dist.Distribution:
         """r(a | v)."""
@@ -519,9 +528,19 @@ class AutoHVM(AutoContinuous):
             "AutoHVM's marginal q(z) has no closed form; sample it by calling the guide"
         )
 
-    def log_q_hat(self, a0: torch.Tensor, v: torch.Tensor, num_aux_samples: int | None = None):
-        """The IWHVI estimate of ``log q(v)`` (before the transform's Jacobian)."""
+    def log_correction(
+        self,
+        a0: torch.Tensor,
+        v: torch.Tensor,
+        log_q_a0: torch.Tensor,
+        log_q_v: torch.Tensor,
+        num_aux_samples: int | None = None,
+    ) -> torch.Tensor:
+        """``log q̂(v) - log q(a0) - log q(v | a0)``: the reverse factor's log density, with
+        ``log q̂`` the IWHVI estimate (:func:`iwhvi_log_q_hat`) from ``num_aux_samples``
+        reverse draws (default: the guide's)."""
         K = self.num_aux_samples if num_aux_samples is None else num_aux_samples
+        log_joint_a0 = log_q_a0 + log_q_v
 
         def log_joint(a: torch.Tensor, detach: bool) -> torch.Tensor:
             v_ = v.detach() if detach else v
@@ -529,11 +548,24 @@ class AutoHVM(AutoContinuous):
 
         if self._custom_reverse is not None:
             r = self.reverse(v)
-            a = torch.cat([a0.unsqueeze(0), r.rsample((K,))], 0)
-            log_w = log_joint(a, False) - r.log_prob(a)
-            return torch.logsumexp(log_w, 0) - math.log(K + 1)
-        self.reverse(v)  # event-shape check
-        return iwhvi_log_q_hat(log_joint, self._reverse_params, a0, v, K, dreg=self.dreg)
+            extra = r.rsample((K,))
+            log_w = torch.cat(
+                [
+                    (log_joint_a0 - r.log_prob(a0)).unsqueeze(0),
+                    log_joint(extra, False) - r.log_prob(extra),
+                ],
+                0,
+            )
+            return torch.logsumexp(log_w, 0) - math.log(K + 1) - log_joint_a0
+        if K == 0:
+            # log q̂ - log q(a0, v) = -log r(a0 | v) exactly, and DReG's gradient for r is
+            # the plain one here (w̃_0 = 1): no need for the two-pass surrogate
+            loc, scale = self.reverse_net(v)
+            return -dist.Normal(loc, scale).to_event(1).log_prob(a0)
+        log_q_hat = iwhvi_log_q_hat(
+            log_joint, self._reverse_params, a0, v, K, dreg=self.dreg, log_joint_a0=log_joint_a0
+        )
+        return log_q_hat - log_joint_a0
 
     def sample_latent(self, *args, **kwargs) -> torch.Tensor:
         prefix = f"_{self._pyro_name}"
@@ -545,7 +577,7 @@ class AutoHVM(AutoContinuous):
         v = q_u.transforms[0].inv(u)  # the flows' cache holds the v that generated u
         # log q(u | a0) = log q(v | a0) - log|det T'(v)| and log q̂(u) likewise: the
         # Jacobian cancels in the correction log q̂(u) - log q(a0) - log q(u | a0)
-        correction = self.log_q_hat(a0, v) - q_a.log_prob(a0) - q_v.log_prob(v)
+        correction = self.log_correction(a0, v, q_a.log_prob(a0), q_v.log_prob(v))
         reverse_factor(f"{prefix}_reverse", correction, [f"{prefix}_aux"])
         return u
 
