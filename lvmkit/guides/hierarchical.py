@@ -363,6 +363,9 @@ class AutoHVM(AutoContinuous):
     :param flow_hidden: hidden sizes of each layer's autoregressive network (default
         ``[3 * latent_dim + 1]``, Pyro's default).
     :param dreg: DReG gradients for the reverse model.
+    :param init_search: model evaluations spent at setup choosing ``u0`` and the initial
+        component means among prior draws and draws around ``u0``
+        (:meth:`_searched_inits`); ``0`` uses ``component_spread`` alone.
     """
 
     def __init__(
@@ -375,12 +378,13 @@ class AutoHVM(AutoContinuous):
         num_aux_samples: int = 0,
         reverse: Callable[[torch.Tensor], dist.Distribution] | None = None,
         init_loc_fn: Callable = init_to_median,
-        component_spread: float | None = 2.0,
-        component_scale: float = 1.0,
+        component_spread: float | None = 1.0,
+        component_scale: float = 0.1,
         noise_scale: float = 0.1,
         num_flows: int = 0,
         flow_hidden: Sequence[int] | None = None,
         dreg: bool = True,
+        init_search: int = 256,
     ) -> None:
         if aux_dim is not None:
             check_size(aux_dim, "aux_dim")
@@ -413,6 +417,7 @@ class AutoHVM(AutoContinuous):
             else [check_size(h, "flow hidden size") for h in flow_hidden]
         )
         self.dreg = bool(dreg)
+        self.init_search = _check_count(init_search, "init_search")
         # a tuple, so that a PyroModule model is not registered as a submodule of the guide
         self._original_model = (model,)
 
@@ -431,11 +436,15 @@ class AutoHVM(AutoContinuous):
         self.aux_dim = self._aux_dim_arg or self.latent_dim
         dim, aux = self.latent_dim, self.aux_dim
         init_loc = self._init_loc()
+        # A mode-seeking objective rarely moves a component from one basin to another, so
+        # the components must start in different basins to find several modes.
+        if self.init_search:
+            init_loc, aux_locs = self._searched_inits(init_loc, *args, **kwargs)
+        else:
+            aux_locs = self._component_inits(init_loc, *args, **kwargs)
         self.loc0 = nn.Parameter(init_loc)
         self.log_scale0 = nn.Parameter(torch.full_like(init_loc, math.log(self._init_scale)))
-        # A mode-seeking objective rarely moves a component from one basin to another, so
-        # the components must start spread out to find several modes.
-        self.aux_locs = nn.Parameter(self._component_inits(init_loc, *args, **kwargs))
+        self.aux_locs = nn.Parameter(aux_locs)
         self.aux_log_scales = nn.Parameter(
             torch.full((self.num_components, aux), math.log(self._component_scale))
         )
@@ -458,15 +467,68 @@ class AutoHVM(AutoContinuous):
         for p in self.parameters():
             p.data = p.data.to(init_loc)
 
-    def _component_inits(self, init_loc: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def _log_joint_at(self, u: torch.Tensor, *args, **kwargs) -> float:
+        """``log p(x, z(u)) + log|det dz/du|`` for one unconstrained latent vector ``u``."""
+        values, log_det = {}, 0.0
+        for site, unconstrained in self._unpack_latent(u):
+            transform = biject_to(site["fn"].support)
+            value = transform(unconstrained)
+            values[site["name"]] = value
+            log_det = log_det + transform.log_abs_det_jacobian(unconstrained, value).sum()
+        conditioned = poutine.condition(self._original_model[0], values)
+        trace = poutine.block(poutine.trace(conditioned).get_trace)(*args, **kwargs)
+        return float(trace.log_prob_sum() + log_det)
+
+    def _searched_inits(self, init_loc: torch.Tensor, *args, **kwargs):
+        """``(u0, component means)`` from a search: ``init_search`` candidates (half prior
+        draws, half ``u0 + component_spread · s · N(0, I)``) are scored by the model's joint
+        density; ``u0`` becomes the best, and the components the best ``num_components``
+        of the top ``4 · num_components`` chosen farthest-point first, so that they start
+        in different high-density regions instead of wherever ``N(0, I)`` puts them (the
+        old defaults' mixtures collapsed onto one mode of a multimodal target)."""
+        with torch.no_grad():
+            half = self.init_search // 2
+            prior = self._component_inits(init_loc, *args, _count=half, _raw=True, **kwargs)
+            spread = 2.0 if self.component_spread is None else self.component_spread
+            local = init_loc + spread * self._init_scale * torch.randn(
+                self.init_search - half, self.latent_dim
+            ).to(init_loc)
+            candidates = torch.cat([init_loc.unsqueeze(0), prior + init_loc, local])
+            scores = []
+            for u in candidates:
+                try:
+                    scores.append(self._log_joint_at(u, *args, **kwargs))
+                except (ValueError, RuntimeError):
+                    scores.append(-math.inf)  # e.g. outside a support the model checks
+            scores = torch.tensor(scores)
+            scores = torch.where(torch.isfinite(scores), scores, torch.tensor(-math.inf))
+            if not bool(torch.isfinite(scores).any()):
+                return init_loc, self._component_inits(init_loc, *args, **kwargs)
+            top = candidates[scores.argsort(descending=True)[: 4 * self.num_components]]
+            chosen = [0]
+            distance = (top - top[0]).norm(dim=-1)
+            while len(chosen) < self.num_components:
+                pick = int(distance.argmax())
+                chosen.append(pick)
+                distance = torch.minimum(distance, (top - top[pick]).norm(dim=-1))
+            best = top[0]
+            means = (top[chosen] - best) / self._init_scale
+        aux = torch.zeros(self.num_components, self.aux_dim).to(init_loc)
+        width = min(self.aux_dim, self.latent_dim)
+        aux[:, :width] = means[:, :width]
+        return best.clone(), aux
+
+    def _component_inits(
+        self, init_loc: torch.Tensor, *args, _count: int | None = None, _raw: bool = False, **kwargs
+    ) -> torch.Tensor:
         """Initial mixture means: ``component_spread · N(0, I)``, or (``None``) prior draws
         of ``(u - u0) / s`` on ``a``'s first coordinates."""
-        if self.component_spread is not None:
+        if self.component_spread is not None and not _raw:
             spread = self.component_spread * torch.randn(self.num_components, self.aux_dim)
             return spread.to(init_loc)
         hidden_model = poutine.block(self._original_model[0], self._prototype_hide_fn)
         draws = []
-        for _ in range(self.num_components):
+        for _ in range(self.num_components if _count is None else _count):
             try:
                 trace = poutine.block(
                     poutine.trace(InitMessenger(init_to_sample)(hidden_model)).get_trace
@@ -479,8 +541,10 @@ class AutoHVM(AutoContinuous):
             except (NotImplementedError, KeyError, RuntimeError):
                 # e.g. an improper prior cannot be sampled: fall back to unit spread
                 draw = torch.randn_like(init_loc)
-            draws.append(draw / self._init_scale)
+            draws.append(draw if _raw else draw / self._init_scale)
         draws = torch.stack(draws)
+        if _raw:
+            return draws
         aux = torch.zeros(self.num_components, self.aux_dim).to(init_loc)
         width = min(self.aux_dim, self.latent_dim)
         aux[:, :width] = draws[:, :width]
