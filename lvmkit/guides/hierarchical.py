@@ -481,7 +481,8 @@ class AutoHVM(AutoContinuous):
 
     def _searched_inits(self, init_loc: torch.Tensor, *args, **kwargs):
         """``(u0, component means)`` from a search: ``init_search`` candidates (half prior
-        draws, half ``u0 + component_spread · s · N(0, I)``) are scored by the model's joint
+        draws, half ``u0 + c · component_spread · s · N(0, I)`` for ``c`` in 0.5, 1, 2, 4)
+        are scored by the model's joint
         density; ``u0`` becomes the best, and the components the best ``num_components``
         of the top ``4 · num_components`` chosen farthest-point first, so that they start
         in different high-density regions instead of wherever ``N(0, I)`` puts them (the
@@ -490,8 +491,16 @@ class AutoHVM(AutoContinuous):
             half = self.init_search // 2
             prior = self._component_inits(init_loc, *args, _count=half, _raw=True, **kwargs)
             spread = 2.0 if self.component_spread is None else self.component_spread
-            local = init_loc + spread * self._init_scale * torch.randn(
-                self.init_search - half, self.latent_dim
+            # several radii: the posterior's scale is unknown, and a mode at distance r is
+            # only reached by draws of about that radius
+            count = self.init_search - half
+            radii = (
+                spread
+                * self._init_scale
+                * torch.tensor([0.5, 1.0, 2.0, 4.0]).repeat(count // 4 + 1)[:count]
+            )
+            local = init_loc + radii.unsqueeze(-1).to(init_loc) * torch.randn(
+                count, self.latent_dim
             ).to(init_loc)
             candidates = torch.cat([init_loc.unsqueeze(0), prior + init_loc, local])
             scores = []
