@@ -616,14 +616,22 @@ class AutoHVM(AutoContinuous):
         self,
         a0: torch.Tensor,
         v: torch.Tensor,
-        log_q_a0: torch.Tensor,
-        log_q_v: torch.Tensor,
+        log_q_a0: torch.Tensor | None,
+        log_q_v: torch.Tensor | None,
         num_aux_samples: int | None = None,
     ) -> torch.Tensor:
         """``log q̂(v) - log q(a0) - log q(v | a0)``: the reverse factor's log density, with
         ``log q̂`` the IWHVI estimate (:func:`iwhvi_log_q_hat`) from ``num_aux_samples``
         reverse draws (default: the guide's)."""
         K = self.num_aux_samples if num_aux_samples is None else num_aux_samples
+        if K == 0 and self._custom_reverse is None:
+            # log q̂ - log q(a0, v) = -log r(a0 | v) exactly, and DReG's gradient for r is
+            # the plain one here (w̃_0 = 1): no need for the two-pass surrogate
+            loc, scale = self.reverse_net(v)
+            return -dist.Normal(loc, scale).to_event(1).log_prob(a0)
+        if log_q_a0 is None or log_q_v is None:
+            log_q_a0 = self.aux_prior().log_prob(a0)
+            log_q_v = self.conditional(a0).log_prob(v)
         log_joint_a0 = log_q_a0 + log_q_v
 
         def log_joint(a: torch.Tensor, detach: bool) -> torch.Tensor:
@@ -641,11 +649,6 @@ class AutoHVM(AutoContinuous):
                 0,
             )
             return torch.logsumexp(log_w, 0) - math.log(K + 1) - log_joint_a0
-        if K == 0:
-            # log q̂ - log q(a0, v) = -log r(a0 | v) exactly, and DReG's gradient for r is
-            # the plain one here (w̃_0 = 1): no need for the two-pass surrogate
-            loc, scale = self.reverse_net(v)
-            return -dist.Normal(loc, scale).to_event(1).log_prob(a0)
         log_q_hat = iwhvi_log_q_hat(
             log_joint, self._reverse_params, a0, v, K, dreg=self.dreg, log_joint_a0=log_joint_a0
         )
@@ -661,7 +664,10 @@ class AutoHVM(AutoContinuous):
         v = q_u.transforms[0].inv(u)  # the flows' cache holds the v that generated u
         # log q(u | a0) = log q(v | a0) - log|det T'(v)| and log q̂(u) likewise: the
         # Jacobian cancels in the correction log q̂(u) - log q(a0) - log q(u | a0)
-        correction = self.log_correction(a0, v, q_a.log_prob(a0), q_v.log_prob(v))
+        if self.num_aux_samples == 0 and self._custom_reverse is None:
+            correction = self.log_correction(a0, v, None, None)  # needs neither density
+        else:
+            correction = self.log_correction(a0, v, q_a.log_prob(a0), q_v.log_prob(v))
         reverse_factor(f"{prefix}_reverse", correction, [f"{prefix}_aux"])
         return u
 
