@@ -63,6 +63,15 @@ vs 3.4), the SNR problem DReG removes. Fixes: DReG, the K + 1-term estimate, str
 component draws, the searched initialisation with narrow components (square3d 2.43 ->
 0.70 and mixture2d 1.32 -> 0.20 at 800 steps once the search was added).
 
+Reduced run on the held-out seed (``--suite --seed 1 --n 20 --steps 600 --eval-particles
+2000 --eval-reps 3``, ~14 min on the loaded 2-core machine): median gap AutoNormal 0.92,
+AutoIAFNormal 0.47, AutoHVM 0.58 (old defaults 1.56); worst 6.95 / 20.98 / 4.98 (old 7.37);
+squared-observation family 2.12 / 10.49 / 1.00 (old 4.00). Goals missed at this budget:
+median <= half AutoNormal's and <= AutoIAFNormal's; worse than AutoNormal on banana4d,
+gaussian6d (by 0.02) and mixture3d; 70% closure on multimodal targets (mixture3d and
+mixture4d/5d fall short); eight schools k-hat 1.08 (ELBO -37.15 vs AutoNormal -38.20, met).
+``num_flows=1`` did not help there (median 0.75 vs 0.43 on the first ten targets).
+
 Writes ``results/bench_hierarchical.json`` and ``results/bench_hierarchical.md``.
 """
 
