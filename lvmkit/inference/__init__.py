@@ -26,6 +26,9 @@ _EXPORTS: dict[str, str] = {
     "exact_elbo_gradient": "lvmkit.inference.check",
     "gradient_variance": "lvmkit.inference.check",
     "UnbiasedCheck": "lvmkit.inference.check",
+    "RLOOELBO": "lvmkit.inference.estimators.rloo",
+    "DoubleCVELBO": "lvmkit.inference.estimators.double_cv",
+    "RodeoELBO": "lvmkit.inference.estimators.rodeo",
 }
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
