@@ -6,6 +6,7 @@ import itertools
 
 import pyro
 import torch
+from pyro.params import param_with_module_name
 from torch import nn
 
 from lvmkit.inference.estimators._score import (
@@ -20,6 +21,22 @@ from lvmkit.inference.estimators._score import (
 __all__ = ["DoubleCVELBO"]
 
 _instance_ids = itertools.count()
+
+
+def register_own_parameters(module_name: str, module: nn.Module) -> None:
+    """``pyro.module(module_name, module)``, making the store hold *this* module's tensors.
+
+    ``pyro.module`` keeps a store entry that already exists under the name (and a deep
+    copy of an estimator, or one restored from a checkpoint, shares its ``module_name``),
+    so ``SVI``'s optimizer would step the stale tensors and never this module's.
+    """
+    store = pyro.get_param_store()
+    stored = dict(store.named_parameters())
+    for name, param in module.named_parameters():
+        full_name = param_with_module_name(module_name, name)
+        if full_name in stored and stored[full_name] is not param:
+            del store[full_name]
+    pyro.module(module_name, module)
 
 
 def control_key(name: str) -> str:
@@ -88,7 +105,7 @@ class DoubleCVELBO(LeaveOneOutELBO, nn.Module):
         key = control_key(name)
         if key not in self.controls:
             self.controls[key] = self._make_control().to(like.device)
-        pyro.module(self.module_name, self.controls)
+        register_own_parameters(self.module_name, self.controls)
         return self.controls[key]
 
     def _discrete_coefficient(self, name, kind, f, value, probs, grad_b, pdim):
