@@ -24,11 +24,12 @@ class _SteinSurrogate(nn.Module):
         self.alpha = nn.Parameter(torch.zeros(()))
         self.beta = nn.Parameter(torch.zeros(()))
 
-    def forward(self, lin: torch.Tensor, fbar: torch.Tensor) -> torch.Tensor:
-        dtype = self.out.weight.dtype
-        hidden = self.dense_x(lin.unsqueeze(-1).to(dtype)) + self.dense_z(
-            fbar.unsqueeze(-1).to(dtype)
-        )
+    def hidden_of_fbar(self, fbar: torch.Tensor) -> torch.Tensor:
+        """The ``fbar`` half of the hidden layer (shared by a draw's neighbours)."""
+        return self.dense_z(fbar.unsqueeze(-1).to(self.out.weight.dtype))
+
+    def forward(self, lin: torch.Tensor, hidden_fbar: torch.Tensor) -> torch.Tensor:
+        hidden = self.dense_x(lin.unsqueeze(-1).to(self.out.weight.dtype)) + hidden_fbar
         return self.out(nn.functional.leaky_relu(hidden, 0.3)).to(lin.dtype)
 
 
@@ -110,8 +111,9 @@ class RodeoELBO(DoubleCVELBO):
             lin_nbr = lin_x + gbar - (gbar * value).sum(-1, keepdim=True)
             weight = probs
             coords = reduce_like(torch.ones_like(value), f.shape) / value.shape[-1]
-        h_x = control(lin_x, fbar.expand_as(lin_x))
-        h_nbr = control(lin_nbr, fbar.expand_as(lin_nbr))
+        hidden_fbar = control.hidden_of_fbar(fbar)
+        h_x = control(lin_x, hidden_fbar)
+        h_nbr = control(lin_nbr, hidden_fbar)
         total_weight = reduce_like(weight, f.shape)
         stein_h0 = (reduce_like(weight * h_nbr[..., 0], f.shape) - total_weight * h_x[..., 0])
         stein_h0 = stein_h0 / coords
