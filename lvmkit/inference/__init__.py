@@ -29,6 +29,7 @@ _EXPORTS: dict[str, str] = {
     "RLOOELBO": "lvmkit.inference.estimators.rloo",
     "DoubleCVELBO": "lvmkit.inference.estimators.double_cv",
     "RodeoELBO": "lvmkit.inference.estimators.rodeo",
+    "CategoricalDisARMELBO": "lvmkit.inference.estimators.disarm_categorical",
 }
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
