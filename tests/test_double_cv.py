@@ -4,11 +4,13 @@ SVI/module agreement, controls trained by the caller's optimizer, variance reduc
 import copy
 
 import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
 import pytest
 import torch
 from pyro.infer import SVI
 from pyro.optim import Adam
-from small_models import X2, X4, grads_of, make_pair
+from small_models import X2, X4, D, H, grads_of, make_pair
 
 from lvmkit.inference.check import check_unbiased
 from lvmkit.inference.estimators._score import loo_mean, reduce_like
@@ -127,3 +129,23 @@ def test_svi_trains_the_controls(estimator):
         svi.step(X2)
     moved = [n for n, p in elbo.controls.named_parameters() if not torch.equal(p, before[n])]
     assert any("alpha" in n for n in moved)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_masked_elements_get_no_gradient(estimator):
+    def model(x):
+        with pyro.plate("data", 2), poutine.mask(mask=torch.tensor([False, True])):
+            z = pyro.sample("z", dist.Bernoulli(logits=torch.zeros(2, H)).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=z @ torch.ones(H, D)).to_event(1), obs=x)
+
+    def guide(x):
+        logits = pyro.param("logits", torch.zeros(2, H))
+        with pyro.plate("data", 2), poutine.mask(mask=torch.tensor([False, True])):
+            pyro.sample("z", dist.Bernoulli(logits=logits).to_event(1))
+
+    elbo = with_random_controls(estimator(num_particles=2), model, guide, X2)
+    grads = torch.stack(
+        [grads_of(elbo, model, guide, X2, seed, "svi")["logits"] for seed in range(10)]
+    )
+    assert torch.all(grads[:, 0] == 0)
+    assert grads[:, 1].abs().sum() > 0
