@@ -149,3 +149,28 @@ def test_masked_elements_get_no_gradient(estimator):
     )
     assert torch.all(grads[:, 0] == 0)
     assert grads[:, 1].abs().sum() > 0
+
+
+def test_value_gradient_of_one_hot_sites_includes_their_log_densities():
+    # f(c) = log p(c) + c.w - log q(c); OneHotCategorical.log_prob takes an argmax, so its
+    # value gradient (log pi) must be restored: df/dc = log_softmax(m) + w - log_softmax(l)
+    m, w, lq = torch.tensor([0.5, -1.0, 0.2]), torch.tensor([1.0, 2.0, -3.0]), torch.randn(3)
+
+    def model():
+        with pyro.plate("data", 4, subsample_size=2):
+            c = pyro.sample("c", dist.OneHotCategorical(logits=m).expand([2, 2]).to_event(1))
+            pyro.factor("f", (c * w).sum((-1, -2)))
+
+    def guide():
+        with pyro.plate("data", 4, subsample_size=2):
+            pyro.sample("c", dist.OneHotCategorical(logits=lq).expand([2, 2]).to_event(1))
+
+    elbo = DoubleCVELBO(num_particles=2, max_plate_nesting=1)
+    model_trace, guide_trace = elbo._get_trace(
+        elbo._vectorized_num_particles(model), elbo._vectorized_num_particles(guide), (), {}
+    )
+    for trace in (model_trace, guide_trace):
+        trace.compute_log_prob()
+    grads = elbo._value_grads(model_trace, guide_trace, [("c", guide_trace.nodes["c"])])
+    expected = 2.0 * (torch.log_softmax(m, -1) + w - torch.log_softmax(lq, -1))  # scale 4/2
+    torch.testing.assert_close(grads["c"], expected.expand(2, 2, 2, 3))

@@ -136,9 +136,9 @@ def _value_differentiable_total(model_trace, guide_trace, leaves: set[int]) -> t
                 mask = element_mask(site)
                 if mask is not None:
                     term = term * mask
-                scale = site["scale"]
-                total = total + sign * (term.sum() * scale if not torch.is_tensor(scale)
-                                        else (term.sum(-1) * scale).sum())
+                # per batch element (event dims summed), so a tensor scale broadcasts
+                term = term.sum(tuple(range(-site["fn"].event_dim, 0)))
+                total = total + sign * (term * site["scale"]).sum()
     return total
 
 
