@@ -174,3 +174,22 @@ def test_value_gradient_of_one_hot_sites_includes_their_log_densities():
     grads = elbo._value_grads(model_trace, guide_trace, [("c", guide_trace.nodes["c"])])
     expected = 2.0 * (torch.log_softmax(m, -1) + w - torch.log_softmax(lq, -1))  # scale 4/2
     torch.testing.assert_close(grads["c"], expected.expand(2, 2, 2, 3))
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_fit_resumes_with_the_learned_controls(tmp_path, estimator):
+    from lvmkit.inference import fit
+
+    x = torch.bernoulli(torch.full((20, D), 0.4), generator=torch.Generator().manual_seed(0))
+
+    def run(steps, **kwargs):
+        model, guide = make_pair()
+        return fit(model, guide, x, elbo=estimator(num_particles=2, max_plate_nesting=1), steps=steps,
+                   batch_size=10, optim=Adam({"lr": 0.05}), progress=False, **kwargs)
+
+    full = run(8)
+    pyro.clear_param_store()
+    run(4, checkpoint_dir=tmp_path, checkpoint_every=4)
+    pyro.clear_param_store()  # as in a new process, with a new estimator instance
+    resumed = run(8, checkpoint_dir=tmp_path, checkpoint_every=4)
+    assert resumed.loss == pytest.approx(full.loss, abs=1e-5)

@@ -93,6 +93,26 @@ class DoubleCVELBO(LeaveOneOutELBO, nn.Module):
         self.module_name = module_name or f"{type(self).__name__.lower()}_{next(_instance_ids)}"
         self.controls = nn.ModuleDict()
 
+    def get_extra_state(self) -> dict:
+        # saved with the controls, so a restored estimator keeps the param-store names
+        # (and so the optimizer state) of the run that saved it
+        return {"module_name": self.module_name}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.module_name = state["module_name"]
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``, first creating the per-site controls a saved state
+        holds (they are otherwise created on first use), then registering them in Pyro's
+        param store, so that :func:`lvmkit.inference.fit` can resume a run."""
+        for key in state_dict:
+            parts = key.split(".")
+            if parts[0] == "controls" and len(parts) > 2 and parts[1] not in self.controls:
+                self.controls[parts[1]] = self._make_control()
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        register_own_parameters(self.module_name, self.controls)
+        return result
+
     def _uses_logits(self, kind) -> bool:
         return kind in (BERNOULLI, ONEHOT)
 
@@ -105,6 +125,9 @@ class DoubleCVELBO(LeaveOneOutELBO, nn.Module):
         key = control_key(name)
         if key not in self.controls:
             self.controls[key] = self._make_control().to(like.device)
+        elif next(self.controls[key].parameters()).device != like.device:
+            # in place: the parameters stay the objects the param store holds
+            self.controls[key].to(like.device)
         register_own_parameters(self.module_name, self.controls)
         return self.controls[key]
 
