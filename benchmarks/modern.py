@@ -94,8 +94,13 @@ class BinaryVAE:
     @torch.no_grad()
     def log_weights(self, x: torch.Tensor, samples: int) -> torch.Tensor:
         """``log p(x, b) - log q(b | x)`` for ``samples`` draws per image: (samples, N)."""
+        b = dist.Bernoulli(logits=self.encoder(x)).to_event(1).sample((samples,))
+        return self.log_weight(x, b)
+
+    @torch.no_grad()
+    def log_weight(self, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``log p(x, b) - log q(b | x)`` at given latents ``b`` (..., N, 200)."""
         q = dist.Bernoulli(logits=self.encoder(x)).to_event(1)
-        b = q.sample((samples,))
         prior = dist.Bernoulli(logits=pyro.param("prior_logits").detach()).to_event(1)
         likelihood = dist.Bernoulli(logits=self.decoder(b)).to_event(1)
         return likelihood.log_prob(x) + prior.log_prob(b) - q.log_prob(b)
