@@ -184,8 +184,9 @@ def test_fit_resumes_with_the_learned_controls(tmp_path, estimator):
 
     def run(steps, **kwargs):
         model, guide = make_pair()
-        return fit(model, guide, x, elbo=estimator(num_particles=2, max_plate_nesting=1), steps=steps,
-                   batch_size=10, optim=Adam({"lr": 0.05}), progress=False, **kwargs)
+        elbo = estimator(num_particles=2, max_plate_nesting=1)
+        return fit(model, guide, x, elbo=elbo, steps=steps, batch_size=10,
+                   optim=Adam({"lr": 0.05}), progress=False, **kwargs)
 
     full = run(8)
     pyro.clear_param_store()
