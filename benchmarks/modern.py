@@ -195,6 +195,13 @@ def run_one(label, make_elbo, nonlinear, data, args) -> dict:
         "log10_var": {str(s): v for s, v in variance.items()},
         "ms_per_step": 1000 * statistics.median(times),
     }
+    if hasattr(elbo, "controls") and isinstance(elbo.controls, nn.ModuleDict):
+        # Double CV / RODEO: where their learned scalars got to
+        result["controls"] = {
+            f"{site}.{name}": float(p)
+            for site, control in elbo.controls.items()
+            for name, p in control.named_parameters() if p.dim() == 0
+        }
     print(f"  {label:14s} train {result['train_elbo']:8.2f}  test {test_elbo:8.2f}  "
           f"iwae {iwae:8.2f}  log10 var {', '.join(f'{v:6.2f}' for v in variance.values())}"
           f"  {result['ms_per_step']:6.1f} ms/step", flush=True)
