@@ -126,9 +126,11 @@ def estimators(k: int) -> dict:
     return line_up
 
 
-def encoder_gradient_variance(vae, elbo, x: torch.Tensor, draws: int, seed: int) -> float:
+def encoder_gradient_variance(vae, elbo, x: torch.Tensor, draws: int, seed: int
+                              ) -> tuple[float, float]:
     """log10 mean per-coordinate variance of the encoder gradient, ``draws`` estimates on
-    ``x``, through ``differentiable_loss`` (which steps nothing)."""
+    ``x``, through ``differentiable_loss`` (which steps nothing), and its jackknife
+    standard error."""
     params = list(vae.encoder.parameters())
     state = torch.get_rng_state()
     torch.manual_seed(seed)
@@ -142,7 +144,12 @@ def encoder_gradient_variance(vae, elbo, x: torch.Tensor, draws: int, seed: int)
         ]))
     torch.set_rng_state(state)
     stacked = torch.stack(grads)
-    return math.log10(float(stacked.var(0).mean()))
+    value = math.log10(float(stacked.var(0).mean()))
+    # jackknife standard error over the draws
+    n = stacked.shape[0]
+    keep = ~torch.eye(n, dtype=torch.bool)
+    loo = torch.tensor([math.log10(float(stacked[keep[i]].var(0).mean())) for i in range(n)])
+    return value, float(((n - 1) / n * ((loo - loo.mean()) ** 2).sum()).sqrt())
 
 
 def run_one(label, make_elbo, nonlinear, data, args) -> dict:
@@ -163,12 +170,12 @@ def run_one(label, make_elbo, nonlinear, data, args) -> dict:
     pixels = torch.Generator().manual_seed(args.seed + 1)
     pyro.set_rng_seed(args.seed + 2)
     snapshots = sorted({0, args.steps // 2, args.steps})
-    curve, times, variance = [], [], {}
+    curve, times, variance, variance_se = [], [], {}, {}
     perm, cursor = torch.randperm(len(train), generator=order), 0
     for step in range(args.steps + 1):
         if step in snapshots:
             measured = copy.deepcopy(elbo) if step == 0 else elbo
-            variance[step] = encoder_gradient_variance(
+            variance[step], variance_se[step] = encoder_gradient_variance(
                 vae, measured, fixed_x, args.var_draws, args.seed + 3
             )
         if step == args.steps:
@@ -193,6 +200,7 @@ def run_one(label, make_elbo, nonlinear, data, args) -> dict:
         "test_elbo": test_elbo,
         f"test_iwae_{args.iwae_samples}": iwae,
         "log10_var": {str(s): v for s, v in variance.items()},
+        "log10_var_se": {str(s): v for s, v in variance_se.items()},
         "ms_per_step": 1000 * statistics.median(times),
     }
     if hasattr(elbo, "controls") and isinstance(elbo.controls, nn.ModuleDict):
@@ -229,7 +237,8 @@ def table(report: dict) -> str:
         f"{report['batch_size']}, Adam {report['lr']} (controls {report['control_lr']}), "
         f"{report['steps']} steps, seed "
         f"{report['seed']}; log10 encoder-gradient variance at steps "
-        f"{', '.join(report['snapshots'])} ({report['var_draws']} draws); test ELBO on "
+        f"{', '.join(report['snapshots'])} ({report['var_draws']} draws, ± jackknife "
+        f"standard error); test ELBO on "
         f"{report['test_images']} test images, IWAE-{report['iwae_samples']} on "
         f"{report['iwae_images']}.",
         "",
@@ -239,7 +248,11 @@ def table(report: dict) -> str:
     ]
     for model, runs in report["results"].items():
         for label, r in runs.items():
-            var = ", ".join(f"{v:.2f}" for v in r["log10_var"].values())
+            se = r.get("log10_var_se", {})
+            var = ", ".join(
+                f"{v:.2f}" + (f" ± {se[s]:.2f}" if s in se else "")
+                for s, v in r["log10_var"].items()
+            )
             k = label.rsplit("-k", 1)[1]
             lines.append(
                 f"| {model} | {label.rsplit('-k', 1)[0]} | {k} | {var} | {r['train_elbo']:.2f} "
