@@ -206,7 +206,7 @@ def run_one(label, make_elbo, nonlinear, data, args) -> dict:
     if hasattr(elbo, "controls") and isinstance(elbo.controls, nn.ModuleDict):
         # Double CV / RODEO: where their learned scalars got to
         result["controls"] = {
-            f"{site}.{name}": float(p)
+            f"{site}.{name}": float(p.detach())
             for site, control in elbo.controls.items()
             for name, p in control.named_parameters() if p.dim() == 0
         }
