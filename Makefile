@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 OUT ?= results/demo
 
-.PHONY: install demo test test-arviz1 test-slow lint bench bench-runner bench-estimators bench-step-time bench-hierarchical bench-distributed notebooks notebooks-full docs wheel-smoke clean
+.PHONY: install demo test test-arviz1 test-slow lint bench bench-runner bench-estimators bench-step-time bench-hierarchical bench-distributed bench-modern notebooks notebooks-full docs wheel-smoke clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,7 +42,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check lvmkit tests benchmarks
 
 # Benchmarks (see the README's table); each writes results/bench_*.json and .md.
-bench: bench-runner bench-estimators bench-step-time bench-hierarchical bench-distributed
+bench: bench-runner bench-estimators bench-step-time bench-hierarchical bench-distributed bench-modern
 
 bench-runner: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) benchmarks/runner.py
@@ -57,6 +57,12 @@ bench-step-time: $(STAMP)
 
 bench-hierarchical: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) benchmarks/hierarchical.py
+
+# RLOO, Double CV, RODEO, DisARM (K = 2) and those with REBAR, RELAX (K = 3) on full,
+# dynamically binarised Fashion-MNIST from Debian's package (installed here, never at import).
+bench-modern: $(STAMP)
+	dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || $$([ "$$(id -u)" = 0 ] || echo sudo) apt-get install -y dataset-fashion-mnist
+	OMP_NUM_THREADS=1 $(PY) benchmarks/modern.py --steps 1500
 
 # 1 against 2 processes under torchrun (gloo on the CPU); --device cuda on a GPU machine.
 bench-distributed: $(STAMP)

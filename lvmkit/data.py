@@ -40,7 +40,7 @@ import torch
 
 from lvmkit._validation import check_observations
 
-DATASETS = ("digits", "mnist5k", "idx")
+DATASETS = ("digits", "mnist5k", "idx", "fashion-mnist")
 SPLITS = ("train", "test", "all")
 BINARIZATIONS = ("static", "threshold", "dynamic", None)
 
@@ -167,6 +167,8 @@ def load_dataset(
         if images is None or labels is None:
             raise ValueError("dataset 'idx' needs images=<path> and labels=<path> of IDX files")
         return load_idx_dataset(images, labels, split, binarize, seed, test_fraction)
+    if name == "fashion-mnist" and images is None and labels is None:
+        return load_fashion_mnist(split, binarize, seed)
     if images is not None or labels is not None:
         raise ValueError(f"images=/labels= are only used by dataset 'idx', not {name!r}")
     if name == "digits":
@@ -317,3 +319,58 @@ def _stratified_order(y: torch.Tensor) -> torch.Tensor:
         jitter = torch.rand(len(members), generator=generator, dtype=torch.float64)
         keys[members] = (torch.arange(len(members), dtype=torch.float64) + jitter) / len(members)
     return torch.argsort(keys, stable=True)
+
+
+# Where Debian's ``dataset-fashion-mnist`` package puts the files (``dpkg -L``).
+FASHION_MNIST_DIRS: tuple[str, ...] = ("/usr/share/datasets/fashion-mnist",)
+_FASHION_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+
+
+def _fashion_mnist_files(split: str) -> tuple[str, str]:
+    images, labels = _FASHION_FILES[split]
+    for directory in FASHION_MNIST_DIRS:
+        for suffix in ("", ".gz"):
+            # gzipped as packaged; plain files (gunzipped by hand) are read too
+            i = os.path.join(directory, images.removesuffix(".gz") + suffix)
+            lab = os.path.join(directory, labels.removesuffix(".gz") + suffix)
+            if os.path.exists(i) and os.path.exists(lab):
+                return i, lab
+    raise FileNotFoundError(
+        f"Fashion-MNIST {split} files ({images}, {labels}) not found in "
+        f"{', '.join(FASHION_MNIST_DIRS)}; install Debian's package with "
+        "`sudo apt-get install dataset-fashion-mnist` (or `make bench-modern`, which does)"
+    )
+
+
+def load_fashion_mnist(
+    split: str = "train", binarize: str | None = "dynamic", seed: int = 0
+) -> Dataset:
+    """Fashion-MNIST (Xiao et al. 2017) from Debian's ``dataset-fashion-mnist`` IDX files.
+
+    ``split`` picks the distribution's own files: ``"train"`` (60,000 images), ``"test"``
+    (10,000) or ``"all"`` (both, train first), each in the stratified shuffled order of
+    every split (:attr:`Dataset.index` gives the rows in the files). The DisARM, Double CV
+    and RODEO papers binarize dynamically (a fresh draw per mini-batch), the default here;
+    note that
+    :func:`load_dataset` defaults to ``"static"`` for every name.
+
+    :raises FileNotFoundError: when the package is not installed, saying how to install it.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+    parts = [
+        load_idx_dataset(*_fashion_mnist_files(s), "all", binarize, seed)
+        for s in (("train", "test") if split == "all" else (split,))
+    ]
+    x = torch.cat([p.x for p in parts])
+    y = torch.cat([p.y for p in parts])
+    # rows of "all" are numbered through both files, the test file's after the train file's
+    offsets = [0, len(parts[0].x)] if len(parts) == 2 else [0]
+    index = torch.cat([p.index + offset for p, offset in zip(parts, offsets, strict=True)])
+    return Dataset(
+        x=x, y=y, name="fashion-mnist", image_shape=parts[0].image_shape, binarize=binarize,
+        index=index,
+    )
