@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import numbers
 import weakref
+from typing import Any
 
 import torch
 
@@ -32,6 +34,10 @@ def check_observations(
     key = (x._version, None if event_shape is None else tuple(event_shape), support)
     if _last_passed is not None and _last_passed[0]() is x and _last_passed[1:] == key:
         return
+    if x.device.type == "meta":
+        raise ValueError(
+            f"site {site!r}: the observations are on the 'meta' device, which holds no values"
+        )
     if event_shape is not None:
         expected = tuple(event_shape)
         if x.dim() != len(expected) + 1 or tuple(x.shape[1:]) != expected:
@@ -59,3 +65,78 @@ def check_observations(
     elif support != "real":
         raise ValueError(f"unknown support {support!r}")
     _last_passed = (weakref.ref(x), *key)
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def check_count(name: str, value: Any, minimum: int = 1) -> int:
+    """``value`` as a Python int if it is an integer >= ``minimum``; else ``ValueError``
+    naming the argument ``name``.
+
+    NumPy and other ``numbers.Integral`` integers are accepted; ``bool`` is refused (``True``
+    for a count is a mistake, not 1), as are floats, even integral ones, and tensors.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        want = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"{name} must be {want}, got {value!r}")
+    return int(value)
+
+
+def describe(value: Any) -> str:
+    """A short description of an argument for error messages: a tensor's shape, dtype and
+    device, else its type."""
+    if torch.is_tensor(value):
+        return f"tensor of shape {tuple(value.shape)}, {value.dtype}, on {value.device}"
+    return type(value).__name__
+
+
+def check_tensor_arguments(named: dict[str, Any]) -> None:
+    """Refuse tensor arguments no program can compute with, naming the argument.
+
+    ``named`` maps an argument's name (``"args[0]"``, ``"labels"``) to its value; values that
+    are not tensors are left to the program. A tensor is refused when it is on the ``meta``
+    device (it holds no values: every result would be a shape without numbers), when it is
+    empty along its first (data) dimension, or when it holds a NaN or an infinity (a
+    floating-point or complex tensor): every log-density computed from it would be NaN or
+    infinite, or, worse, a finite number that looks plausible.
+    """
+    for name, value in named.items():
+        if not torch.is_tensor(value):
+            continue
+        if value.device.type == "meta":
+            raise ValueError(
+                f"{name} is on the 'meta' device ({describe(value)}), which holds no values;"
+                " move it to the device of the model's parameters (e.g. .to('cpu'))"
+            )
+        if value.dim() > 0 and value.shape[0] == 0:
+            raise ValueError(f"{name} is empty ({describe(value)}); expected at least one datum")
+        if value.is_floating_point() or value.is_complex():
+            finite = torch.isfinite(value)
+            if not bool(finite.all()):
+                bad = (~finite).nonzero()[0].tolist()
+                raise ValueError(
+                    f"{name} has a non-finite value {value[tuple(bad)].item()} at index {bad}"
+                )
+
+
+# Errors a user's program raises when it gets arguments it was not written for: torch's
+# messages name neither the argument nor that the failure is in the user's program.
+PROGRAM_ERRORS = (RuntimeError, TypeError, ValueError, IndexError, KeyError, AttributeError,
+                  NotImplementedError, ZeroDivisionError)
+# AttributeError (e.g. a list where a tensor was expected) and IndexError / KeyError /
+# ZeroDivisionError (a shape the program did not expect) come back as TypeError and ValueError.
+_AS = {AttributeError: TypeError, IndexError: ValueError, KeyError: ValueError,
+       ZeroDivisionError: ValueError}
+
+
+def program_error(err: BaseException, context: str) -> BaseException | None:
+    """An exception of a public kind whose message starts with ``context`` (which names the
+    arguments) and goes on with ``err``'s; ``None`` for an exception that is not one of
+    :data:`PROGRAM_ERRORS` exactly (a subclass may take other constructor arguments, or
+    carry a meaning of its own): re-raise that one unchanged."""
+    kind = type(err)
+    if kind not in PROGRAM_ERRORS:
+        return None
+    message = err.args[0] if kind is KeyError and err.args else err
+    return _AS.get(kind, kind)(f"{context}: {kind.__name__}: {message}")

@@ -25,7 +25,6 @@ K = 5000.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Iterator
 
 import pyro
@@ -34,6 +33,12 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import prune_subsample_sites
 
+from lvmkit._validation import (
+    PROGRAM_ERRORS,
+    check_count,
+    check_tensor_arguments,
+    program_error,
+)
 from lvmkit.data import Dataset
 
 _PARTICLES = "_lvmkit_particles"
@@ -125,14 +130,8 @@ def log_weights(
 
 def _check_counts(num_samples, chunk_size, batch_size) -> tuple[int, int, int]:
     """The three counts as Python ints; a ValueError naming the first that is not >= 1."""
-    counts = []
-    for name, value in (("num_samples", num_samples), ("chunk_size", chunk_size),
-                        ("batch_size", batch_size)):
-        # bool is an int to Python, but num_samples=True is a mistake, not K = 1
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-        counts.append(int(value))
-    return counts[0], counts[1], counts[2]
+    return (check_count("num_samples", num_samples), check_count("chunk_size", chunk_size),
+            check_count("batch_size", batch_size))
 
 
 def _check_callables(model, guide) -> None:
@@ -153,6 +152,11 @@ def _check_data(x: torch.Tensor, name: str) -> None:
         raise TypeError(f"{name} has dtype {x.dtype}; convert it to a float (or integer) tensor")
     if x.dim() == 0 or x.shape[0] == 0:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); expected (N, ...) with N >= 1")
+    if x.device.type == "meta":
+        raise ValueError(
+            f"{name} is on the 'meta' device, which holds no values; move it to the device of "
+            "the model's parameters (e.g. .to('cpu'))"
+        )
     if x.is_floating_point():
         finite = torch.isfinite(x)
         if not bool(finite.all()):
@@ -169,6 +173,7 @@ def _check_labels(labels, x: torch.Tensor) -> None:
             f"labels must be a tensor of {len(x)} labels (one per datum), got "
             f"{tuple(labels.shape) if torch.is_tensor(labels) else type(labels).__name__}"
         )
+    check_tensor_arguments({"labels": labels})
 
 
 def _batches(data, labels, batch_size: int, progress: bool, desc: str
@@ -218,14 +223,16 @@ def _max_plate_nesting(model, guide, x, kwargs) -> int:
     with torch.random.fork_rng(devices=devices):
         try:
             guide_trace, model_trace = _traces(model, guide, x, kwargs)
-        except _CONTEXT_ERRORS as err:
-            if type(err) not in _CONTEXT_ERRORS:  # a subclass may take other arguments
-                raise
-            # torch's message names neither the data nor that this is the user's program
-            raise type(err)(
+        except PROGRAM_ERRORS as err:
+            wrapped = program_error(
+                err,
                 f"running the guide and the model on data of shape {tuple(x.shape)} and dtype "
-                f"{x.dtype} failed: {err}"
-            ) from err
+                f"{x.dtype} failed (data on {x.device})",
+            )
+            if wrapped is None:
+                raise
+            raise wrapped from err
+    _check_guide_covers_model(model_trace, guide_trace)
     _check_observed_values(model_trace, x)
     if not any(frame.name == "data" for site in model_trace.nodes.values()
                for frame in site.get("cond_indep_stack", ())):
@@ -239,7 +246,24 @@ def _max_plate_nesting(model, guide, x, kwargs) -> int:
     return max(dims, default=0)
 
 
-_CONTEXT_ERRORS = (RuntimeError, TypeError, ValueError, IndexError, AttributeError)
+def _check_guide_covers_model(model_trace, guide_trace) -> None:
+    """Refuse latent model sites the guide does not sample.
+
+    Replayed against the guide, the model draws such a site from its prior and scores it in
+    log p(x, z), with no log q term to cancel it: the weights would then estimate
+    E_prior[p(x, z)], not p(x), with no error.
+    """
+    guide_latents = {name for name, site in guide_trace.nodes.items()
+                     if site["type"] == "sample" and not site["is_observed"]}
+    missing = [name for name, site in model_trace.nodes.items()
+               if site["type"] == "sample" and not site["is_observed"]
+               and name not in guide_latents]
+    if missing:
+        raise ValueError(
+            f"the guide does not sample the model's latent site(s) {missing}: the model would "
+            "draw them from their prior and the estimate would not be of log p(x); sample them "
+            "in the guide, or observe them in the model"
+        )
 
 
 def _check_observed_values(model_trace, x: torch.Tensor) -> None:
@@ -278,8 +302,20 @@ def _traces(model, guide, x, kwargs):
 
 
 def _log_weights_chunk(model, guide, x, kwargs, size: int, particle_dim: int) -> torch.Tensor:
-    with pyro.plate(_PARTICLES, size, dim=particle_dim):
-        guide_trace, model_trace = _traces(model, guide, x, kwargs)
+    try:
+        with pyro.plate(_PARTICLES, size, dim=particle_dim):
+            guide_trace, model_trace = _traces(model, guide, x, kwargs)
+    except PROGRAM_ERRORS as err:
+        wrapped = program_error(
+            err,
+            f"running the guide and the model on data of shape {tuple(x.shape)} under"
+            f" pyro.plate({_PARTICLES!r}, {size}, dim={particle_dim}) (the importance samples,"
+            " left of the model's plates) failed; the program must broadcast over batch dims"
+            " on the left",
+        )
+        if wrapped is None:
+            raise
+        raise wrapped from err
     batch = x.shape[0]
     log_w = torch.zeros(size, batch, device=x.device)
     for sign, trace in ((1.0, model_trace), (-1.0, guide_trace)):
