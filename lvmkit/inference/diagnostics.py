@@ -25,6 +25,13 @@ from pyro import poutine
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 
+from lvmkit._validation import (
+    PROGRAM_ERRORS,
+    check_count,
+    check_tensor_arguments,
+    describe,
+    program_error,
+)
 from lvmkit.inference import arviz_compat
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -149,6 +156,17 @@ def _roles(model_trace: Trace, guide_trace: Trace) -> _Roles:
             roles.latent.append(name)
         else:
             roles.model_only.append(name)
+    not_enumerated = [
+        name for name in roles.model_only
+        if not _sample_sites(model_trace)[name]["infer"].get("enumerate")
+    ]
+    if not_enumerated:
+        raise ValueError(
+            f"the guide does not sample the model's latent site(s) {not_enumerated} (Pyro's"
+            " 'Found vars in model but not guide'): sample them in the guide, or observe them"
+            " in the model. (Sites the model marks infer={'enumerate': ...}, which a guide"
+            " trained with TraceEnum_ELBO leaves out, are drawn from their prior.)"
+        )
     if roles.model_only:
         warnings.warn(
             f"model sites {roles.model_only} are not sampled by the guide; they are drawn from"
@@ -385,10 +403,29 @@ def _draw(
     of its first draw) and falls back to a loop over draws; ``True`` vectorizes without the
     check and raises if that fails; ``False`` loops.
     """
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    num_samples = check_count("num_samples", num_samples)
+    if vectorize not in (None, True, False) or not isinstance(vectorize, bool | None):
+        raise ValueError(f"vectorize must be None, True or False, got {vectorize!r}")
+    for name, fn in (("model", model), ("guide", guide)):
+        if not callable(fn):
+            raise TypeError(f"{name} must be a callable Pyro program, got {type(fn).__name__}")
+    named = {f"args[{i}]": value for i, value in enumerate(args)} | dict(kwargs)
+    check_tensor_arguments(named)
     with torch.no_grad():
-        probe = _trace_pair(model, guide, args, kwargs)
+        try:
+            probe = _trace_pair(model, guide, args, kwargs)
+            # scored here, so that data the model cannot score fails with its arguments named
+            # rather than in a vectorized pass (which falls back to a loop) or in the loop
+            for trace in probe:
+                trace.compute_log_prob()
+        except PROGRAM_ERRORS as err:
+            described = ", ".join(f"{name}: {describe(value)}" for name, value in named.items())
+            wrapped = program_error(
+                err, f"running the guide and the model on ({described or 'no arguments'}) failed"
+            )
+            if wrapped is None:
+                raise
+            raise wrapped from err
         roles = _roles(*probe)
         draws = _Draws(_max_plate_nesting(*probe), roles, probe[0])
         if vectorize is not False:
