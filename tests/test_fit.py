@@ -283,7 +283,9 @@ def test_crash_while_writing_keeps_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert path.read_bytes() == before
     assert torch.load(path, weights_only=False)["step"] == 4
-    assert os.listdir(tmp_path) == [CHECKPOINT_NAME]  # no temporary file left behind
+    # no temporary file left behind; the previous checkpoint kept (keep_last=2), and the
+    # history of the failed run beside them
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-2.pt", CHECKPOINT_NAME, "history.json"]
 
 
 @pytest.mark.filterwarnings("ignore:Encountered \\+inf")

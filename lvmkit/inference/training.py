@@ -1,15 +1,54 @@
 """The SVI runner: mini-batches, data-size scaling, progress, checkpoints and resume.
 
-:func:`fit` maximizes the evidence lower bound of a dataset of N points from mini-batches
-of B points:
+Scaling. :func:`fit` maximizes the evidence lower bound of N data from mini-batches of B.
+With global latents ``theta`` and per-datum latents ``z_n`` the unbiased estimate (Hoffman,
+Blei, Wang & Paisley 2013, "Stochastic Variational Inference") is
 
-    ELBO(x_1..N) = sum_n E_q[log p(x_n, z_n) - log q(z_n | x_n)]
-                 ~ (N / B) sum_{n in batch} E_q[log p(x_n, z_n) - log q(z_n | x_n)]
+    ELBO ~ E_q[log p(theta) - log q(theta)]
+           + (N / B) sum_{n in batch} E_q[log p(x_n, z_n | theta) - log q(z_n | x_n)]
 
-(Hoffman et al. 2013, "Stochastic Variational Inference"), i.e. it wraps model and guide in
-``poutine.scale(N / B)`` unless the model's ``"data"`` plate already declares the full size
-``N`` (``pyro.plate("data", N, subsample=...)``), in which case Pyro applies that scale itself.
-Losses are reported per datum: loss / N.
+so only the sites inside the *data plate* are scaled by N / B, in the model and in the guide
+(their guide entropies); global sites, their entropies and factors outside the plate count
+once. A data plate that declares the full size N and is subsampled
+(``pyro.plate("data", N, subsample=...)`` or ``subsample_size=B``) already carries that
+scale in Pyro, and ``fit`` adds nothing to it. Losses are reported per datum: loss / N.
+
+The data plate is the plate named by ``data_plate=``, else the plate named ``"data"`` (the
+project's convention), else the only plate of the batch's size that holds an observed site.
+With B < N and no such plate (or several candidates) ``fit`` refuses with an error that says
+how to name it.
+
+Which data the model sees. There are three ways to write the data plate:
+
+1. Over the batch, the plain Pyro way: ``with pyro.plate("data", len(x)):``. ``fit`` passes
+   the batch ``x = data[idx]`` (and ``labels=labels[idx]``); at B = N it passes the data in
+   their order, unshuffled, so per-datum parameters line up with their data. At B < N the
+   plate's position i holds a different datum in every batch, so a guide with per-datum
+   parameters cannot be trained this way: ``fit`` refuses an ``AutoGuide`` with latent sites
+   in such a plate (it cannot see inside a hand-written guide; write it as 2 or 3).
+2. Full size declared, batch passed: ``with pyro.plate("data", N, subsample=torch.arange(len(x)))``
+   in a model that takes the batch. ``fit`` fixes the plate's indices to the batch's
+   indices ``idx`` (the rows of ``x`` in order), in the model and the guide. A guide with
+   a data plate must declare the same full-size plate: Pyro replays the guide's indices
+   into the model, so ``fit`` refuses a guide plate over the batch.
+3. Pyro's own subsampling idiom: ``with pyro.plate("data", len(x), subsample_size=B) as ind:``
+   and ``obs=x[ind]``, with B = ``batch_size``. ``fit`` detects it (the ``"data"`` or
+   ``data_plate`` plate draws its own subsample), passes the *whole* data set and the whole
+   ``labels`` every step, and fixes ``ind`` to the batch it drew; the model indexes its data
+   (and labels) with ``ind``. An ``AutoNormal`` on such a model keeps one parameter per datum
+   and trains each with its own datum.
+
+In 2 and 3 the plate's indices are fixed by conditioning the plate's subsample site (a sample
+site of the plate's name), so an ``AutoGuide``'s plates, which reuse the model's plate names,
+see the same indices, and every batch holds exactly B data: the last batch of an epoch is the
+last B of the epoch's permutation (still a uniformly random B-subset, so the estimate stays
+unbiased; some data of the previous batch are seen again).
+
+Checkpoints (``checkpoint_dir``): ``checkpoint.pt`` is the newest, ``checkpoint-<step>.pt``
+the ``keep_last - 1`` before it, each written atomically. A corrupt newest file is skipped
+with a warning in favour of the previous one, and renamed ``<name>.unreadable`` (kept, not
+deleted). When training raises, the :class:`History`
+so far is on the exception (``exc.history``) and in ``checkpoint_dir/history.json``.
 """
 
 from __future__ import annotations
@@ -18,8 +57,10 @@ import dataclasses
 import json
 import math
 import os
+import re
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,12 +69,38 @@ import pyro
 import pyro.optim
 import torch
 from pyro import poutine
+from pyro.distributions import ExpandedDistribution, MaskedDistribution
 from pyro.infer import SVI, Trace_ELBO
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
+from torch.distributions import (
+    Bernoulli,
+    Categorical,
+    Independent,
+    OneHotCategorical,
+    RelaxedBernoulli,
+    RelaxedOneHotCategorical,
+)
 
 from lvmkit._rng import RandomState
 from lvmkit.data import Dataset
 
 CHECKPOINT_NAME = "checkpoint.pt"
+HISTORY_NAME = "history.json"
+DATA_PLATE = "data"
+# Guide logits are inspected on a call's first step and then every this many steps: the
+# check reads the distributions SVI already builds, and costs nothing on other steps.
+SATURATION_CHECK_EVERY = 500
+_OLDER_CHECKPOINT = re.compile(r"checkpoint-(\d+)\.pt")
+_CHECKPOINT_KEYS = ("step", "n", "batch_size", "params", "optim", "rng", "batches", "history")
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint in ``checkpoint_dir`` can be read; the message names every file tried."""
+
+
+class SaturatedLogitsWarning(RuntimeWarning):
+    """A discrete guide site's logits are so large that its gradient is exactly zero."""
 
 
 @dataclass
@@ -85,13 +152,16 @@ class History:
 class _Batches:
     """Epochs of seeded random permutations, cut into consecutive batches.
 
-    The last batch of an epoch may be smaller than ``batch_size``; every datum is seen once
-    per epoch. The state (generator, permutation, position) is checkpointed so a resumed run
-    draws the same batches as an uninterrupted one.
+    Every datum is seen once per epoch. The last batch of an epoch may be smaller than
+    ``batch_size``; with ``fixed_size`` it is instead the permutation's last ``batch_size``
+    indices (a plate that draws its own subsample, an ``AutoGuide``'s for one, needs the
+    same size every step). At ``batch_size == n`` the order is the data's own: no shuffle.
+    The state (generator, permutation, position) is checkpointed so a resumed run draws the
+    same batches as an uninterrupted one.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int):
-        self.n, self.batch_size = n, batch_size
+    def __init__(self, n: int, batch_size: int, seed: int, fixed_size: bool = False):
+        self.n, self.batch_size, self.fixed_size = n, batch_size, fixed_size
         self.generator = torch.Generator().manual_seed(seed)
         self.epoch, self.position = -1, n
         self.order = torch.arange(n)
@@ -99,10 +169,14 @@ class _Batches:
     def next(self) -> tuple[int, torch.Tensor]:
         if self.position >= self.n:
             self.epoch += 1
-            self.order = torch.randperm(self.n, generator=self.generator)
+            if self.batch_size < self.n:
+                self.order = torch.randperm(self.n, generator=self.generator)
             self.position = 0
-        idx = self.order[self.position : self.position + self.batch_size]
-        self.position += len(idx)
+        start = self.position
+        if self.fixed_size:
+            start = min(start, self.n - self.batch_size)
+        idx = self.order[start : self.position + self.batch_size]
+        self.position = min(self.position + self.batch_size, self.n)
         return self.epoch, idx
 
     def state(self) -> dict[str, Any]:
@@ -112,6 +186,94 @@ class _Batches:
     def load(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
         self.epoch, self.position, self.order = state["epoch"], state["position"], state["order"]
+
+
+class _FitHandler(Messenger):
+    """What :func:`fit` does to every run of the model or the guide.
+
+    - Scales the sites inside the data plate by ``scale`` (N / B of this step) unless Pyro
+      already scales that plate (it declares the full size and is subsampled).
+    - Fixes the subsample indices of a full-size data plate (one whose declared size is N)
+      to ``indices``, the batch's rows.
+    - While ``checking`` (guide only), warns once per site about saturated logits.
+    """
+
+    def __init__(self, plate: str | None, n: int):
+        super().__init__()
+        self.plate, self.n = plate, n
+        self.scale = 1.0
+        self.indices: torch.Tensor | None = None
+        self.checking = False
+        self.warned: set[str] = set()
+
+    def _pyro_sample(self, msg) -> None:
+        if site_is_subsample(msg):
+            if self.indices is not None and msg["name"] == self.plate:
+                self._fix_indices(msg)
+            return
+        if self.scale != 1.0:
+            for frame in msg["cond_indep_stack"]:
+                if frame.name == self.plate:
+                    if frame.full_size in (None, frame.size):  # not subsampled by Pyro
+                        msg["scale"] = msg["scale"] * self.scale
+                    break
+        if self.checking and not msg["is_observed"] and msg["name"] not in self.warned:
+            found = _saturation(msg["fn"])
+            if found is not None:
+                self.warned.add(msg["name"])
+                warnings.warn(_saturation_message(msg["name"], *found),
+                              SaturatedLogitsWarning, stacklevel=2)
+
+    def _fix_indices(self, msg) -> None:
+        fn, idx = msg["fn"], self.indices
+        if fn.size != self.n:  # a plate over the batch: its positions are the batch's rows
+            return
+        if fn.subsample_size is not None and fn.subsample_size != len(idx):
+            raise ValueError(
+                f"plate {self.plate!r} draws subsample_size={fn.subsample_size}, but fit's "
+                f"batch_size is {len(idx)}: give the plate subsample_size=batch_size (fit "
+                "fixes its indices to the batch it draws)"
+            )
+        # on the plate's device, as the plate's own draw would be
+        msg["value"] = idx.to(fn.device)
+
+
+class _StopAtPlate(Exception):
+    pass
+
+
+class _SubsampleProbe(Messenger):
+    """Stops a model at its data plate if the plate draws its own subsample (form 3 of the
+    module docstring), before the model indexes its data with the drawn indices."""
+
+    def __init__(self, plate: str):
+        super().__init__()
+        self.plate = plate
+        self.subsample_size: int | None = None
+
+    def _pyro_sample(self, msg) -> None:
+        if (site_is_subsample(msg) and msg["name"] == self.plate and msg["value"] is None
+                and msg["fn"].subsample_size is not None):
+            self.subsample_size = msg["fn"].subsample_size
+            raise _StopAtPlate
+
+
+def _handled(fn: Callable, handler: Messenger) -> Callable:
+    def wrapped(*args, **kwargs):
+        with handler:
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+@dataclass
+class _Plan:
+    """What the first trace found: the data plate, and how batches reach the model."""
+
+    plate: str | None
+    pass_full: bool  # form 3: the model gets the whole data and indexes it
+    fixed_size: bool  # a full-size data plate: every batch must hold exactly B data
+    params: frozenset[str]  # the param store names model and guide use
 
 
 def fit(
@@ -125,10 +287,12 @@ def fit(
     epochs: int | None = None,
     batch_size: int = 100,
     labels: torch.Tensor | bool | None = None,
+    data_plate: str | None = None,
     seed: int = 0,
     device: str | torch.device = "cpu",
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 1000,
+    keep_last: int = 2,
     resume: bool = True,
     progress: bool = True,
     callback: Callable[[History], dict[str, float] | None] | None = None,
@@ -136,9 +300,20 @@ def fit(
 ) -> History:
     """Train ``guide`` (and the model's parameters) by stochastic variational inference.
 
-    Each step draws a mini-batch ``x`` (and ``labels``), calls ``model(x)`` / ``guide(x)``
-    (``model(x, labels=y)`` when labels are given), scales both by N / B (see the module
-    docstring) and takes one optimizer step on ``elbo``.
+    Each step draws a mini-batch of B indices ``idx`` and calls ``model(x)`` / ``guide(x)``
+    (``model(x, labels=y)`` when labels are given) with ``x = data[idx]``, or with the whole
+    data when the model subsamples its data plate itself (see the module docstring: the
+    three ways to write the data plate and what ``fit`` passes to each). The sites inside
+    the data plate are scaled by N / B, global sites count once, and one optimizer step is
+    taken on ``elbo``.
+
+    Before the first step ``fit`` traces model and guide once and refuses, with an error
+    naming the sites: a latent model site the guide lacks (Pyro would draw it from the
+    prior, which is no lower bound; model-enumerated sites are fine), and, at B < N, an
+    ``AutoGuide`` with per-datum latents in a data plate over the batch. While training it
+    warns once per guide site whose logits are saturated (the gradient through sigmoid or
+    softmax is exactly zero), checking the first step and every
+    ``SATURATION_CHECK_EVERY`` steps.
 
     :param data: a float tensor (N, ...) or a :class:`~lvmkit.data.Dataset` (a dataset with
         ``binarize="dynamic"`` gets fresh binary pixels for every batch).
@@ -153,13 +328,24 @@ def fit(
     :param batch_size: B, between 1 and N (a larger value raises ``ValueError``).
     :param labels: ``None`` (the model takes no labels), ``True`` (use ``data.y`` of a
         ``Dataset``) or a tensor of N labels; passed as the keyword ``labels``.
+    :param data_plate: the name of the plate over the data; default ``"data"`` if the model
+        has one, else the only plate of size B that holds an observed site.
     :param seed: seeds Pyro's global RNGs (torch, python, numpy) at the start and the
         batch order, so the same seed gives the same losses and parameters.
     :param device: where batches are moved; the model's networks must live there too.
-    :param checkpoint_dir: if given, write ``checkpoint.pt`` there atomically every
-        ``checkpoint_every`` steps and at the end: parameters, optimizer state, every RNG
-        state, the batch order, the history and the step counter.
-    :param resume: continue from an existing checkpoint in ``checkpoint_dir``.
+    :param checkpoint_dir: if given, it must be writable (checked before the first step);
+        every ``checkpoint_every`` steps and at the end ``fit`` writes ``checkpoint.pt``
+        there atomically: parameters, optimizer state, every RNG state, the batch order,
+        the history and the step counter. The previous newest becomes
+        ``checkpoint-<step>.pt``.
+    :param keep_last: how many checkpoints to keep (the newest and ``keep_last - 1``
+        before it); older ones, and those of a run that ``resume=False`` replaces, are
+        deleted once a new one is written.
+    :param resume: continue from the newest readable checkpoint in ``checkpoint_dir``. A
+        corrupt newest file is skipped with a warning naming it and the file used instead
+        (and renamed ``<name>.unreadable``);
+        if none can be read, :class:`CheckpointError` names them all. A checkpoint of a
+        model with other parameter names or shapes is refused (``ValueError``).
     :param progress: show a tqdm bar with the running (exponentially averaged, 0.9) per-datum
         loss.
     :param callback: called as ``callback(history)`` after every step; a returned dict of
@@ -170,65 +356,88 @@ def fit(
         etas, RELAX's network) are stepped by its ``step_controls()``, as on the SVI path.
     :raises FloatingPointError: when a loss is NaN or infinite; no checkpoint is written for
         that step, so the last checkpoint on disk is the last good state.
+    :raises OSError: when ``checkpoint_dir`` cannot be written, before any step.
+
+    Any exception raised while training (a non-finite loss, an error in the model, an
+    interrupt) carries the :class:`History` of the steps done as ``exc.history``; with a
+    ``checkpoint_dir`` it is also written to ``checkpoint_dir/history.json``.
     """
     x_all, y_all = _unpack(data, labels)
     n = x_all.shape[0]
-    _check_batching(n, batch_size, steps, epochs, checkpoint_every)
+    _check_batching(n, batch_size, steps, epochs, checkpoint_every, keep_last)
     total = steps if steps is not None else epochs * math.ceil(n / batch_size)
     elbo = Trace_ELBO() if elbo is None else elbo
     optim = pyro.optim.Adam({"lr": 1e-3}) if optim is None else optim
     if use_differentiable_loss and not hasattr(elbo, "differentiable_loss"):
         raise TypeError(f"{type(elbo).__name__} has no differentiable_loss; use the SVI path")
+    if data_plate is not None and not isinstance(data_plate, str):
+        raise TypeError(f"data_plate must be a plate name (str), got {data_plate!r}")
+    checkpoints = None
+    if checkpoint_dir is not None:
+        checkpoints = _Checkpoints(os.fspath(checkpoint_dir), keep_last)
+        checkpoints.check_writable()
 
     pyro.set_rng_seed(seed)
-    batches = _Batches(n, batch_size, seed)
+    model_handler = _FitHandler(data_plate or DATA_PLATE, n)
+    guide_handler = _FitHandler(data_plate or DATA_PLATE, n)
+    plan = _first_trace(model, guide, data, x_all, y_all, batch_size, data_plate,
+                        model_handler, guide_handler, device, seed)
+    model_handler.plate = guide_handler.plate = plan.plate
+    batches = _Batches(n, batch_size, seed, fixed_size=plan.fixed_size)
     history = History()
     step = 0
-    path = None if checkpoint_dir is None else os.path.join(checkpoint_dir, CHECKPOINT_NAME)
 
-    def get_batch() -> tuple[int, torch.Tensor, dict[str, torch.Tensor]]:
+    if plan.pass_full:
+        x_full = x_all.to(device)
+        y_full = None if y_all is None else y_all.to(device)
+        dynamic = isinstance(data, Dataset) and data.binarize == "dynamic"
+        # Fresh pixels for the batch's rows only; the model reads no other row (it indexes
+        # its data with the plate's indices, fixed to the batch).
+        x_full = x_full.clone() if dynamic else x_full
+
+    def get_batch() -> tuple[int, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         epoch, idx = batches.next()
+        if plan.pass_full:
+            if dynamic:
+                x_full[idx.to(device)] = data.batch(idx, batches.generator).to(device)
+            kwargs = {} if y_full is None else {"labels": y_full}
+            return epoch, idx, x_full, kwargs
         x = data.batch(idx, batches.generator) if isinstance(data, Dataset) else x_all[idx]
         kwargs = {} if y_all is None else {"labels": y_all[idx].to(device)}
-        return epoch, x.to(device), kwargs
+        return epoch, idx, x.to(device), kwargs
 
-    scale = {"value": 1.0}
-    first_idx = torch.arange(batch_size)
-    if isinstance(data, Dataset):  # a separate generator: the batch stream stays untouched
-        first_x = data.batch(first_idx, torch.Generator().manual_seed(seed)).to(device)
-    else:
-        first_x = x_all[first_idx].to(device)
-    first_kwargs = {} if y_all is None else {"labels": y_all[:batch_size].to(device)}
-    user_scales = _first_trace(model, guide, first_x, first_kwargs)
+    scaled_model = _handled(model, model_handler)
+    scaled_guide = _handled(guide, guide_handler)
 
-    def scaled(fn: Callable) -> Callable:
-        if user_scales:
-            return fn
-
-        def wrapped(*args, **kwargs):
-            with poutine.scale(scale=scale["value"]):
-                return fn(*args, **kwargs)
-
-        return wrapped
-
-    scaled_model, scaled_guide = scaled(model), scaled(guide)
-
-    if path is not None and resume and os.path.exists(path):
-        step, history = _restore(path, optim, elbo, batches, n, batch_size)
+    if checkpoints is not None:
+        if resume:
+            restored = checkpoints.load()
+            if restored is not None:
+                step, history = _restore(restored[0], restored[1], optim, elbo, batches, n,
+                                         batch_size, plan.params)
+        else:
+            checkpoints.replace_existing()
 
     svi = SVI(scaled_model, scaled_guide, optim, elbo)
     start_wall = history.wall_time[-1] if history.wall_time else 0.0
+    first_step = step + 1
     bar = _progress_bar(progress, step, total)
     running = None  # exponential moving average shown on the bar; single losses are noisy
     try:
         while step < total:
             tic = time.perf_counter()
-            epoch, x, kwargs = get_batch()
-            scale["value"] = n / x.shape[0]
+            epoch, idx, x, kwargs = get_batch()
+            scale = n / len(idx)
+            model_handler.scale = guide_handler.scale = scale
+            if plan.plate is not None:
+                model_handler.indices = guide_handler.indices = idx
+            guide_handler.checking = (step + 1 == first_step
+                                      or (step + 1) % SATURATION_CHECK_EVERY == 0)
             if use_differentiable_loss:
                 loss = _differentiable_step(elbo, optim, scaled_model, scaled_guide, x, kwargs)
             else:
                 loss = svi.step(x, **kwargs)
+            guide_handler.checking = False
             step += 1
             if not math.isfinite(loss):
                 raise FloatingPointError(
@@ -248,12 +457,36 @@ def fit(
                 running = loss / n if running is None else 0.9 * running + 0.1 * loss / n
                 bar.update(1)
                 bar.set_postfix(loss=f"{running:.4g}", refresh=False)
-            if path is not None and (step % checkpoint_every == 0 or step == total):
-                _save_checkpoint(path, step, optim, elbo, batches, history, n, batch_size)
+            if checkpoints is not None and (step % checkpoint_every == 0 or step == total):
+                checkpoints.save(_checkpoint_state(step, optim, elbo, batches, history, n,
+                                                   batch_size), step)
+    except BaseException as exc:
+        _hand_over_history(exc, history, checkpoints)
+        raise
     finally:
         if bar is not None:
             bar.close()
     return history
+
+
+def _hand_over_history(exc: BaseException, history: History,
+                       checkpoints: _Checkpoints | None) -> None:
+    """Put the steps done so far where the caller finds them: on the exception, and beside
+    the checkpoints. Never masks the exception being raised."""
+    where = "exc.history"
+    try:
+        exc.history = history
+    except AttributeError:  # an exception type with __slots__
+        where = None
+    if checkpoints is not None:
+        path = os.path.join(checkpoints.directory, HISTORY_NAME)
+        try:
+            _atomic_write(path, json.dumps(history.to_dict()).encode())
+            where = path if where is None else f"{where} and {path}"
+        except OSError:
+            pass
+    if where is not None and hasattr(exc, "add_note"):
+        exc.add_note(f"fit: the History of the {len(history)} steps done is in {where}")
 
 
 def _unpack(data: torch.Tensor | Dataset, labels: torch.Tensor | bool | None
@@ -280,7 +513,7 @@ def _unpack(data: torch.Tensor | Dataset, labels: torch.Tensor | bool | None
 
 
 def _check_batching(n: int, batch_size: int, steps: int | None, epochs: int | None,
-                    checkpoint_every: int) -> None:
+                    checkpoint_every: int, keep_last: int) -> None:
     if (steps is None) == (epochs is None):
         raise ValueError("give exactly one of steps= and epochs=")
     count = steps if steps is not None else epochs
@@ -292,27 +525,295 @@ def _check_batching(n: int, batch_size: int, steps: int | None, epochs: int | No
         raise ValueError(f"batch_size must be an int in [1, N={n}], got {batch_size!r}")
     if not isinstance(checkpoint_every, int) or checkpoint_every <= 0:
         raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
+    if not isinstance(keep_last, int) or isinstance(keep_last, bool) or keep_last <= 0:
+        raise ValueError(f"keep_last must be a positive int, got {keep_last!r}")
 
 
-def _first_trace(model: Callable, guide: Callable, x: torch.Tensor, kwargs: dict) -> bool:
-    """Trace guide and model once; return whether the model scales by the data size itself.
+# -- the first trace -------------------------------------------------------------------------
+def _first_trace(model: Callable, guide: Callable, data, x_all: torch.Tensor,
+                 y_all: torch.Tensor | None, batch_size: int, data_plate: str | None,
+                 model_handler: _FitHandler, guide_handler: _FitHandler, device,
+                 seed: int) -> _Plan:
+    """Trace model and guide once on the first B data; find the data plate and how the
+    model takes its data; refuse what would train silently wrong.
 
-    The model scales itself when its ``"data"`` plate declares a full size larger than the
-    batch (a subsampling plate: Pyro then scales its sites by size / subsample_size).
     Tracing also registers every parameter (including the networks' own ``nn.Parameter``
     objects) in the param store before a checkpoint is restored into them. The model runs
     with values drawn from its prior; nothing is learned.
     """
+    n = x_all.shape[0]
+    name = data_plate or DATA_PLATE
+    first_idx = torch.arange(batch_size)
+    if isinstance(data, Dataset):  # a separate generator: the batch stream stays untouched
+        x = data.batch(first_idx, torch.Generator().manual_seed(seed)).to(device)
+    else:
+        x = x_all[first_idx].to(device)
+    kwargs = {} if y_all is None else {"labels": y_all[:batch_size].to(device)}
+    model_handler.indices = guide_handler.indices = first_idx
+    probe = _SubsampleProbe(name)
+    pass_full = False
     with poutine.block(), torch.no_grad():
-        poutine.trace(guide).get_trace(x, **kwargs)
-        trace = poutine.trace(model).get_trace(x, **kwargs)
+        try:
+            model_trace = poutine.trace(_handled(_handled(model, probe), model_handler)
+                                        ).get_trace(x, **kwargs)
+        except _StopAtPlate:
+            pass_full = True
+            if probe.subsample_size != batch_size:
+                raise ValueError(
+                    f"plate {name!r} draws subsample_size={probe.subsample_size}, but fit's "
+                    f"batch_size is {batch_size}: make them equal (fit passes the whole data "
+                    "and fixes the plate's indices to the batch it draws)"
+                ) from None
+            x = x_all.to(device)
+            if isinstance(data, Dataset) and data.binarize == "dynamic":
+                x = x.clone()
+                x[first_idx] = data.batch(first_idx, torch.Generator().manual_seed(seed)).to(device)
+            kwargs = {} if y_all is None else {"labels": y_all.to(device)}
+            model_trace = poutine.trace(_handled(model, model_handler)).get_trace(x, **kwargs)
+        guide_trace = poutine.trace(_handled(guide, guide_handler)).get_trace(x, **kwargs)
+    model_handler.indices = guide_handler.indices = None
+    plate = _find_data_plate(model_trace, name, data_plate, n, batch_size)
+    model_frame = _frame(model_trace, plate)
+    guide_frame = _frame(guide_trace, plate)
+    declared = _check_plates(plate, model_frame, guide_frame, n, batch_size)
+    _check_guide_covers_model(model_trace, guide_trace)
+    if batch_size < n and plate is not None:
+        _check_same_plate(model_trace, guide_trace, plate)
+    if batch_size < n and plate is not None and not declared:
+        _check_no_per_datum_autoguide(guide, plate, batch_size, n)
+    params = frozenset(name for trace in (model_trace, guide_trace)
+                       for name, site in trace.nodes.items() if site["type"] == "param")
+    # A plate that draws B indices (the model's or a guide's own) cannot take fewer.
+    full_size = declared or (guide_frame is not None and _is_subsampled(guide_frame))
+    return _Plan(plate=plate, pass_full=pass_full, fixed_size=batch_size < n and full_size,
+                 params=params)
+
+
+def _frames(trace) -> dict[str, Any]:
+    """The plates of a trace's sample sites, by name (the first frame seen of each)."""
+    frames = {}
     for site in trace.nodes.values():
-        for frame in site.get("cond_indep_stack", ()):
-            if frame.name == "data" and frame.full_size not in (None, -1):
-                return frame.full_size != frame.size
-    return False
+        if site["type"] == "sample":
+            for frame in site["cond_indep_stack"]:
+                frames.setdefault(frame.name, frame)
+    return frames
 
 
+def _frame(trace, plate: str | None):
+    return None if plate is None else _frames(trace).get(plate)
+
+
+def _is_subsampled(frame) -> bool:
+    """Whether Pyro scales the plate itself: it declares a size and holds fewer indices."""
+    return frame.full_size not in (None, -1, frame.size)
+
+
+def _find_data_plate(trace, name: str, data_plate: str | None, n: int,
+                     batch_size: int) -> str | None:
+    frames = _frames(trace)
+    if name in frames:
+        return name
+    plates = sorted(frames)
+    if data_plate is not None:
+        raise ValueError(f"data_plate={data_plate!r}: the model has no such plate "
+                         f"(its plates: {plates})")
+    candidates = sorted({
+        frame.name for site in trace.nodes.values()
+        if site["type"] == "sample" and site["is_observed"] and not site_is_subsample(site)
+        for frame in site["cond_indep_stack"] if frame.size == batch_size
+    })
+    if len(candidates) == 1:
+        return candidates[0]
+    if batch_size == n:  # nothing to scale and no index to fix: any plate will do
+        return None
+    found = (f"several plates of size {batch_size} hold observed sites: {candidates}"
+             if candidates else
+             f"no plate of size {batch_size} holds an observed site (plates: {plates})")
+    raise ValueError(
+        f"fit(batch_size={batch_size} < N={n}) must know which sites are per datum, to scale "
+        f"them by N / B, but the model has no plate named {DATA_PLATE!r} and {found}. Put "
+        f"the per-datum sites in pyro.plate({DATA_PLATE!r}, len(x)) or pass data_plate=<name>."
+    )
+
+
+def _check_plates(plate: str | None, model_frame, guide_frame, n: int, batch_size: int
+                  ) -> bool:
+    """Check the data plate's sizes; return whether it declares the full size N."""
+    if plate is None or model_frame is None:
+        return False
+    declared = model_frame.full_size not in (None, -1, model_frame.size)
+    if declared and model_frame.full_size != n:
+        raise ValueError(
+            f"plate {plate!r} declares size {model_frame.full_size}, but the data has N={n}: "
+            "declare the data set's size (Pyro scales the plate's sites by size / "
+            "subsample_size)"
+        )
+    if not declared and model_frame.size not in (-1, batch_size):
+        raise ValueError(
+            f"plate {plate!r} has size {model_frame.size}, but the batch has {batch_size} "
+            f"rows: size the data plate by the batch, pyro.plate({plate!r}, len(x)), or "
+            f"declare the full size N={n} (see fit's module docstring)"
+        )
+    if (declared and batch_size < n and guide_frame is not None
+            and not _is_subsampled(guide_frame)):
+        # Pyro replays the guide's subsample indices into the model: the guide's plate over
+        # the batch would hand the model the positions 0..B-1 instead of the batch's data.
+        raise ValueError(
+            f"the model's plate {plate!r} declares the full size N={n}, the guide's has "
+            f"size {guide_frame.size}: declare the same plate in the guide, "
+            f"pyro.plate({plate!r}, {n}, subsample=...) (fit fixes both to the batch)"
+        )
+    return declared
+
+
+def _check_guide_covers_model(model_trace, guide_trace) -> None:
+    """Refuse latent model sites the guide lacks, once, instead of Pyro's warning at every
+    step: SVI would draw them from the prior, and the objective is then no lower bound."""
+    guide_sites = {name for name, site in guide_trace.nodes.items() if site["type"] == "sample"}
+    missing = [
+        name for name, site in model_trace.nodes.items()
+        if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
+        and not site["infer"].get("enumerate")  # summed out by TraceEnum_ELBO in the model
+        and name not in guide_sites
+    ]
+    if missing:
+        raise ValueError(
+            f"the guide has no site for the model's latent sample site(s) {missing} (Pyro's "
+            "'Found vars in model but not guide'): SVI would draw them from the prior and the "
+            "objective would not be a lower bound. Sample them in the guide, observe them in "
+            "the model, or mark them infer={'enumerate': 'parallel'} for TraceEnum_ELBO."
+        )
+
+
+def _check_same_plate(model_trace, guide_trace, plate: str) -> None:
+    """A site inside the data plate in the model but not in the guide (or the reverse)
+    would have its log-density scaled by N / B on one side only."""
+
+    def inside(trace) -> dict[str, bool]:
+        return {name: any(frame.name == plate for frame in site["cond_indep_stack"])
+                for name, site in trace.nodes.items()
+                if site["type"] == "sample" and not site_is_subsample(site)}
+
+    in_model, in_guide = inside(model_trace), inside(guide_trace)
+    split = sorted(name for name in in_guide.keys() & in_model.keys()
+                   if in_guide[name] != in_model[name])
+    if split:
+        where = {name: "model" if in_model[name] else "guide" for name in split}
+        raise ValueError(
+            f"site(s) {split} are inside plate {plate!r} in only one of model and guide "
+            f"(inside it in: {where}): fit scales the per-datum sites by N / B, so model and "
+            f"guide must both sample them inside pyro.plate({plate!r}, ...)"
+        )
+
+
+def _autoguide_parts(guide) -> list:
+    from pyro.infer.autoguide import AutoCallable, AutoGuide, AutoGuideList
+
+    if isinstance(guide, AutoGuideList):
+        return [part for sub in guide for part in _autoguide_parts(sub)]
+    if isinstance(guide, AutoGuide) and not isinstance(guide, AutoCallable):
+        return [guide]
+    return []
+
+
+def _check_no_per_datum_autoguide(guide, plate: str, batch_size: int, n: int) -> None:
+    """An AutoGuide keeps one parameter per plate position; over a data plate of size B < N
+    each position would hold a different datum at every step."""
+    for part in _autoguide_parts(guide):
+        trace = getattr(part, "prototype_trace", None)
+        if trace is None:
+            continue
+        sites = [
+            name for name, site in trace.nodes.items()
+            if site["type"] == "sample" and not site["is_observed"]
+            and not site_is_subsample(site)
+            and any(f.name == plate and not _is_subsampled(f) for f in site["cond_indep_stack"])
+        ]
+        if sites:
+            raise ValueError(
+                f"{type(part).__name__} keeps per-datum parameters for site(s) {sites} in "
+                f"plate {plate!r}, which has the batch's size {batch_size} < N={n}: every "
+                "batch would train the same parameters on other data. Declare the full size "
+                f"in the model, `with pyro.plate({plate!r}, len(x), subsample_size="
+                f"{batch_size}) as ind:` and index the data with ind (fit then passes the "
+                f"whole data and fixes ind to the batch), or use batch_size={n}, or an "
+                "amortized guide."
+            )
+
+
+# -- saturated logits ------------------------------------------------------------------------
+def _saturation(fn) -> tuple[int, int, float, float, torch.dtype] | None:
+    """(saturated, total, largest |logit| or gap, threshold, dtype) for a discrete
+    distribution whose logits push sigmoid / softmax within rounding of 0 or 1, else None.
+
+    Past ``log(2 / eps)`` (16.6 in float32, 36.7 in float64) ``sigmoid`` rounds to 1 and
+    the gradient of ``log q`` through it is exactly zero; a softmax saturates when the
+    largest logit leads the next by that much. A relaxed site (temperature T, logistic or
+    Gumbel noise bounded by about the same amount) saturates whatever the noise beyond
+    ``(1 + T)`` times the threshold. Parameters given as probs saturate within ``eps`` of
+    0 or 1, where ``clamp_probs`` stops the gradient.
+    """
+    while isinstance(fn, (Independent, MaskedDistribution, ExpandedDistribution)):
+        fn = fn.base_dist
+    if isinstance(fn, (RelaxedBernoulli, RelaxedOneHotCategorical)):
+        binary = isinstance(fn, RelaxedBernoulli)
+        temperature = fn.temperature
+        fn = fn.base_dist
+    elif isinstance(fn, (Bernoulli, Categorical, OneHotCategorical)):
+        binary = isinstance(fn, Bernoulli)
+        temperature = None
+        if isinstance(fn, OneHotCategorical):
+            fn = fn._categorical
+    else:
+        return None
+    with torch.no_grad():
+        logits = fn.__dict__.get("logits")
+        if logits is None:  # given as probs; reading .logits would clamp them first
+            probs = fn.__dict__.get("probs")
+            if probs is None:
+                return None
+            probs = probs.detach()
+            eps = torch.finfo(probs.dtype).eps
+            if binary:
+                bad = (probs <= eps) | (probs >= 1 - eps)
+            else:
+                bad = probs.max(-1).values >= 1 - eps
+            count = int(bad.sum())
+            return (count, bad.numel(), float("nan"), 1 - eps, probs.dtype) if count else None
+        logits = logits.detach()
+        if not logits.dtype.is_floating_point:
+            return None
+        threshold = math.log(2 / torch.finfo(logits.dtype).eps)
+        if binary:
+            gap = logits.abs()
+        elif logits.shape[-1] < 2:
+            return None
+        else:
+            top2 = logits.topk(2, dim=-1).values
+            gap = top2[..., 0] - top2[..., 1]
+        limit = threshold if temperature is None else threshold * (1 + temperature.detach())
+        bad = gap >= limit
+        count = int(bad.sum())
+        if not count:
+            return None
+        return count, bad.numel(), float(gap.max()), threshold, logits.dtype
+
+
+def _saturation_message(site: str, count: int, total: int, worst: float, threshold: float,
+                        dtype: torch.dtype) -> str:
+    if math.isnan(worst):
+        what = f"{count} of {total} probabilities are within eps of 0 or 1"
+    else:
+        what = (f"{count} of {total} logits are saturated (|logit|, or the softmax's lead, "
+                f"up to {worst:.3g} >= {threshold:.3g})")
+    return (
+        f"guide site {site!r}: {what} in {dtype}, so sigmoid/softmax round to 0 or 1 and "
+        "their gradient is exactly zero: those units have stopped learning. Initialise or "
+        "clamp the logits smaller (e.g. logits.clamp(-10, 10)) or lower the learning rate."
+    )
+
+
+# -- the step --------------------------------------------------------------------------------
 def _differentiable_step(elbo, optim, model, guide, x, kwargs) -> float:
     with poutine.trace(param_only=True) as param_capture:
         loss = elbo.differentiable_loss(model, guide, x, **kwargs)
@@ -343,14 +844,160 @@ def _progress_bar(progress: bool, initial: int, total: int):
     return tqdm(total=total, initial=initial, desc="fit", dynamic_ncols=True)
 
 
-def _save_checkpoint(path: str, step: int, optim, elbo, batches: _Batches, history: History,
-                     n: int, batch_size: int) -> None:
-    """Write the checkpoint to a temporary file in the same directory, fsync, then rename.
+# -- checkpoints -----------------------------------------------------------------------------
+def _atomic_write(path: str, payload: bytes | None = None, state: Any = None,
+                  before_replace: Callable[[], None] | None = None) -> None:
+    """Write ``payload`` (or ``torch.save(state)``) to a temporary file in the same
+    directory, fsync, then rename it over ``path``.
 
     ``os.replace`` is atomic on POSIX and Windows, so a crash leaves either the old or the
-    new checkpoint, never a partial one.
+    new file, never a partial one. ``before_replace`` runs once the new file is complete.
     """
-    state = {
+    directory = os.path.dirname(path) or "."
+    handle, tmp = tempfile.mkstemp(prefix=".checkpoint-", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            if payload is not None:
+                stream.write(payload)
+            else:
+                torch.save(state, stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        if before_replace is not None:
+            before_replace()
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+class _Checkpoints:
+    """The checkpoint files of one directory: ``checkpoint.pt`` is the newest,
+    ``checkpoint-<step>.pt`` the older ones this run keeps (``keep_last`` in all)."""
+
+    def __init__(self, directory: str, keep_last: int):
+        self.directory, self.keep_last = directory, keep_last
+        self.path = os.path.join(directory, CHECKPOINT_NAME)
+        self.newest_step: int | None = None  # the step in checkpoint.pt, once known good
+        self.stale: set[str] = set()  # files of a run this one replaces
+
+    def check_writable(self) -> None:
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+            handle, probe = tempfile.mkstemp(prefix=".write-test-", dir=self.directory)
+            os.close(handle)
+            os.remove(probe)
+        except OSError as exc:
+            raise OSError(
+                exc.errno,
+                f"checkpoint_dir {self.directory!r} is not a writable directory "
+                f"({type(exc).__name__}: {exc.strerror or exc}); fit checks before the first "
+                "step so that no training is lost. Pass another checkpoint_dir, or None.",
+            ) from exc
+
+    def _older(self) -> list[tuple[int, str]]:
+        """The older checkpoints as (step, file name), newest first."""
+        found = []
+        for name in os.listdir(self.directory):
+            match = _OLDER_CHECKPOINT.fullmatch(name)
+            if match:
+                found.append((int(match.group(1)), name))
+        return sorted(found, reverse=True)
+
+    def candidates(self) -> list[str]:
+        names = [CHECKPOINT_NAME] if os.path.exists(self.path) else []
+        return [os.path.join(self.directory, name)
+                for name in names + [name for _, name in self._older()]]
+
+    def replace_existing(self) -> None:
+        """``resume=False``: this run's first save deletes the checkpoints found here."""
+        self.stale = {os.path.basename(path) for path in self.candidates()}
+
+    def load(self) -> tuple[str, dict] | None:
+        """The newest readable checkpoint as (path, state); None if there is none."""
+        failed = []
+        for path in self.candidates():
+            try:
+                state = torch.load(path, weights_only=False)
+                if not isinstance(state, dict) or not all(k in state for k in _CHECKPOINT_KEYS):
+                    raise ValueError("not a checkpoint written by fit")
+            except Exception as exc:  # truncated, random bytes, empty: all mean unreadable
+                failed.append((path, f"{path} ({type(exc).__name__}: {exc})"))
+                continue
+            if failed:
+                kept = _set_aside([bad for bad, _ in failed])
+                warnings.warn(
+                    f"checkpoint {'; '.join(why for _, why in failed)} cannot be read; "
+                    f"resuming from the previous one, {path} (step {state['step']}). "
+                    f"The unreadable file(s) are kept as {kept}.",
+                    RuntimeWarning, stacklevel=3,
+                )
+            if os.path.basename(path) == CHECKPOINT_NAME:
+                self.newest_step = state["step"]
+            return path, state
+        if failed:
+            raise CheckpointError(
+                f"no checkpoint in {self.directory!r} can be read: "
+                f"{'; '.join(why for _, why in failed)}. "
+                "Delete them or pass resume=False to start over."
+            )
+        return None
+
+    def save(self, state: dict, step: int) -> None:
+        def keep_previous() -> None:  # the newest so far becomes checkpoint-<step>.pt
+            if self.newest_step is not None and os.path.exists(self.path):
+                os.replace(self.path, os.path.join(self.directory,
+                                                   f"checkpoint-{self.newest_step}.pt"))
+
+        _atomic_write(self.path, state=state, before_replace=keep_previous)
+        self.newest_step = step
+        self._prune(step)
+        _fsync_directory(self.directory)
+
+    def _prune(self, step: int) -> None:
+        kept = 0
+        for older_step, name in self._older():
+            # Newer than this save: an abandoned timeline (or an unreadable file) of a
+            # run resumed from before it.
+            if name in self.stale or older_step >= step or kept >= self.keep_last - 1:
+                os.remove(os.path.join(self.directory, name))
+            else:
+                kept += 1
+        self.stale = set()
+
+
+def _set_aside(paths: list[str]) -> list[str]:
+    """Rename unreadable checkpoints to ``<name>.unreadable``: out of the loader's and the
+    pruning's way, but not deleted (a file unreadable here, say written by another torch,
+    may still hold work)."""
+    kept = []
+    for path in paths:
+        try:
+            os.replace(path, path + ".unreadable")
+            kept.append(path + ".unreadable")
+        except OSError:
+            kept.append(path)
+    return kept
+
+
+def _fsync_directory(directory: str) -> None:
+    """Make the renames durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        handle = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass
+    finally:
+        os.close(handle)
+
+
+def _checkpoint_state(step: int, optim, elbo, batches: _Batches, history: History, n: int,
+                      batch_size: int) -> dict[str, Any]:
+    return {
         "step": step,
         "n": n,
         "batch_size": batch_size,
@@ -364,19 +1011,6 @@ def _save_checkpoint(path: str, step: int, optim, elbo, batches: _Batches, histo
         "batches": batches.state(),
         "history": history.to_dict(),
     }
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=".checkpoint-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(state, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _elbo_state(elbo) -> dict | None:
@@ -384,9 +1018,8 @@ def _elbo_state(elbo) -> dict | None:
     return state_dict() if callable(state_dict) else None
 
 
-def _restore(path: str, optim, elbo, batches: _Batches, n: int, batch_size: int
-             ) -> tuple[int, History]:
-    state = torch.load(path, weights_only=False)
+def _restore(path: str, state: dict, optim, elbo, batches: _Batches, n: int, batch_size: int,
+             used: frozenset[str]) -> tuple[int, History]:
     if (state["n"], state["batch_size"]) != (n, batch_size):
         raise ValueError(
             f"checkpoint {path!r} was written for N={state['n']}, batch_size="
@@ -404,11 +1037,43 @@ def _restore(path: str, optim, elbo, batches: _Batches, n: int, batch_size: int
             # First: an estimator may register networks in the param store, whose saved
             # values _load_params then writes into the networks' own tensors.
             elbo.load_state_dict(saved["state"])
+    _check_params_match(path, state["params"]["params"], used)
     _load_params(state["params"])
     optim.set_state(state["optim"])
     RandomState.from_dict(state["rng"]).restore()
     batches.load(state["batches"])
     return state["step"], History.from_dict(state["history"])
+
+
+def _check_params_match(path: str, saved: dict[str, torch.Tensor], used: frozenset[str]
+                        ) -> None:
+    """Refuse a checkpoint of another model: resumed with other names or shapes, part of
+    the model would keep its initial values.
+
+    ``used`` are the parameters the first trace of model and guide read; the store holds
+    them (unconstrained, as the checkpoint does). Saved parameters this model does not use
+    (an estimator's, another model's in the same store) are no reason to refuse.
+    """
+    store = pyro.get_param_store()._params
+    absent = sorted(name for name in used if name not in saved)
+    reshaped = [f"{name} {tuple(saved[name].shape)} in the checkpoint vs "
+                f"{tuple(store[name].shape)} here"
+                for name in sorted(used) if name in saved and name in store
+                and saved[name].shape != store[name].shape]
+    if not absent and not reshaped:
+        return
+    problems = []
+    if absent:
+        problems.append(f"in this model but not in the checkpoint: {absent}")
+        unused = sorted(name for name in saved if name not in used)
+        if unused:
+            problems.append(f"in the checkpoint but not in this model: {unused}")
+    if reshaped:
+        problems.append("other shapes: " + ", ".join(reshaped))
+    raise ValueError(
+        f"checkpoint {path!r} was written by a model with other parameters; "
+        + "; ".join(problems) + ". Use another checkpoint_dir or resume=False."
+    )
 
 
 def _load_params(saved: dict[str, Any]) -> None:
