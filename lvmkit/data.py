@@ -242,9 +242,10 @@ def _check_options(split, binarize, seed, test_fraction) -> None:
         raise ValueError(f"unknown binarize={binarize!r}; valid: {BINARIZATIONS}")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be an int, got {seed!r}")
-    if seed < 0:
-        # torch.Generator.manual_seed accepts negatives, NumPy and Pyro's seeding do not
-        raise ValueError(f"seed must be >= 0, got {seed}")
+    if not 0 <= seed < 2**64:
+        # torch.Generator.manual_seed accepts negatives, NumPy and Pyro's seeding do not;
+        # above 2**64 - 1 torch fails with "Overflow when unpacking long long"
+        raise ValueError(f"seed must be in [0, 2**64 - 1], got {seed}")
     if isinstance(test_fraction, bool) or not isinstance(test_fraction, numbers.Real):
         raise TypeError(f"test_fraction must be a number in (0, 1), got {test_fraction!r}")
     if not 0.0 < test_fraction < 1.0:
@@ -285,6 +286,14 @@ def _make_dataset(
     else:
         test = _stratified_test_mask(y, test_fraction)
         rows = (test if split == "test" else ~test).nonzero().flatten()
+        if len(rows) == 0:
+            # round(test_fraction * n_c) is 0 (or n_c) for every class: an empty Dataset
+            # would fail far from here, in fit or log_likelihood
+            raise ValueError(
+                f"test_fraction={test_fraction} leaves the {split!r} split of dataset {name!r}"
+                f" empty ({len(y)} images; round(test_fraction * class size) images of each"
+                " class go to 'test')"
+            )
     rows = rows[_stratified_order(y[rows])]
     return Dataset(
         x=x[rows], y=y[rows], name=name, image_shape=image_shape, binarize=binarize, index=rows
