@@ -140,3 +140,41 @@ def program_error(err: BaseException, context: str) -> BaseException | None:
         return None
     message = err.args[0] if kind is KeyError and err.args else err
     return _AS.get(kind, kind)(f"{context}: {kind.__name__}: {message}")
+
+
+def check_data(x: Any, name: str = "data") -> None:
+    """Refuse data no likelihood can score, naming the argument ``name``.
+
+    Integer data are allowed (categorical or count observations); bool and complex are not
+    (torch's distributions score neither); nor are empty data, data on the ``meta`` device
+    (it holds no values) and NaN or infinite values.
+    """
+    if not torch.is_tensor(x):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype == torch.bool or x.is_complex():
+        raise TypeError(f"{name} has dtype {x.dtype}; convert it to a float (or integer) tensor")
+    if x.dim() == 0 or x.shape[0] == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); expected (N, ...) with N >= 1")
+    check_tensor_arguments({name: x})
+
+
+def check_device(device: Any, name: str = "device") -> torch.device:
+    """``device`` as a ``torch.device`` that exists on this machine; else ``ValueError`` naming
+    the argument. The ``meta`` device is refused: it holds no values to train or score."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise ValueError(f"{name}={device!r} is not a torch device: {err}") from None
+    if resolved.type == "meta":
+        raise ValueError(f"{name}={device!r}: the 'meta' device holds no values; use 'cpu' or"
+                         " an accelerator")
+    backend = getattr(torch, resolved.type, None)
+    if resolved.type != "cpu" and backend is not None and hasattr(backend, "is_available"):
+        if not backend.is_available():
+            raise ValueError(f"{name}={device!r}: no {resolved.type} device is available here")
+        count = getattr(backend, "device_count", None)
+        if resolved.index is not None and count is not None and resolved.index >= count():
+            raise ValueError(
+                f"{name}={device!r}: there are {count()} {resolved.type} device(s) here"
+            )
+    return resolved

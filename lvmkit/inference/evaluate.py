@@ -36,6 +36,7 @@ from pyro.poutine.util import prune_subsample_sites
 from lvmkit._validation import (
     PROGRAM_ERRORS,
     check_count,
+    check_data,
     check_tensor_arguments,
     program_error,
 )
@@ -141,29 +142,9 @@ def _check_callables(model, guide) -> None:
 
 
 def _check_data(x: torch.Tensor, name: str) -> None:
-    """Refuse data no likelihood can score, naming the argument ``name``.
-
-    Integer data are allowed (categorical or count observations); bool and complex are not
-    (torch's distributions score neither).
-    """
-    if not torch.is_tensor(x):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype == torch.bool or x.is_complex():
-        raise TypeError(f"{name} has dtype {x.dtype}; convert it to a float (or integer) tensor")
-    if x.dim() == 0 or x.shape[0] == 0:
-        raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); expected (N, ...) with N >= 1")
-    if x.device.type == "meta":
-        raise ValueError(
-            f"{name} is on the 'meta' device, which holds no values; move it to the device of "
-            "the model's parameters (e.g. .to('cpu'))"
-        )
-    if x.is_floating_point():
-        finite = torch.isfinite(x)
-        if not bool(finite.all()):
-            bad = (~finite).nonzero()[0].tolist()
-            raise ValueError(
-                f"{name} has a non-finite value {x[tuple(bad)].item()} at index {bad}"
-            )
+    """Refuse data no likelihood can score, naming the argument ``name``
+    (:func:`lvmkit._validation.check_data`)."""
+    check_data(x, name)
 
 
 def _check_labels(labels, x: torch.Tensor) -> None:
