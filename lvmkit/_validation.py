@@ -178,3 +178,46 @@ def check_device(device: Any, name: str = "device") -> torch.device:
                 f"{name}={device!r}: there are {count()} {resolved.type} device(s) here"
             )
     return resolved
+
+
+def check_observed_values(model_trace: Any, plate: str, data_description: str) -> None:
+    """Refuse an observed value with no data dimension inside the vectorized plate ``plate``.
+
+    Such a value broadcasts along the plate, so every datum would be scored against the
+    same observation: data of shape (D,) handed to a model written for (N, D) does this.
+    ``data_description`` (e.g. ``"data has shape (2,)"``) ends the message.
+    """
+    import pyro.distributions as dist  # Pyro loads slowly; lvmkit.data does not need it
+
+    for name, site in model_trace.nodes.items():
+        if (site["type"] != "sample" or not site["is_observed"]
+                or isinstance(site["fn"], dist.Unit)  # pyro.factor: its value holds no data
+                or site["infer"].get("_deterministic")):
+            continue
+        frames = [f for f in site["cond_indep_stack"] if f.name == plate and f.vectorized]
+        if not frames:
+            continue
+        fn, value = site["fn"], torch.as_tensor(site["value"])
+        event_shape = tuple(fn.event_shape)
+        # an event dim the value lacks (or has as 1) broadcasts: one observed number would be
+        # scored as several, e.g. data (N, 1) for a likelihood with events of size D
+        for k in range(1, len(event_shape) + 1):
+            have = value.shape[-k] if value.dim() >= k else 1
+            if have == 1 and event_shape[-k] != 1:
+                raise ValueError(
+                    f"site {name!r}: observed value of shape {tuple(value.shape)} has size 1 at"
+                    f" dim {-k}, where its distribution's event shape {event_shape} has"
+                    f" {event_shape[-k]}: the value would be broadcast, one observation scored"
+                    f" as {event_shape[-k]}; {data_description}: is it what the model expects?"
+                )
+        position = frames[0].dim - fn.event_dim
+        full = tuple(fn.batch_shape) + event_shape
+        if len(full) < -position:
+            continue
+        if value.dim() < -position or value.shape[position] != full[position]:
+            raise ValueError(
+                f"site {name!r}: observed value of shape {tuple(value.shape)} has no dimension "
+                f"of size {full[position]} for pyro.plate({plate!r}) (dim {frames[0].dim}, "
+                f"event dim {fn.event_dim}), so every datum would be scored against the same "
+                f"value; {data_description}: is it what the model expects?"
+            )

@@ -227,10 +227,23 @@ def load_idx_dataset(
             f"IDX labels {str(labels_path)!r}: expected shape ({images.shape[0]},) to match the "
             f"images, got {targets.shape}"
         )
+    if images.size == 0:
+        raise ValueError(f"IDX images {str(images_path)!r}: no pixels (shape {images.shape})")
     shape = tuple(images.shape[1:])
     x = images.reshape(images.shape[0], -1).astype(np.float64)
     if images.dtype == np.uint8:
         x = x / 255.0
+    outside = ~((x >= 0) & (x <= 1))  # NaN included
+    if outside.any():
+        index = tuple(int(i) for i in np.unravel_index(int(np.argmax(outside.reshape(-1))),
+                                                       images.shape))
+        value = images[index]
+        what = "value" if np.isfinite(value) else "non-finite value"
+        raise ValueError(
+            f"dataset 'idx', IDX images {str(images_path)!r}: {what} {value} at index"
+            f" {list(index)} is outside [0, 1] (images of dtype {images.dtype}, unlike uint8,"
+            " must hold grey values in [0, 1])"
+        )
     return _make_dataset("idx", x, targets, shape, split, binarize, seed, test_fraction)
 
 

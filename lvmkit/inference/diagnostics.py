@@ -28,6 +28,7 @@ from pyro.poutine.util import site_is_subsample
 from lvmkit._validation import (
     PROGRAM_ERRORS,
     check_count,
+    check_observed_values,
     check_tensor_arguments,
     describe,
     program_error,
@@ -411,6 +412,7 @@ def _draw(
             raise TypeError(f"{name} must be a callable Pyro program, got {type(fn).__name__}")
     named = {f"args[{i}]": value for i, value in enumerate(args)} | dict(kwargs)
     check_tensor_arguments(named)
+    described = ", ".join(f"{name}: {describe(value)}" for name, value in named.items())
     with torch.no_grad():
         try:
             probe = _trace_pair(model, guide, args, kwargs)
@@ -419,13 +421,13 @@ def _draw(
             for trace in probe:
                 trace.compute_log_prob()
         except PROGRAM_ERRORS as err:
-            described = ", ".join(f"{name}: {describe(value)}" for name, value in named.items())
             wrapped = program_error(
                 err, f"running the guide and the model on ({described or 'no arguments'}) failed"
             )
             if wrapped is None:
                 raise
             raise wrapped from err
+        check_observed_values(probe[0], DATA_PLATE, f"the arguments are ({described})")
         roles = _roles(*probe)
         draws = _Draws(_max_plate_nesting(*probe), roles, probe[0])
         if vectorize is not False:

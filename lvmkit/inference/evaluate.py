@@ -28,7 +28,6 @@ import math
 from collections.abc import Callable, Iterator
 
 import pyro
-import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.poutine.util import prune_subsample_sites
@@ -37,6 +36,7 @@ from lvmkit._validation import (
     PROGRAM_ERRORS,
     check_count,
     check_data,
+    check_observed_values,
     check_tensor_arguments,
     program_error,
 )
@@ -248,31 +248,7 @@ def _check_guide_covers_model(model_trace, guide_trace) -> None:
 
 
 def _check_observed_values(model_trace, x: torch.Tensor) -> None:
-    """Refuse an observed value with no data dimension inside ``pyro.plate("data")``.
-
-    Such a value broadcasts along the plate, so every datum would be scored against the
-    same observation: data of shape (D,) handed to a model written for (N, D) does this.
-    """
-    for name, site in model_trace.nodes.items():
-        if site["type"] != "sample" or not site["is_observed"] or isinstance(
-            site["fn"], dist.Unit  # pyro.factor: its value holds no data
-        ):
-            continue
-        frames = [f for f in site["cond_indep_stack"] if f.name == "data" and f.vectorized]
-        if not frames:
-            continue
-        fn, value = site["fn"], torch.as_tensor(site["value"])
-        position = frames[0].dim - fn.event_dim
-        full = tuple(fn.batch_shape) + tuple(fn.event_shape)
-        if len(full) < -position:
-            continue
-        if value.dim() < -position or value.shape[position] != full[position]:
-            raise ValueError(
-                f"site {name!r}: observed value of shape {tuple(value.shape)} has no dimension "
-                f"of size {full[position]} for pyro.plate('data') (dim {frames[0].dim}, event "
-                f"dim {fn.event_dim}), so every datum would be scored against the same value; "
-                f"data has shape {tuple(x.shape)}: is it what the model expects?"
-            )
+    check_observed_values(model_trace, "data", f"data has shape {tuple(x.shape)}")
 
 
 def _traces(model, guide, x, kwargs):

@@ -89,6 +89,7 @@ from lvmkit._validation import (
     check_count,
     check_data,
     check_device,
+    check_observed_values,
     check_tensor_arguments,
     describe,
     program_error,
@@ -626,6 +627,8 @@ def _first_trace(model: Callable, guide: Callable, data, x_all: torch.Tensor,
         raise wrapped from err
     model_handler.indices = guide_handler.indices = None
     plate = _find_data_plate(model_trace, name, data_plate, n, batch_size)
+    if plate is not None:
+        check_observed_values(model_trace, plate, f"data has shape {tuple(x_all.shape)}")
     model_frame = _frame(model_trace, plate)
     guide_frame = _frame(guide_trace, plate)
     declared = _check_plates(plate, model_frame, guide_frame, n, batch_size)
