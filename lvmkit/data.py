@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lvmkit._validation import check_observations
+from lvmkit._validation import check_data, check_observations
 
 DATASETS = ("digits", "mnist5k", "idx")
 SPLITS = ("train", "test", "all")
@@ -81,6 +81,25 @@ class Dataset:
         if self.binarize == "dynamic":
             x = torch.bernoulli(x, generator=generator)
         return x
+
+
+def check_dataset(data: Dataset, name: str = "data") -> None:
+    """Refuse a :class:`Dataset` whose images no entry point can use, naming ``name.x``.
+
+    Its ``x`` must be a finite, non-empty float tensor (:func:`~lvmkit._validation.check_data`);
+    with ``binarize="dynamic"`` its values are Bernoulli probabilities, so they must lie in
+    [0, 1] (``torch.bernoulli`` would fail with a message that names nothing).
+    """
+    x = data.x
+    check_data(x, f"{name}.x")
+    if data.binarize == "dynamic":
+        outside = (x < 0) | (x > 1)
+        if bool(outside.any()):
+            bad = outside.nonzero()[0].tolist()
+            raise ValueError(
+                f"{name}.x has the value {x[tuple(bad)].item()} at index {bad}: a Dataset with "
+                "binarize='dynamic' draws its pixels as Bernoulli(x), so x must be in [0, 1]"
+            )
 
 
 def load_idx(path: str | os.PathLike) -> np.ndarray:

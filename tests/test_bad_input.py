@@ -451,12 +451,24 @@ def test_fit_guide_lacking_a_model_site(sampled, batch_size):
 
 
 @SETTINGS
-@given(x=st.sampled_from([torch.full((N, D), 1.5), torch.full((N, D), -0.1),
-                          torch.full((N, D), math.nan)]))
-def test_fit_refuses_a_dynamic_dataset_outside_the_unit_interval(x):
-    data = Dataset(x=x, y=torch.zeros(N, dtype=torch.long), name="toy", image_shape=(D,),
-                   binarize="dynamic")
-    must_refuse(lambda: fit_losses(data), ["data.x"])
+@given(fill=st.sampled_from([1.5, -0.1, math.nan, math.inf, 0.3]),
+       binarize=st.sampled_from(["dynamic", None]), empty=st.booleans(),
+       entry=st.sampled_from(["fit", "log_likelihood"]))
+def test_bad_datasets(fill, binarize, empty, entry):
+    """A Dataset's x: non-finite or empty is refused; outside [0, 1] only where it is
+    binarized dynamically (its values are probabilities); otherwise scored correctly."""
+    x = torch.full((0 if empty else N, D), fill)
+    data = Dataset(x=x, y=torch.zeros(len(x), dtype=torch.long), name="toy",
+                   image_shape=(D,), binarize=binarize)
+    refused = empty or not math.isfinite(fill) or (binarize == "dynamic" and not 0 <= fill <= 1)
+    if entry == "fit":
+        result = outcome(lambda: fit_losses(data, batch_size=min(3, len(x)) or 1), ["data.x"])
+    else:
+        result = outcome(lambda: log_likelihood(model, guide, data, num_samples=2), ["data.x"])
+    if refused:
+        assert isinstance(result, Refused), f"accepted {x!r} ({binarize})"
+    elif entry == "log_likelihood" and binarize is None:
+        check_log_p(x, result)
 
 
 # ============================================================================ check_unbiased

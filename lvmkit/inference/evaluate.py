@@ -40,7 +40,7 @@ from lvmkit._validation import (
     check_tensor_arguments,
     program_error,
 )
-from lvmkit.data import Dataset
+from lvmkit.data import Dataset, check_dataset
 
 _PARTICLES = "_lvmkit_particles"
 
@@ -160,6 +160,7 @@ def _check_labels(labels, x: torch.Tensor) -> None:
 def _batches(data, labels, batch_size: int, progress: bool, desc: str
              ) -> Iterator[tuple[torch.Tensor, dict]]:
     if isinstance(data, Dataset):
+        check_dataset(data)
         x_all = data.batch(torch.arange(len(data)))
         if labels is True:
             labels = data.y

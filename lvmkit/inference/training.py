@@ -94,7 +94,7 @@ from lvmkit._validation import (
     describe,
     program_error,
 )
-from lvmkit.data import Dataset
+from lvmkit.data import Dataset, check_dataset
 
 CHECKPOINT_NAME = "checkpoint.pt"
 HISTORY_NAME = "history.json"
@@ -520,15 +520,10 @@ def _unpack(data: torch.Tensor | Dataset, labels: torch.Tensor | bool | None
             raise ValueError("labels=True needs a Dataset; pass the label tensor instead")
     else:
         raise TypeError(f"data must be a torch.Tensor or a Dataset, got {type(data).__name__}")
-    check_data(x, "data.x" if isinstance(data, Dataset) else "data")
-    if isinstance(data, Dataset) and data.binarize == "dynamic":
-        outside = (x < 0) | (x > 1)
-        if bool(outside.any()):
-            bad = outside.nonzero()[0].tolist()
-            raise ValueError(
-                f"data.x has the value {x[tuple(bad)].item()} at index {bad}: a Dataset with "
-                "binarize='dynamic' draws its pixels as Bernoulli(x), so x must be in [0, 1]"
-            )
+    if isinstance(data, Dataset):
+        check_dataset(data)
+    else:
+        check_data(x)
     if labels is False:
         labels = None
     if labels is not None:
