@@ -44,8 +44,10 @@ SETTINGS = settings(max_examples=20, deadline=None, derandomize=True,
 # and fail there: they are listed in the report to the coordinator, not hidden.
 CHECK_PENDING = pytest.mark.xfail(
     reason="check_unbiased's validation awaits the wt-est rewrite of check.py", strict=True)
+# one bad argument at a time, each argument its own test: fewer examples each
+OPTION_SETTINGS = settings(SETTINGS, max_examples=10)
 # where a failure is expected, skip hypothesis's shrinking: it would take minutes
-PENDING_SETTINGS = settings(SETTINGS, max_examples=10, phases=[Phase.explicit, Phase.generate],
+PENDING_SETTINGS = settings(SETTINGS, max_examples=8, phases=[Phase.explicit, Phase.generate],
                             report_multiple_bugs=False)
 
 N, D = 5, 2
@@ -217,6 +219,12 @@ def bad_count(minimum=1):
     )
 
 
+def _ids(draws) -> list[str]:
+    """Test ids: the argument each strategy of keyword arguments draws bad values for."""
+    return [repr(draw).split("{", 1)[1].split(":", 1)[0].strip("'\" ") if "{" in repr(draw)
+            else str(i) for i, draw in enumerate(draws)]
+
+
 # ============================================================================ log_likelihood
 
 
@@ -292,13 +300,18 @@ def test_to_arviz_bad_data(bad):
                                       value.double().numpy())
 
 
-@SETTINGS
-@given(kwargs=st.one_of(
+TO_ARVIZ_OPTIONS = [
     st.builds(lambda v: {"num_samples": v}, bad_count()),
     st.builds(lambda v: {"vectorize": v}, st.sampled_from(["yes", 1, 0, "False", [True]])),
     st.builds(lambda v: {"data_dim": v}, st.sampled_from(["", 3, None, "x", "z"])),
-))
-def test_to_arviz_bad_options(kwargs):
+]
+
+
+@OPTION_SETTINGS
+@pytest.mark.parametrize("draws", TO_ARVIZ_OPTIONS, ids=_ids(TO_ARVIZ_OPTIONS))
+@given(data=st.data())
+def test_to_arviz_bad_options(draws, data):
+    kwargs = data.draw(draws)
     pyro.clear_param_store()
     (name,) = kwargs
     must_refuse(lambda: to_arviz(model, guide, clean_data(), **kwargs), [name])
@@ -391,8 +404,7 @@ def test_fit_bad_data(bad):
         np.testing.assert_allclose(result, expected, rtol=tol, atol=tol)
 
 
-@SETTINGS
-@given(kwargs=st.one_of(
+FIT_OPTIONS = [
     st.builds(lambda v: {"steps": v}, bad_count(minimum=0)),
     st.builds(lambda v: {"steps": None, "epochs": v}, bad_count(minimum=0)),
     st.builds(lambda v: {"batch_size": v}, st.one_of(bad_count(), st.integers(N + 1, 10**9))),
@@ -408,16 +420,24 @@ def test_fit_bad_data(bad):
         ["trace", 3, pyro.infer.Trace_ELBO, object()])),
     st.builds(lambda v: {"optim": v}, st.sampled_from(
         ["adam", torch.optim.Adam, 3, {"lr": 1e-3}])),
+    st.builds(lambda v: {"optim": pyro.optim.Adam({"lr": v})}, st.one_of(
+        st.floats(max_value=0.0), st.just(math.inf), st.just(math.nan))),
     st.builds(lambda v: {"callback": v}, st.sampled_from([3, "print", [print]])),
     st.builds(lambda v: {"data_plate": v}, st.sampled_from(["", 3, "nope", "z"])),
     st.builds(lambda v: {"checkpoint_dir": v}, st.sampled_from([3, ["dir"]])),
     st.builds(lambda v: {"resume": v}, st.sampled_from(["no", 1, None])),
     st.builds(lambda v: {"progress": v}, st.sampled_from(["no", 0, None])),
     st.builds(lambda v: {"use_differentiable_loss": v}, st.sampled_from(["yes", 1])),
-))
-def test_fit_bad_options(kwargs):
+]
+
+
+@OPTION_SETTINGS
+@pytest.mark.parametrize("draws", FIT_OPTIONS, ids=_ids(FIT_OPTIONS))
+@given(data=st.data())
+def test_fit_bad_options(draws, data):
+    kwargs = data.draw(draws)
     name = next(k for k in kwargs if k != "steps") if len(kwargs) > 1 else next(iter(kwargs))
-    must_refuse(lambda: fit_losses(clean_data(), **kwargs), [name])
+    must_refuse(lambda: fit_losses(clean_data(), **kwargs), [name, "lr="][: 1 + (name == "optim")])
 
 
 def _unavailable_devices() -> list:
@@ -533,9 +553,7 @@ def test_check_unbiased_bad_data(kind, data):
     must_refuse(lambda: run_check(x), ["args[0]", "'x'"])
 
 
-@CHECK_PENDING
-@PENDING_SETTINGS
-@given(kwargs=st.one_of(
+CHECK_OPTIONS = [
     st.builds(lambda v: {"num_draws": v}, st.one_of(bad_count(minimum=2))),
     st.builds(lambda v: {"alpha": v}, st.one_of(
         st.floats(max_value=0.0), st.floats(min_value=1.0), st.just(math.nan), st.none(),
@@ -544,8 +562,15 @@ def test_check_unbiased_bad_data(kind, data):
         st.integers(max_value=-1), st.floats(), st.none(), st.text(max_size=2))),
     st.builds(lambda v: {"num_continuous_draws": v}, bad_count()),
     st.builds(lambda v: {"params": v}, st.sampled_from([["nope"], "w", [1], 3])),
-))
-def test_check_unbiased_bad_options(kwargs):
+]
+
+
+@CHECK_PENDING
+@PENDING_SETTINGS
+@pytest.mark.parametrize("draws", CHECK_OPTIONS, ids=_ids(CHECK_OPTIONS))
+@given(data=st.data())
+def test_check_unbiased_bad_options(draws, data):
+    kwargs = data.draw(draws)
     (name,) = kwargs
     must_refuse(lambda: run_check(SBN_X, **kwargs), [name])
 
@@ -574,8 +599,7 @@ def test_check_unbiased_of_the_clean_problem_passes():
 # ============================================================================ load_dataset
 
 
-@SETTINGS
-@given(kwargs=st.one_of(
+LOAD_OPTIONS = [
     st.builds(lambda v: {"name": v}, st.one_of(st.text(max_size=8), st.none(), st.integers(),
                                                st.just(["digits"])).filter(
         lambda v: v not in ("digits", "mnist5k", "idx"))),
@@ -592,8 +616,14 @@ def test_check_unbiased_of_the_clean_problem_passes():
         st.floats(max_value=0.0), st.floats(min_value=1.0), st.just(math.nan), st.none(),
         st.booleans(), st.text(max_size=2), st.just(torch.tensor(0.2)))),
     st.builds(lambda v: {"images": v}, st.sampled_from(["/nonexistent", 3, b"x"])),
-))
-def test_load_dataset_bad_arguments(kwargs):
+]
+
+
+@OPTION_SETTINGS
+@pytest.mark.parametrize("draws", LOAD_OPTIONS, ids=_ids(LOAD_OPTIONS))
+@given(data=st.data())
+def test_load_dataset_bad_arguments(draws, data):
+    kwargs = data.draw(draws)
     (name,) = kwargs
     must_refuse(lambda: load_dataset("digits", **kwargs),
                 [name, "images=/labels="] if name == "images" else [name])

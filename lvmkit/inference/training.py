@@ -571,6 +571,13 @@ def _check_options(model, guide, elbo, optim, seed, device, checkpoint_dir, call
     if not isinstance(optim, pyro.optim.PyroOptim):
         raise TypeError(f"optim must be a pyro.optim optimizer (e.g. pyro.optim.Adam({{'lr': "
                         f"1e-3}})), got {optim!r}")
+    optim_args = getattr(optim, "pt_optim_args", None)
+    lr = optim_args.get("lr") if isinstance(optim_args, dict) else None
+    # torch refuses a negative lr only at the first step, takes inf (NaN losses) and 0 (no
+    # training at all) without a word
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, numbers.Real)
+                           or not math.isfinite(lr) or lr <= 0):
+        raise ValueError(f"optim's learning rate lr={lr!r} must be a positive finite number")
     if (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
             or not 0 <= seed <= _MAX_SEED):
         raise ValueError(f"seed must be an int in [0, 2**32 - 1], got {seed!r}")
