@@ -91,6 +91,21 @@ def describe(value: Any) -> str:
     return type(value).__name__
 
 
+# float16 overflows past 65504 (a sum of log-densities of a few hundred pixels) and bfloat16
+# keeps 3 significant digits: evaluated in them, log p(x) is off by nats, or infinite.
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def check_precision(value: Any, name: str) -> None:
+    """Refuse a half-precision tensor where log-densities must be accurate (evaluation)."""
+    if torch.is_tensor(value) and value.dtype in LOW_PRECISION:
+        raise TypeError(
+            f"{name} has dtype {value.dtype}: log-densities computed from it overflow (float16"
+            " holds at most 65504) or lose digits (bfloat16 keeps about 3), so the estimates"
+            " would be off by nats; convert it with .float()"
+        )
+
+
 def check_tensor_arguments(named: dict[str, Any]) -> None:
     """Refuse tensor arguments no program can compute with, naming the argument.
 

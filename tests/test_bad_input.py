@@ -109,29 +109,30 @@ def clean_data() -> torch.Tensor:
     return torch.randn(N, D, generator=torch.Generator().manual_seed(3))
 
 
-# Tolerance on log p per datum: low-precision dtypes compute the guide in that precision.
-TOLERANCE = {torch.float16: 0.2, torch.bfloat16: 1.5}
+HALF = (torch.float16, torch.bfloat16)
 
 
 # --------------------------------------------------------------------------- bad data
 
 REFUSED_DTYPES = (torch.bool, torch.complex64)
-ACCEPTED_DTYPES = (torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
-                   torch.uint8)
+ACCEPTED_DTYPES = (torch.float64, torch.int64, torch.int32, torch.uint8) + HALF
 
 
 @st.composite
-def bad_data(draw):
+def bad_data(draw, precise=True):
     """``(value, refused)``: a bad version of the data; ``refused`` is ``False`` where a
-    correct result is acceptable (another real or integer dtype of the same values)."""
-    x = clean_data()
+    correct result is acceptable (another real or integer dtype of the same values, any
+    scale). ``precise``: half precision is refused (the evaluation entry points), as its
+    log-densities are off by nats (bfloat16) or overflow (float16)."""
+    x = clean_data() * draw(st.sampled_from([1.0, 30.0, 1e3]))
     kind = draw(st.sampled_from(["dtype", "shape", "non-finite", "empty", "meta", "type",
                                  "scale"]))
     if kind == "dtype":
         dtype = draw(st.sampled_from(REFUSED_DTYPES + ACCEPTED_DTYPES))
         if not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool:
-            x = (3 * x).round().abs() if dtype == torch.uint8 else (3 * x).round()
-        return x.to(dtype), dtype in REFUSED_DTYPES
+            x = x.round().abs() if dtype == torch.uint8 else x.round()
+            x = x.clamp(0, 255) if dtype == torch.uint8 else x
+        return x.to(dtype), dtype in REFUSED_DTYPES or (precise and dtype in HALF)
     if kind == "shape":
         shaped = draw(st.sampled_from([
             x[0],                 # one datum without its batch dim: (D,) broadcasts
@@ -160,10 +161,9 @@ def bad_data(draw):
 
 
 def check_log_p(value, got: torch.Tensor) -> None:
-    tol = TOLERANCE.get(value.dtype, 1e-3)
     expected = exact_log_p(value)
     assert got.shape == expected.shape
-    assert torch.allclose(got.double(), expected, atol=tol, rtol=1e-4), (got, expected)
+    assert torch.allclose(got.double(), expected, atol=1e-3, rtol=1e-5), (got, expected)
 
 
 # --------------------------------------------------------------------------- guides that
@@ -293,9 +293,8 @@ def test_to_arviz_bad_data(bad):
         assert isinstance(result, Refused), f"accepted {value!r}"
     elif not isinstance(result, Refused):
         log_weight = torch.as_tensor(result["sample_stats"]["log_weight"].values[0])
-        tol = TOLERANCE.get(value.dtype, 1e-3) * N
         assert torch.allclose(log_weight.double(), exact_log_p(value).sum().expand(3),
-                              atol=tol, rtol=1e-4)
+                              atol=1e-3 * N, rtol=1e-5)
         np.testing.assert_array_equal(result["observed_data"]["x"].values,
                                       value.double().numpy())
 
@@ -348,11 +347,9 @@ def test_psis_khat_bad_data(bad):
     if refused:
         assert isinstance(result, Refused), f"accepted {value!r}"
     elif not isinstance(result, Refused):
-        tol = TOLERANCE.get(value.dtype, 1e-3) * N
         expected = float(exact_log_p(value).sum())
-        assert abs(result.log_evidence - expected) < tol + 1e-6 * abs(expected)
-        if value.dtype not in TOLERANCE:  # exact guide: constant ratios
-            assert result.constant_weights and result.khat == 0.0
+        assert abs(result.log_evidence - expected) < 1e-3 * N + 1e-5 * abs(expected)
+        assert result.constant_weights and result.khat == 0.0  # the exact guide
 
 
 @SETTINGS
@@ -390,17 +387,19 @@ def fit_losses(data, **kwargs):
 
 
 @SETTINGS
-@given(bad=bad_data())
+@given(bad=bad_data(precise=False))
 def test_fit_bad_data(bad):
     value, refused = bad
     # data of one datum has N = 1 or D: batch_size 3 is then refused as larger than N
     result = outcome(lambda: fit_losses(value), ["data", "'x'", "batch_size"])
+    if getattr(value, "dtype", None) in HALF and isinstance(result, Refused):
+        assert "non-finite loss" in str(result)  # an overflow, with data's dtype named
     if refused:
         assert isinstance(result, Refused), f"accepted {value!r}"
     elif not isinstance(result, Refused):
         # the same steps as on the same values in float32
         expected = fit_losses(value.float())
-        tol = 0.05 if value.dtype in TOLERANCE else 1e-4
+        tol = 0.02 if value.dtype in HALF else 1e-4
         np.testing.assert_allclose(result, expected, rtol=tol, atol=tol)
 
 

@@ -29,6 +29,7 @@ from lvmkit._validation import (
     PROGRAM_ERRORS,
     check_count,
     check_observed_values,
+    check_precision,
     check_tensor_arguments,
     describe,
     program_error,
@@ -412,6 +413,8 @@ def _draw(
             raise TypeError(f"{name} must be a callable Pyro program, got {type(fn).__name__}")
     named = {f"args[{i}]": value for i, value in enumerate(args)} | dict(kwargs)
     check_tensor_arguments(named)
+    for name, value in named.items():
+        check_precision(value, name)
     described = ", ".join(f"{name}: {describe(value)}" for name, value in named.items())
     with torch.no_grad():
         try:

@@ -37,6 +37,7 @@ from lvmkit._validation import (
     check_count,
     check_data,
     check_observed_values,
+    check_precision,
     check_tensor_arguments,
     program_error,
 )
@@ -143,8 +144,9 @@ def _check_callables(model, guide) -> None:
 
 def _check_data(x: torch.Tensor, name: str) -> None:
     """Refuse data no likelihood can score, naming the argument ``name``
-    (:func:`lvmkit._validation.check_data`)."""
+    (:func:`lvmkit._validation.check_data`); half precision is refused too."""
     check_data(x, name)
+    check_precision(x, name)
 
 
 def _check_labels(labels, x: torch.Tensor) -> None:

@@ -85,6 +85,7 @@ from torch.distributions import (
 
 from lvmkit._rng import RandomState
 from lvmkit._validation import (
+    LOW_PRECISION,
     PROGRAM_ERRORS,
     check_count,
     check_data,
@@ -459,9 +460,12 @@ def fit(
             guide_handler.checking = False
             step += 1
             if not math.isfinite(loss):
+                hint = ("" if x.dtype not in LOW_PRECISION else
+                        f"; data has dtype {x.dtype}, in which log-densities overflow easily:"
+                        " convert it with .float()")
                 raise FloatingPointError(
                     f"non-finite loss {loss} at step {step}; parameters of this step are not "
-                    "checkpointed"
+                    f"checkpointed{hint}"
                 )
             start_wall += time.perf_counter() - tic
             extras = _diagnostics(elbo)
