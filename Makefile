@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 OUT ?= results/demo
 
-.PHONY: install demo test test-arviz1 test-slow lint bench bench-runner bench-estimators bench-step-time bench-hierarchical notebooks notebooks-full clean
+.PHONY: install demo test test-arviz1 test-slow lint bench bench-runner bench-estimators bench-step-time bench-hierarchical bench-distributed notebooks notebooks-full clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,7 +42,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check lvmkit tests benchmarks
 
 # Benchmarks (see the README's table); each writes results/bench_*.json and .md.
-bench: bench-runner bench-estimators bench-step-time bench-hierarchical
+bench: bench-runner bench-estimators bench-step-time bench-hierarchical bench-distributed
 
 bench-runner: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) benchmarks/runner.py
@@ -57,6 +57,10 @@ bench-step-time: $(STAMP)
 
 bench-hierarchical: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) benchmarks/hierarchical.py
+
+# 1 against 2 processes under torchrun (gloo on the CPU); --device cuda on a GPU machine.
+bench-distributed: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) benchmarks/distributed.py
 
 notebooks: $(STAMP)
 	LVMKIT_FAST=1 OMP_NUM_THREADS=1 $(PY) -m pytest --nbmake -n 2 -q tutorials/

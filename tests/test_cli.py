@@ -205,3 +205,20 @@ def test_readme_example_runs(monkeypatch):
     comment = re.search(r"^x = load_dataset\(.*#\s*\((\d+), (\d+)\)", code, re.M)
     assert comment, "the README example's x = load_dataset(...) line lost its shape comment"
     assert tuple(namespace["x"].shape) == (int(comment.group(1)), int(comment.group(2)))
+
+
+def test_compare_builds_nvil_on_the_others_gradient_scale(tmp_path, monkeypatch, capsys):
+    """`--estimators nvil` must compare NVIL without its variance normalisation, as
+    compare_estimators' default line-up does (that rescales its score term)."""
+    import lvmkit.inference
+
+    seen = {}
+
+    def fake_compare(model, data, estimators, **kwargs):
+        seen.update(estimators)
+        return {"estimators": {}}
+
+    monkeypatch.setattr(lvmkit.inference, "compare_estimators", fake_compare, raising=False)
+    assert main(["compare", "--estimators", "nvil,rebar", "--out", str(tmp_path),
+                 "--no-progress"]) == 0
+    assert seen["nvil"].normalize is False and type(seen["rebar"]).__name__ == "RebarELBO"

@@ -719,3 +719,17 @@ def test_to_arviz_deterministic_with_a_wrong_shape_names_the_site():
         to_arviz(model, guide, x, "event_dim", num_samples=3)
     with pytest.raises(ValueError, match="site 'scaled'.*extra batch dims.*event_dim="):
         to_arviz(model, guide, x, "extra", num_samples=3, vectorize=False)
+
+
+def test_diagnostics_reexports_the_split_modules():
+    """lvmkit.inference.diagnostics stays importable; the names live in their own modules."""
+    import lvmkit.inference as inference
+    from lvmkit.inference import arviz_export, diagnostics, nuts, psis
+
+    assert diagnostics.to_arviz is arviz_export.to_arviz is inference.to_arviz
+    assert diagnostics.psis_khat is psis.psis_khat is inference.psis_khat
+    assert diagnostics.KhatResult is psis.KhatResult is inference.KhatResult
+    assert diagnostics.compare_with_nuts is nuts.compare_with_nuts is inference.compare_with_nuts
+    assert diagnostics.NutsComparison is nuts.NutsComparison is inference.NutsComparison
+    for name in inference.__all__:  # the lazy table names only modules that define the name
+        assert getattr(inference, name) is not None, name

@@ -12,6 +12,7 @@ from pyro.nn import PyroModule
 
 from lvmkit.data import Dataset
 from lvmkit.inference.training import CHECKPOINT_NAME, History, fit
+from lvmkit.models import build
 
 
 class TinyVAE(PyroModule):
@@ -431,3 +432,13 @@ def test_differentiable_loss_path_trains_the_estimators_controls_as_svi_does(nam
     assert diff_controls == pytest.approx(svi_controls, rel=1e-3, abs=1e-5)
     for key, value in svi_params.items():
         torch.testing.assert_close(diff_params[key], value, rtol=1e-3, atol=1e-4, msg=key)
+
+
+def test_fit_writes_lines_not_a_bar_when_stderr_is_not_a_terminal(capsys):
+    model, guide = build("vae", 4, z_dim=2, hidden=(3,))
+    x = torch.bernoulli(torch.full((20, 4), 0.5))
+    fit(model, guide, x, steps=40, batch_size=10, progress=True)
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert len(lines) == 20 and lines[-1].startswith("fit: 40/40 (100%) loss=")
+    assert "\r" not in err

@@ -197,3 +197,27 @@ def test_baseline_is_a_parameter_of_the_elbo_module():
         elbo(model, guide)(X2).backward()
         optim.step()
     assert not torch.equal(before, elbo.baseline_net[-1].bias)
+
+
+def _scaled_continuous_pair():
+    """A Bernoulli and a Normal site per datum, scaled so the signal's variance exceeds 1."""
+    model, guide = make_pair(continuous=True)
+    return poutine.scale(model, scale=20.0), poutine.scale(guide, scale=20.0)
+
+
+def test_default_is_unbiased_beside_a_continuous_site():
+    """Regression: the default was the paper's normalised NVIL, biased here (|z| = 20)."""
+    model, guide = _scaled_continuous_pair()
+    elbo = NVILELBO(x_dim=D, num_particles=4, vectorize_particles=True)
+    assert elbo.normalize is False
+    result = check_unbiased(model, guide, elbo, X2, num_draws=150, num_continuous_draws=16)
+    assert result.passed, result.summary()
+
+
+def test_normalised_variant_is_biased_beside_a_continuous_site():
+    """The documented bias of ``normalize=True``: the score term alone is rescaled."""
+    model, guide = _scaled_continuous_pair()
+    elbo = NVILELBO(normalize=True, x_dim=D, num_particles=4, vectorize_particles=True)
+    result = check_unbiased(model, guide, elbo, X2, num_draws=150, num_continuous_draws=16)
+    assert not result.passed
+    assert result.max_abs_z > 3 * result.threshold, result.summary()

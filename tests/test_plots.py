@@ -105,6 +105,55 @@ def test_plot_traces_dict_and_history(tmp_path):
     assert read_png(path).shape[:2] == (100, 300)
 
 
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """The matplotlib figures the plot functions save, to read their texts."""
+    figures = []
+    save = plots._save
+
+    def recording(figure, path, *args, **kwargs):
+        figures.append(figure)
+        return save(figure, path, *args, **kwargs)
+
+    monkeypatch.setattr(plots, "_save", recording)
+    return figures
+
+
+def test_plot_traces_titles_and_labels_say_what_and_in_which_units(tmp_path, saved_figures):
+    history = History()
+    for step in range(1, 5):
+        extras = {"temperature": 0.5, "eta/b1": 1.0, "variance_objective": 10.0**step,
+                  "log_grad_variance": math.nan if step == 1 else -float(step), "mine": 2.0}
+        history.record(step, 0, 30.0 - step, 0.0, extras)
+    path = plots.plot_traces(history, tmp_path / "t.png", include_loss=True, dpi=50,
+                             title="traces, sbn (rebar)")
+    assert read_png(path).shape[:2] == (600, 300)  # six panels of 2 inches
+    (figure,) = saved_figures
+    assert figure._suptitle.get_text() == "traces, sbn (rebar)"
+    axes = figure.axes
+    assert [a.get_ylabel() for a in axes[:2]] == ["loss per datum (nats)", "temperature λ"]
+    assert axes[2].get_title() == "control-variate weight η, b1"
+    assert axes[3].get_yscale() == "log"  # the variance objective spans decades
+    assert "log of mean\nper-coordinate variance" in axes[4].get_ylabel()
+    assert (axes[5].get_title(), axes[5].get_ylabel()) == ("mine", "value")
+    assert axes[-1].get_xlabel() == "step"
+    np.testing.assert_allclose(axes[0].lines[0].get_ydata(), [29, 28, 27, 26])
+    with pytest.raises(ValueError, match="include_loss=True needs a History"):
+        plots.plot_traces({"eta": [1.0]}, tmp_path / "x.png", include_loss=True)
+
+
+def test_compare_legends_sit_outside_the_axes(tmp_path, saved_figures):
+    runs = {name: [3.0, 2.0, 1.0] for name in ("rebar", "relax", "nvil", "arm", "disarm")}
+    plots.plot_loss(runs, tmp_path / "l.png")
+    plots.plot_grad_variance({k: [(1, 0.0), (2, -1.0)] for k in runs}, tmp_path / "v.png")
+    for figure in saved_figures:
+        (axes,) = figure.axes
+        assert axes.get_legend() is None and len(figure.legends) == 1
+        figure.canvas.draw()
+        legend = figure.legends[0].get_window_extent()
+        assert legend.x0 >= axes.get_window_extent().x1  # right of the axes, covering nothing
+
+
 def test_plot_traces_errors(tmp_path):
     with pytest.raises(ValueError, match="extras is empty"):
         plots.plot_traces({}, tmp_path / "t.png")
@@ -135,6 +184,23 @@ def test_plot_image_grid_with_title_and_numpy_input(tmp_path):
     images = np.random.default_rng(0).uniform(size=(5, 64))
     path = plots.plot_image_grid(images, (8, 8), tmp_path / "t.png", nrow=8, title="samples")
     assert read_png(path).shape[:2] == plots.grid_pixels(5, (8, 8), 8, title=True)
+
+
+@pytest.mark.parametrize("image_shape, count", [((8, 8), 16), ((28, 28), 16), ((28, 28), 3)])
+def test_image_grids_are_readable_by_default(tmp_path, image_shape, count):
+    """At least MIN_GRID_PIXELS wide with whole-pixel zoom (the CLI's grids were 292 px)."""
+    images = torch.rand(count, image_shape[0] * image_shape[1])
+    path = plots.plot_image_grid(images, image_shape, tmp_path / "g.png", title="samples")
+    height, width = read_png(path).shape[:2]
+    assert (height, width) == plots.grid_pixels(count, image_shape, 8, title=True)
+    assert width >= plots.MIN_GRID_PIXELS
+    path = plots.plot_reconstructions(images, images, image_shape, tmp_path / "r.png")
+    assert read_png(path).shape[1] >= plots.MIN_GRID_PIXELS
+    # nearest-neighbour: one zoomed image pixel is a block of one colour
+    scale = plots.grid_pixels(1, image_shape, 1, pad=0)[1] // image_shape[1]
+    grid = read_png(plots.plot_image_grid(images[:1], image_shape, tmp_path / "one.png",
+                                          pad=0))[..., 0]
+    assert scale > 1 and np.ptp(grid[:scale, :scale]) == 0
 
 
 def test_plot_image_grid_errors(tmp_path):
@@ -211,3 +277,41 @@ def test_plot_density_2d_errors(tmp_path):
             standard_normal_log_density, tmp_path / "d.png", bounds=((1, -1), (-1, 1))
         )
     assert not (tmp_path / "d.png").exists()
+
+
+# --------------------------------------------------------------------------- forest
+
+
+def forest_table(rows=3):
+    import pandas
+
+    index = [f"theta[{i}]" for i in range(rows)]
+    columns = pandas.MultiIndex.from_tuples(
+        [("guide", "mean"), ("guide", "sd"), ("nuts", "mean"), ("nuts", "sd")]
+    )
+    values = np.column_stack([np.arange(rows), np.ones(rows), np.arange(rows) + 0.5,
+                              np.full(rows, 0.5)])
+    return pandas.DataFrame(values, index=index, columns=columns)
+
+
+def test_plot_forest_from_a_summary_table(tmp_path):
+    path = plots.plot_forest(forest_table(3), tmp_path / "f.png", dpi=50)
+    image = read_png(path)
+    assert image.shape[:2] == (150, 300)  # (1.5 + 0.5 * 3 rows) x 6 inches at 50 dpi
+    assert is_not_blank(image)
+    # the format follows the extension, as before the forest plot moved here
+    svg = plots.plot_forest(forest_table(2), tmp_path / "f.svg")
+    assert svg.read_text().lstrip().startswith("<?xml")
+
+
+def test_plot_forest_errors(tmp_path):
+    table = forest_table(2)
+    with pytest.raises(ValueError, match=r"missing \[\('hmc', 'mean'\), \('hmc', 'sd'\)\]"):
+        plots.plot_forest(table, tmp_path / "f.png", groups=("guide", "hmc"))
+    with pytest.raises(ValueError, match="no rows"):
+        plots.plot_forest(table.iloc[:0], tmp_path / "f.png")
+    with pytest.raises(ValueError, match="backend must be"):
+        plots.plot_forest(table, tmp_path / "f.png", backend="plotly")
+    with pytest.raises(ValueError, match="needs posteriors and var_names"):
+        plots.plot_forest(table, tmp_path / "f.png", backend="arviz")
+    assert not (tmp_path / "f.png").exists()

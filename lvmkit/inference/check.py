@@ -22,7 +22,9 @@ threshold.
 
 from __future__ import annotations
 
+import itertools
 import math
+import numbers
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from statistics import NormalDist
@@ -35,12 +37,28 @@ from pyro.infer import ELBO
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 
-from lvmkit.inference.estimators._relax import BERNOULLI, ONEHOT, discrete_kind, innermost
+from lvmkit._validation import (
+    PROGRAM_ERRORS,
+    check_count,
+    check_observed_values,
+    check_tensor_arguments,
+    describe,
+    program_error,
+)
+from lvmkit.inference.estimators._relax import (
+    BERNOULLI,
+    ONEHOT,
+    discrete_kind,
+    innermost,
+    plate_nesting,
+)
+from lvmkit.inference.estimators.vimco import _common_scale, _sum_to
 
 __all__ = [
     "UnbiasedCheck",
     "check_unbiased",
     "exact_elbo_gradient",
+    "exact_iwae_gradient",
     "gradient_variance",
 ]
 
@@ -69,32 +87,42 @@ def _is_latent(site: dict) -> bool:
 
 @dataclass(frozen=True)
 class _DiscreteSite:
-    """One discrete guide site: how many independent "digits" it has and their radix."""
+    """One discrete guide site: how many independent "digits" one unit of it has (a unit
+    is one element of the plates every site shares) and their radix."""
 
     name: str
     kind: str
     shape: torch.Size  # full value shape
-    num_groups: int  # elements for Bernoulli, one-hot vectors / indices otherwise
+    unit_shape: torch.Size  # value shape of one unit (size 1 along the shared plates)
+    num_groups: int  # elements for Bernoulli, one-hot vectors / indices otherwise, per unit
     radix: int  # values per group
     dtype: torch.dtype
     device: torch.device
 
     def decode(self, digits: torch.Tensor) -> torch.Tensor:
-        """Turn ``num_groups`` digits in ``[0, radix)`` into a value of the site's shape."""
+        """Turn ``num_groups`` digits in ``[0, radix)`` into a value of the site's shape,
+        the same in every unit."""
         digits = digits.to(self.device)
         if self.kind == ONEHOT:
             digits = torch.nn.functional.one_hot(digits, self.radix)
-        return digits.to(self.dtype).reshape(self.shape)
+        return digits.to(self.dtype).reshape(self.unit_shape).expand(self.shape).clone()
 
 
-def _describe_discrete(name: str, site: dict) -> _DiscreteSite:
+def _describe_discrete(name: str, site: dict, frames: frozenset) -> _DiscreteSite:
     kind = discrete_kind(site["fn"])
     value = site["value"]
+    unit = value
+    for frame in frames:
+        axis = frame.dim - site["fn"].event_dim
+        if unit.dim() >= -axis:
+            unit = unit.narrow(axis, 0, 1)
+    shape, unit_shape = value.shape, unit.shape
     if kind == BERNOULLI:
-        return _DiscreteSite(name, kind, value.shape, value.numel(), 2, value.dtype, value.device)
+        return _DiscreteSite(name, kind, shape, unit_shape, unit.numel(), 2, value.dtype,
+                             value.device)
     k = innermost(site["fn"]).logits.shape[-1]
-    groups = value.numel() // k if kind == ONEHOT else value.numel()
-    return _DiscreteSite(name, kind, value.shape, groups, k, value.dtype, value.device)
+    groups = unit.numel() // k if kind == ONEHOT else unit.numel()
+    return _DiscreteSite(name, kind, shape, unit_shape, groups, k, value.dtype, value.device)
 
 
 # --------------------------------------------------------------------------------------
@@ -176,8 +204,34 @@ class _SetValues(Messenger):
             msg["value"] = self.values[msg["name"]]
 
 
-def _elbo_terms(model, guide, args, kwargs, data, discrete_names):
-    """``(log q(config), log p - log q)`` for the guide with values ``data``."""
+def _sample_sites(trace) -> list[dict]:
+    return [s for s in trace.nodes.values() if s["type"] == "sample" and not site_is_subsample(s)]
+
+
+def _independent_frames(model_trace, guide_trace) -> frozenset:
+    """The vectorized plates that every sample site of the model and guide sits in (the
+    ``"data"`` plate, typically): their elements are independent units, enumerated once
+    each instead of jointly, and the K-sample bound is taken per unit as VIMCO takes it."""
+    sites = _sample_sites(model_trace) + _sample_sites(guide_trace)
+    if not sites:
+        return frozenset()
+    return frozenset.intersection(*(
+        frozenset(f for f in s["cond_indep_stack"] if f.vectorized) for s in sites
+    ))
+
+
+def _per_unit(tensor, keep: set[int], ndim: int) -> torch.Tensor:
+    """Sum a batch-shaped ``tensor`` over every dim but the units' (``keep``)."""
+    tensor = torch.as_tensor(tensor)
+    if tensor.dim() > ndim:
+        tensor = tensor.sum(tuple(range(tensor.dim() - ndim)))
+    return _sum_to(tensor, keep, ndim)
+
+
+def _unit_terms(model, guide, args, kwargs, data, discrete_names, keep, ndim, scale):
+    """``(log q(config), log p - log q)`` per unit for the guide with values ``data``;
+    ``log p - log q`` divided by ``scale`` (the common subsampling scale, for the K-sample
+    bound of the unscaled weights; 1 for the ELBO)."""
     guide_trace = poutine.trace(_SetValues(data)(guide)).get_trace(*args, **kwargs)
     model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
         *args, **kwargs
@@ -186,13 +240,18 @@ def _elbo_terms(model, guide, args, kwargs, data, discrete_names):
     model_trace = prune_subsample_sites(model_trace)
     model_trace.compute_log_prob()
     guide_trace.compute_log_prob()
-    integrand = model_trace.log_prob_sum() - guide_trace.log_prob_sum()
-    log_weight = integrand.new_zeros(())
+    log_w = torch.zeros((1,) * ndim)
+    for site in _sample_sites(model_trace):
+        log_w = log_w + _per_unit(site["log_prob"], keep, ndim)
+    for site in _sample_sites(guide_trace):
+        log_w = log_w - _per_unit(site["log_prob"], keep, ndim)
+    log_q = torch.zeros((1,) * ndim)
     for name in discrete_names:
         site = guide_trace.nodes[name]
         # The weight is the probability of drawing the configuration: no scale, no mask.
-        log_weight = log_weight + _strip_masks(site["fn"]).log_prob(site["value"]).sum()
-    return log_weight, integrand
+        lq = _strip_masks(site["fn"]).log_prob(site["value"])
+        log_q = log_q + _per_unit(lq, keep, ndim)
+    return log_q, log_w / scale
 
 
 def _exact_gradient_draws(
@@ -204,21 +263,31 @@ def _exact_gradient_draws(
     num_continuous_draws: int,
     max_configurations: int,
     seed: int,
+    num_particles: int = 1,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Exact loss gradient (mean over continuous draws), its standard error, and subsample
-    indices used (fixed to those of a reference trace)."""
+    """Exact gradient of the loss ``-L_K`` (``K = num_particles``; ``L_1`` is the ELBO),
+    the mean over continuous draws, its standard error, and the subsample indices used
+    (fixed to those of a reference trace). The one enumeration engine of the package."""
     names = _resolve_params(model, guide, args, kwargs, params)
     tensors = _param_tensors(names)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         reference = poutine.trace(guide).get_trace(*args, **kwargs)
+        reference_model = poutine.trace(poutine.replay(model, trace=reference)).get_trace(
+            *args, **kwargs
+        )
     fixed = _subsample_values(reference)
+    reference = prune_subsample_sites(reference)
+    reference_model = prune_subsample_sites(reference_model)
+    frames = _independent_frames(reference_model, reference)
+    keep = {f.dim for f in frames}
+    ndim = plate_nesting(reference_model, reference)
     sites, continuous = [], []
     for name, site in reference.nodes.items():
         if not _is_latent(site):
             continue
         if discrete_kind(site["fn"]) is not None:
-            sites.append(_describe_discrete(name, site))
+            sites.append(_describe_discrete(name, site, frames))
         elif site["fn"].has_rsample:
             continuous.append(name)
         else:
@@ -227,30 +296,53 @@ def _exact_gradient_draws(
                 "reparameterizable, so its expectation cannot be enumerated or differentiated "
                 "pathwise"
             )
+    k = num_particles
     count = _count_configurations(sites)
-    if count > max_configurations:
+    if count**k > max_configurations:
         detail = ", ".join(f"{s.name!r}: {s.radix}^{s.num_groups}" for s in sites)
+        per = f" per element of plates {sorted(f.name for f in frames)}" if frames else ""
+        tuples = f" ({count}^{k} particle tuples)" if k > 1 else ""
         raise ValueError(
-            f"exact ELBO gradient needs {count} configurations of the discrete guide sites "
-            f"({detail}), more than max_configurations={max_configurations}; use a smaller "
-            "batch or fewer latent units"
+            f"exact gradient needs {count} configurations of the discrete guide sites{per}"
+            f" ({detail}){tuples}, more than max_configurations={max_configurations}; use a"
+            " smaller batch or fewer latent units"
         )
+    # The K-sample bound weighs unscaled log-weights (as VIMCOELBO does); the ELBO is linear.
+    scale = 1.0
+    if k > 1:
+        scale = _common_scale([(s["name"], s) for s in
+                               _sample_sites(reference_model) + _sample_sites(reference)])
     discrete_names = [s.name for s in sites]
+    configs = list(_configurations(sites))
+    tuples = torch.tensor(list(itertools.product(range(len(configs)), repeat=k)),
+                          dtype=torch.long).reshape(-1, k)
+    particle = torch.arange(k)
     draws = num_continuous_draws if continuous else 1
     leaves = list(tensors.values())
     sums = [torch.zeros_like(t, dtype=torch.float64) for t in leaves]
     squares = [torch.zeros_like(t, dtype=torch.float64) for t in leaves]
     for draw in range(draws):
-        elbo = 0.0
-        for config in _configurations(sites):
-            with torch.random.fork_rng():
-                # Common random numbers: every configuration sees the same continuous noise.
-                torch.manual_seed(seed + 1 + draw)
-                log_weight, integrand = _elbo_terms(
-                    model, guide, args, kwargs, {**fixed, **config}, discrete_names
-                )
-            elbo = elbo + log_weight.exp() * integrand
-        grads = torch.autograd.grad(-elbo, leaves, allow_unused=True) if leaves else []
+        log_q, log_w = [], []
+        for j in range(k):
+            q_j, w_j = [], []
+            for config in configs:
+                with torch.random.fork_rng():
+                    # Common random numbers: every configuration of particle j sees the
+                    # same continuous noise.
+                    torch.manual_seed(seed + 1 + draw * k + j)
+                    lq, lw = _unit_terms(model, guide, args, kwargs, {**fixed, **config},
+                                         discrete_names, keep, ndim, scale)
+                q_j.append(lq)
+                w_j.append(lw)
+            log_q.append(torch.stack(torch.broadcast_tensors(*q_j)))
+            log_w.append(torch.stack(torch.broadcast_tensors(*w_j)))
+        log_q = torch.stack(torch.broadcast_tensors(*log_q))  # (K, C, *units)
+        log_w = torch.stack(torch.broadcast_tensors(*log_w))
+        weight = log_q[particle, tuples].sum(1).exp()  # (T, *units)
+        bound = torch.logsumexp(log_w[particle, tuples], 1) - math.log(k)
+        loss = -scale * (weight * bound).sum()
+        grads = (torch.autograd.grad(loss, leaves, allow_unused=True)
+                 if leaves and loss.requires_grad else [None] * len(leaves))
         for i, g in enumerate(grads):
             g = torch.zeros_like(leaves[i]) if g is None else g
             sums[i] += g.double()
@@ -285,6 +377,9 @@ def exact_elbo_gradient(
     ``.expand`` or ``.mask``). Every joint configuration of all their elements is
     enumerated; for each, the guide is conditioned on it (so lower layers see the upper
     values), the model is replayed, and ``q(config) * (log p - log q)`` is accumulated.
+    The elements of plates that every sample site of the model and guide sits in (the
+    ``"data"`` plate) are independent: one unit's configurations are enumerated, the same
+    in every unit at once, rather than all units' jointly.
     Scales from subsampled plates and masks enter ``log p - log q`` exactly as in
     ``Trace_ELBO``; the weight ``q(config)`` is the unscaled, unmasked probability.
     Subsample indices are fixed to those of the reference trace (drawn with ``seed``).
@@ -302,6 +397,38 @@ def exact_elbo_gradient(
     """
     mean, _, _ = _exact_gradient_draws(
         model, guide, args, kwargs, params, num_continuous_draws, max_configurations, seed
+    )
+    return mean
+
+
+def exact_iwae_gradient(
+    model: Callable,
+    guide: Callable,
+    *args,
+    num_particles: int,
+    params: list[str] | None = None,
+    num_continuous_draws: int = 256,
+    max_configurations: int = MAX_CONFIGURATIONS,
+    seed: int = 0,
+    **kwargs,
+) -> dict[str, torch.Tensor]:
+    """Exact gradient of the loss ``-s sum_i L_K(x_i)``, the K-sample importance-weighted
+    bound (Burda et al. 2016) that :class:`~lvmkit.inference.estimators.vimco.VIMCOELBO`
+    estimates, by the enumeration of :func:`exact_elbo_gradient`.
+
+    The bound is taken per unit ``i`` (an element of the plates every sample site sits
+    in; one joint bound if there are none), ``s`` is the sites' common subsampling scale,
+    and ``L_K(x_i) = sum_{c_1..c_K} prod_k q(c_k | x_i) log mean_k w_i(c_k)`` is summed over
+    all ``C^K`` particle tuples of one unit's ``C`` configurations. ``K = 1`` gives the
+    ELBO's gradient. Continuous sites: as in :func:`exact_elbo_gradient`, with independent
+    noise per particle.
+
+    :raises ValueError: as :func:`exact_elbo_gradient`, where ``C^K`` exceeds
+        ``max_configurations``, and for sites with different scales when ``K > 1``.
+    """
+    mean, _, _ = _exact_gradient_draws(
+        model, guide, args, kwargs, params, num_continuous_draws, max_configurations, seed,
+        num_particles=num_particles,
     )
     return mean
 
@@ -428,6 +555,86 @@ def _two_sided_threshold(alpha: float, dof: int) -> float:
     return float(student_t.ppf(1 - alpha / 2, max(dof, 1)))
 
 
+OBJECTIVES = ("elbo", "iwae")
+
+
+def _objective_particles(elbo) -> int:
+    """``K`` of the K-sample bound whose gradient ``elbo`` estimates (1: the ELBO)."""
+    objective = getattr(elbo, "objective", "elbo")
+    if objective not in OBJECTIVES:
+        raise ValueError(
+            f"{type(elbo).__name__}.objective is {objective!r}; check_unbiased knows "
+            f"{OBJECTIVES}"
+        )
+    return int(elbo.num_particles) if objective == "iwae" else 1
+
+
+# Pyro seeds NumPy's legacy generator (seeds in [0, 2**32 - 1]); the estimator's draws use
+# seed + 7919.
+_SEED_OFFSET = 7919
+_MAX_SEED = 2**32 - 1 - _SEED_OFFSET
+
+
+def _check_arguments(model, guide, elbo, args, kwargs, num_draws, alpha, params, seed,
+                     num_continuous_draws) -> None:
+    """Refuse bad arguments of :func:`check_unbiased` before anything runs, naming them."""
+    for name, fn in (("model", model), ("guide", guide)):
+        if not callable(fn):
+            raise TypeError(f"{name} must be a callable Pyro program, got {type(fn).__name__}")
+    if isinstance(elbo, type):
+        raise TypeError(f"elbo must be an ELBO instance, got the class {elbo.__name__}; pass "
+                        f"{elbo.__name__}()")
+    if not hasattr(elbo, "loss_and_grads"):
+        raise TypeError(f"elbo must be a Pyro ELBO (with loss_and_grads), got {elbo!r}")
+    # one draw has no variance: its z-test would be of nothing
+    check_count("num_draws", num_draws, minimum=2)
+    check_count("num_continuous_draws", num_continuous_draws)
+    if (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)
+            or not 0.0 < alpha < 1.0):  # NaN fails too
+        raise ValueError(f"alpha must be a level in (0, 1), got {alpha!r}")
+    if (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
+            or not 0 <= seed <= _MAX_SEED):
+        raise ValueError(f"seed must be an int in [0, 2**32 - {_SEED_OFFSET + 1}], got {seed!r}")
+    if params is not None and (isinstance(params, str) or not isinstance(params, list | tuple)
+                               or not all(isinstance(p, str) for p in params)):
+        raise TypeError(f"params must be None or a list of param-store names, got {params!r}")
+    named = {f"args[{i}]": value for i, value in enumerate(args)} | dict(kwargs)
+    check_tensor_arguments(named)
+    described = ", ".join(f"{name}: {describe(value)}" for name, value in named.items())
+    try:
+        with torch.random.fork_rng():
+            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+                *args, **kwargs)
+            guide_trace.compute_log_prob()
+            model_trace.compute_log_prob()
+    except PROGRAM_ERRORS as err:
+        wrapped = program_error(
+            err, f"running the guide and the model on ({described or 'no arguments'}) failed")
+        if wrapped is None:
+            raise
+        raise wrapped from err
+    guide_latents = {name for name, site in guide_trace.nodes.items() if _is_latent(site)}
+    missing = [name for name, site in model_trace.nodes.items()
+               if _is_latent(site) and name not in guide_latents]
+    if missing:
+        raise ValueError(
+            f"the guide does not sample the model's latent site(s) {missing} (Pyro's 'Found "
+            "vars in model but not guide'): the model would draw them from their prior, and "
+            "neither the estimator nor the enumeration would be of the ELBO; sample them in "
+            "the guide, or observe them in the model"
+        )
+    check_observed_values(model_trace, "data", f"the arguments are ({described})")
+    if params is not None:
+        store = {name for name, _ in pyro.get_param_store().named_parameters()}
+        unknown = [p for p in params if p not in store]
+        if unknown:
+            raise ValueError(
+                f"params {unknown} are not params of the model or the guide (the param store "
+                f"holds {sorted(store)})"
+            )
+
+
 def check_unbiased(
     model: Callable,
     guide: Callable,
@@ -440,7 +647,10 @@ def check_unbiased(
     num_continuous_draws: int = 256,
     **kwargs,
 ) -> UnbiasedCheck:
-    """z-test ``elbo``'s gradient estimates against the exact gradient (by enumeration).
+    """z-test ``elbo``'s gradient estimates against the exact gradient (by enumeration) of
+    the objective the estimator declares: ``elbo.objective``, ``"elbo"`` (the default, and
+    for Pyro's own ELBOs) or ``"iwae"`` (the ``elbo.num_particles``-sample bound of
+    :func:`exact_iwae_gradient`, as VIMCO estimates).
 
     Draws ``num_draws`` gradients of the loss with ``elbo.loss_and_grads`` (parameters are
     not stepped; an ELBO with ``num_particles > 1`` contributes its particle average per
@@ -457,13 +667,17 @@ def check_unbiased(
     gradient and the estimator: the check is conditional on the subsample. ``torch`` and
     ``pyro`` RNGs are seeded with ``seed``.
     """
+    _check_arguments(model, guide, elbo, args, kwargs, num_draws, alpha, params, seed,
+                     num_continuous_draws)
     pyro.set_rng_seed(seed)
+    num_particles = _objective_particles(elbo)
     names = _resolve_params(model, guide, args, kwargs, params)
     exact, exact_se, fixed = _exact_gradient_draws(
-        model, guide, args, kwargs, names, num_continuous_draws, MAX_CONFIGURATIONS, seed
+        model, guide, args, kwargs, names, num_continuous_draws, MAX_CONFIGURATIONS, seed,
+        num_particles=num_particles,
     )
     tensors = _param_tensors(names)
-    pyro.set_rng_seed(seed + 7919)
+    pyro.set_rng_seed(seed + _SEED_OFFSET)
     moments = _Moments()
     for grads in _gradient_draws(
         elbo, _fix_subsamples(model, fixed), _fix_subsamples(guide, fixed), args, kwargs,

@@ -25,8 +25,9 @@ __all__ = ["compare_estimators", "default_estimators", "markdown_table"]
 # estimator module only drops its row.
 _DEFAULTS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "score": ("pyro.infer", "Trace_ELBO", {}),
-    # Without the paper's variance normalisation, so that NVIL's gradient variance is on
-    # the same scale as the others' (the normalisation rescales its score term).
+    # NVIL's default, unbiased and without the paper's variance normalisation, so that its
+    # gradient variance is on the same scale as the others' (the normalisation rescales
+    # its score term); spelled out so that the comparison does not follow a default.
     "nvil": ("lvmkit.inference.estimators.nvil", "NVILELBO", {"normalize": False}),
     "concrete": ("lvmkit.inference.estimators.concrete", "ConcreteELBO", {}),
     "rebar": ("lvmkit.inference.estimators.rebar", "RebarELBO", {}),

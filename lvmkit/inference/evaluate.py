@@ -27,9 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 
-import pyro
 import torch
-from pyro import poutine
 from pyro.poutine.util import prune_subsample_sites
 
 from lvmkit._validation import (
@@ -42,8 +40,7 @@ from lvmkit._validation import (
     program_error,
 )
 from lvmkit.data import Dataset, check_dataset
-
-_PARTICLES = "_lvmkit_particles"
+from lvmkit.inference._draws import trace_pair, vectorized_trace_pair
 
 
 def log_likelihood(
@@ -175,10 +172,10 @@ def _batches(data, labels, batch_size: int, progress: bool, desc: str
     _check_data(x_all, "data")
     _check_labels(labels, x_all)
     starts = range(0, x_all.shape[0], batch_size)
-    if progress:
-        from tqdm.auto import tqdm
+    if progress:  # a bar in terminals and notebooks, plain lines in logs
+        from lvmkit._progress import track
 
-        starts = tqdm(starts, desc=desc)
+        starts = track(starts, desc=desc)
     for start in starts:
         stop = start + batch_size
         kwargs = {} if labels is None else {"labels": labels[start:stop]}
@@ -255,27 +252,25 @@ def _check_observed_values(model_trace, x: torch.Tensor) -> None:
 
 
 def _traces(model, guide, x, kwargs):
-    guide_trace = poutine.trace(guide).get_trace(x, **kwargs)
-    replayed = poutine.replay(model, trace=guide_trace)
-    model_trace = poutine.trace(replayed).get_trace(x, **kwargs)
+    model_trace, guide_trace = trace_pair(model, guide, (x,), kwargs)
     return prune_subsample_sites(guide_trace), prune_subsample_sites(model_trace)
 
 
 def _log_weights_chunk(model, guide, x, kwargs, size: int, particle_dim: int) -> torch.Tensor:
+    # the vectorized pass of the diagnostics' draw engine
     try:
-        with pyro.plate(_PARTICLES, size, dim=particle_dim):
-            guide_trace, model_trace = _traces(model, guide, x, kwargs)
+        traces = vectorized_trace_pair(model, guide, (x,), kwargs, size, particle_dim)
     except PROGRAM_ERRORS as err:
         wrapped = program_error(
             err,
-            f"running the guide and the model on data of shape {tuple(x.shape)} under"
-            f" pyro.plate({_PARTICLES!r}, {size}, dim={particle_dim}) (the importance samples,"
-            " left of the model's plates) failed; the program must broadcast over batch dims"
-            " on the left",
+            f"running the guide and the model on data of shape {tuple(x.shape)} under a plate"
+            f" of {size} importance samples at dim {particle_dim} (left of the model's plates)"
+            " failed; the program must broadcast over batch dims on the left",
         )
         if wrapped is None:
             raise
         raise wrapped from err
+    model_trace, guide_trace = (prune_subsample_sites(trace) for trace in traces)
     batch = x.shape[0]
     log_w = torch.zeros(size, batch, device=x.device)
     for sign, trace in ((1.0, model_trace), (-1.0, guide_trace)):

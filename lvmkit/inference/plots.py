@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,23 +25,34 @@ PathLike = str | os.PathLike
 Bounds = tuple[tuple[float, float], tuple[float, float]]
 
 __all__ = [
+    "MIN_GRID_PIXELS",
+    "TRACE_LABELS",
     "plot_density_2d",
+    "plot_forest",
     "plot_grad_variance",
     "plot_image_grid",
     "plot_loss",
     "plot_reconstructions",
     "plot_traces",
+    "trace_labels",
 ]
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-def _save(figure: Figure, path: PathLike) -> Path:
+def _save(figure: Figure, path: PathLike, format: str | None = "png") -> Path:
+    """Write ``figure``; ``format=None`` takes the format from the file's extension."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png")
+    figure.savefig(path, format=format)
     return path
+
+
+def _legend_outside(figure: Figure) -> None:
+    """One legend right of the axes, so that it covers no curve (needs a figure with
+    ``layout="constrained"``, which then shrinks the axes to make room)."""
+    figure.legend(loc="outside right upper", fontsize="small")
 
 
 def _series(values: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -133,13 +145,15 @@ def plot_loss(
     :param smoothing: EMA weight in [0, 1); > 0 draws the raw curve faintly under the
         smoothed one.
     :param num_data: divide the losses by this (for totals over a dataset).
+
+    Several runs (or a named one) get a legend right of the axes.
     """
     runs = {"": history} if _is_single_history(history) else dict(history)
     if not runs:
         raise ValueError("history is empty: no runs to plot")
     if num_data is not None and num_data <= 0:
         raise ValueError(f"num_data must be positive, got {num_data}")
-    figure = Figure(figsize=figsize, dpi=dpi)
+    figure = Figure(figsize=figsize, dpi=dpi, layout="constrained")
     axes = figure.add_subplot()
     for index, (name, run) in enumerate(runs.items()):
         what = f"history {name!r}" if name else "history"
@@ -159,8 +173,7 @@ def plot_loss(
     axes.set_ylabel(ylabel)
     axes.set_title(title)
     if len(runs) > 1 or next(iter(runs)):
-        axes.legend(loc="best")
-    figure.tight_layout()
+        _legend_outside(figure)
     return _save(figure, path)
 
 
@@ -169,17 +182,20 @@ def plot_grad_variance(
     path: PathLike,
     *,
     title: str = "gradient variance",
-    ylabel: str = "log gradient variance",
+    ylabel: str = "log gradient variance\n(log of mean per-coordinate variance)",
     figsize: tuple[float, float] = (6.0, 4.0),
     dpi: int = 100,
 ) -> Path:
-    """Gradient log-variance against step, one line per estimator.
+    """Gradient log-variance against step, one line per estimator; the legend sits right
+    of the axes.
 
-    :param records: ``{estimator name: [(step, log variance), ...]}``.
+    :param records: ``{estimator name: [(step, log variance), ...]}``, e.g. from
+        :func:`~lvmkit.inference.check.gradient_variance` (the log of the per-coordinate
+        variance of the guide's gradient, averaged over coordinates).
     """
     if not isinstance(records, Mapping) or not records:
         raise ValueError("records is empty: expected {estimator: [(step, log variance), ...]}")
-    figure = Figure(figsize=figsize, dpi=dpi)
+    figure = Figure(figsize=figsize, dpi=dpi, layout="constrained")
     axes = figure.add_subplot()
     for name, record in records.items():
         steps, values = _pairs(record, f"records[{name!r}]")
@@ -187,9 +203,38 @@ def plot_grad_variance(
     axes.set_xlabel("step")
     axes.set_ylabel(ylabel)
     axes.set_title(title)
-    axes.legend(loc="best")
-    figure.tight_layout()
+    _legend_outside(figure)
     return _save(figure, path)
+
+
+# What the estimators' diagnostics() keys mean: key (or prefix ending in "/") ->
+# (panel title, y-axis label).
+TRACE_LABELS: dict[str, tuple[str, str]] = {
+    "loss": ("training loss (negative ELBO estimate)", "loss per datum (nats)"),
+    "temperature": ("temperature of the continuous relaxation", "temperature λ"),
+    "eta/": ("control-variate weight η, {rest}", "η"),
+    "variance_objective": (
+        "variance objective: sum of squared guide-gradient estimates",
+        "sum of squares (log scale)",
+    ),
+    "log_grad_variance": (
+        "gradient variance of the guide (EMA over steps)",
+        "log gradient variance\n(log of mean\nper-coordinate variance)",
+    ),
+}
+# Positive quantities spanning orders of magnitude: drawn on a log axis.
+_LOG_SCALE_TRACES = ("variance_objective",)
+
+
+def trace_labels(key: str) -> tuple[str, str]:
+    """``(panel title, y-axis label)`` of a trace key (see :data:`TRACE_LABELS`); an unknown
+    key is its own title, with the label ``"value"``."""
+    if key in TRACE_LABELS:
+        return TRACE_LABELS[key]
+    for prefix, (title, ylabel) in TRACE_LABELS.items():
+        if prefix.endswith("/") and key.startswith(prefix):
+            return title.format(rest=key[len(prefix):]), ylabel
+    return key, "value"
 
 
 def plot_traces(
@@ -197,20 +242,29 @@ def plot_traces(
     path: PathLike,
     keys: Sequence[str] | None = None,
     *,
-    title: str | None = None,
+    title: str | None = "per-step traces of the estimator",
+    include_loss: bool = False,
     width: float = 6.0,
     height_per_key: float = 2.0,
     dpi: int = 100,
 ) -> Path:
     """Per-step scalar traces (e.g. REBAR's eta and temperature), one panel per key.
 
+    Each panel has a title saying what the trace is and a y-axis label with its unit, for
+    the keys in :data:`TRACE_LABELS` (the estimators' ``diagnostics()``); other keys are
+    shown under their own names. ``variance_objective`` is drawn on a log axis.
+
     :param extras: ``{name: [value per step]}`` (NaN marks steps without a value) or a
         :class:`~lvmkit.inference.training.History`, whose ``extras`` and ``step`` are used.
     :param keys: which traces, in order (default: all).
+    :param title: the figure's title.
+    :param include_loss: with a History, add its per-datum loss as the first panel.
     """
     steps = None
+    loss = None
     if hasattr(extras, "extras"):
         steps = np.asarray(getattr(extras, "step", []), dtype=float)
+        loss = getattr(extras, "loss", None)
         extras = extras.extras
     if not isinstance(extras, Mapping) or not extras:
         raise ValueError("extras is empty: expected {name: [value per step]}")
@@ -218,24 +272,43 @@ def plot_traces(
     missing = [key for key in keys if key not in extras]
     if missing or not keys:
         raise ValueError(f"keys {missing or keys} not in extras (available: {sorted(extras)})")
-    figure = Figure(figsize=(width, height_per_key * len(keys)), dpi=dpi)
-    all_axes = figure.subplots(len(keys), 1, sharex=True, squeeze=False)[:, 0]
-    for axes, key in zip(all_axes, keys, strict=True):
-        key_steps, values = _series(extras[key], f"extras[{key!r}]")
+    series = {key: extras[key] for key in keys}
+    if include_loss:
+        if loss is None:
+            raise ValueError("include_loss=True needs a History (with its loss)")
+        series = {"loss": loss, **series}
+    height = height_per_key * len(series)
+    figure = Figure(figsize=(width, height), dpi=dpi, layout="constrained")
+    all_axes = figure.subplots(len(series), 1, sharex=True, squeeze=False)[:, 0]
+    for axes, (key, values) in zip(all_axes, series.items(), strict=True):
+        key_steps, values = _series(values, f"extras[{key!r}]")
         if steps is not None and steps.size == values.size:
             key_steps = steps
         axes.plot(key_steps, values)
-        axes.set_ylabel(key)
+        panel_title, ylabel = trace_labels(key)
+        axes.set_title(panel_title, fontsize="medium")
+        axes.set_ylabel(ylabel, fontsize="small")
+        if key in _LOG_SCALE_TRACES and np.nanmin(values) > 0:
+            axes.set_yscale("log")
     all_axes[-1].set_xlabel("step")
     if title:
         figure.suptitle(title)
-    figure.tight_layout()
     return _save(figure, path)
 
 
 # --------------------------------------------------------------------------- images
 
-_TITLE_PIXELS = 24
+_TITLE_PIXELS = 30
+#: Width in pixels that the image grids reach at least when ``scale`` is not given.
+MIN_GRID_PIXELS = 600
+
+
+def _auto_scale(grid_width: int, scale: int | None) -> int:
+    """``scale``, or the smallest whole zoom that makes the grid ``MIN_GRID_PIXELS`` wide:
+    whole zooms keep every image pixel a crisp square (drawn nearest-neighbour)."""
+    if scale is not None:
+        return scale
+    return max(1, math.ceil(MIN_GRID_PIXELS / grid_width))
 
 
 def _check_images(images: Any, image_shape: Sequence[int], what: str) -> torch.Tensor:
@@ -278,21 +351,24 @@ def grid_pixels(
     nrow: int,
     *,
     pad: int = 1,
-    scale: int = 4,
+    scale: int | None = None,
     title: bool = False,
 ) -> tuple[int, int]:
     """``(height, width)`` in pixels of the PNG that :func:`plot_image_grid` writes."""
     height, width = image_shape
     columns = min(nrow, num_images)
     rows = math.ceil(num_images / columns)
+    grid_width = columns * (width + pad) + pad
+    scale = _auto_scale(grid_width, scale)
     return (
         scale * (rows * (height + pad) + pad) + (_TITLE_PIXELS if title else 0),
-        scale * (columns * (width + pad) + pad),
+        scale * grid_width,
     )
 
 
-def _draw_grid(grid: np.ndarray, path: PathLike, scale: int, title: str | None) -> Path:
+def _draw_grid(grid: np.ndarray, path: PathLike, scale: int | None, title: str | None) -> Path:
     # One grid pixel -> scale x scale PNG pixels: dpi 1 makes figsize count pixels exactly.
+    scale = _auto_scale(grid.shape[1], scale)
     title_pixels = _TITLE_PIXELS if title else 0
     height = grid.shape[0] * scale + title_pixels
     width = grid.shape[1] * scale
@@ -323,17 +399,19 @@ def plot_image_grid(
     title: str | None = None,
     *,
     pad: int = 1,
-    scale: int = 4,
+    scale: int | None = None,
 ) -> Path:
     """A grid of grey-scale images (samples, reconstructions, decoder means).
 
     :param images: ``(n, height * width)`` values in [0, 1].
     :param image_shape: ``(height, width)``.
     :param nrow: images per row.
-    :param scale: PNG pixels per image pixel; the PNG is exactly
-        :func:`grid_pixels` ``(n, image_shape, nrow, pad=pad, scale=scale, title=...)``.
+    :param scale: PNG pixels per image pixel (nearest-neighbour); by default the smallest
+        whole number that makes the PNG at least :data:`MIN_GRID_PIXELS` wide. The PNG is
+        exactly :func:`grid_pixels` ``(n, image_shape, nrow, pad=pad, scale=scale,
+        title=...)``.
     """
-    if nrow < 1 or pad < 0 or scale < 1:
+    if nrow < 1 or pad < 0 or (scale is not None and scale < 1):
         raise ValueError(f"need nrow >= 1, pad >= 0, scale >= 1; got {nrow}, {pad}, {scale}")
     images = _check_images(images, image_shape, "images")
     grid = _tile(images, min(nrow, images.shape[0]), pad)
@@ -347,11 +425,17 @@ def plot_reconstructions(
     path: PathLike,
     *,
     num_images: int = 8,
-    title: str | None = "originals / reconstructions",
+    title: str | None = "originals (top), reconstructions (bottom)",
     pad: int = 1,
-    scale: int = 4,
+    scale: int | None = None,
 ) -> Path:
-    """The first ``num_images`` originals in the top row, their reconstructions below."""
+    """The first ``num_images`` originals in the top row, their reconstructions below.
+
+    :param scale: as for :func:`plot_image_grid` (by default at least
+        :data:`MIN_GRID_PIXELS` wide).
+    """
+    if pad < 0 or (scale is not None and scale < 1):
+        raise ValueError(f"need pad >= 0, scale >= 1; got {pad}, {scale}")
     x = _check_images(x, image_shape, "x")
     recon = _check_images(recon, image_shape, "recon")
     if x.shape != recon.shape:
@@ -463,3 +547,80 @@ def plot_density_2d(
         axes.set_title(title)
     figure.tight_layout()
     return _save(figure, path)
+
+
+# --------------------------------------------------------------------------- forest plots
+
+
+def _forest_matplotlib(
+    table: Any, path: PathLike, groups: Sequence[str], title: str, dpi: int
+) -> Path:
+    rows = list(table.index)
+    figure = Figure(figsize=(6.0, 1.5 + 0.5 * len(rows)), dpi=dpi, layout="constrained")
+    axes = figure.add_subplot()
+    offsets = np.linspace(-0.15, 0.15, len(groups)) if len(groups) > 1 else [0.0]
+    for index, (offset, who) in enumerate(zip(offsets, groups, strict=True)):
+        means = table[(who, "mean")].to_numpy(dtype=float)
+        sds = table[(who, "sd")].to_numpy(dtype=float)
+        y = np.arange(len(rows)) + offset
+        axes.errorbar(
+            means, y, xerr=2 * sds, fmt="o", color=f"C{index % 10}", label=f"{who} (mean ± 2 sd)"
+        )
+    axes.set_yticks(np.arange(len(rows)), [str(r) for r in rows])
+    axes.invert_yaxis()
+    axes.set_xlabel("value")
+    figure.legend(loc="outside lower center", ncols=len(groups))
+    axes.set_title(title)
+    return _save(figure, path, format=None)  # as before the move: .svg, .pdf, ... work too
+
+
+def plot_forest(
+    table: Any,
+    path: PathLike,
+    *,
+    groups: Sequence[str] = ("guide", "nuts"),
+    posteriors: Mapping[str, Any] | None = None,
+    var_names: Sequence[str] | None = None,
+    backend: str = "matplotlib",
+    title: str = "guide vs NUTS",
+    dpi: int = 100,
+) -> Path:
+    """Forest plot of several posteriors of the same variables: mean ± 2 sd per component.
+
+    :param table: a ``pandas.DataFrame`` with one row per scalar component and columns
+        ``(group, "mean")`` and ``(group, "sd")`` for every group, as
+        :attr:`~lvmkit.inference.nuts.NutsComparison.table`.
+    :param groups: the groups to draw, in order.
+    :param posteriors: ``{group: ArviZ data}``, for ``backend="arviz"``.
+    :param var_names: the variables ``backend="arviz"`` draws.
+    :param backend: ``"matplotlib"`` (from ``table``) or ``"arviz"`` (the installed ArviZ's
+        ``plot_forest`` of ``posteriors``; falls back to matplotlib with a warning if it
+        fails).
+    """
+    if backend not in ("arviz", "matplotlib"):
+        raise ValueError(f"backend must be 'arviz' or 'matplotlib', got {backend!r}")
+    groups = list(groups)
+    missing = [
+        (who, stat) for who in groups for stat in ("mean", "sd")
+        if (who, stat) not in getattr(table, "columns", ())
+    ]
+    if not groups or missing:
+        raise ValueError(
+            f"table: expected columns (group, 'mean') and (group, 'sd') for groups {groups};"
+            f" missing {missing}"
+        )
+    if len(table.index) == 0:
+        raise ValueError("table has no rows: nothing to plot")
+    if backend == "arviz":
+        if posteriors is None or not var_names:
+            raise ValueError("backend='arviz' needs posteriors and var_names")
+        from lvmkit.inference import arviz_compat
+
+        try:
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            arviz_compat.plot_forest(dict(posteriors), list(var_names), str(path))
+            return path
+        except Exception as error:  # noqa: BLE001 - any plotting failure has a fallback
+            warnings.warn(f"ArviZ forest plot failed ({error}); using matplotlib", stacklevel=2)
+    return _forest_matplotlib(table, path, groups, title, dpi)

@@ -44,6 +44,16 @@ see the same indices, and every batch holds exactly B data: the last batch of an
 last B of the epoch's permutation (still a uniformly random B-subset, so the estimate stays
 unbiased; some data of the previous batch are seen again).
 
+Data-parallel. Under ``torchrun --nproc_per_node W`` (or with a ``torch.distributed``
+process group already initialised) the same call trains data-parallel
+(:mod:`lvmkit.inference.distributed`): ``batch_size`` is per process, every epoch's
+permutation comes from the shared seed, and the W shards of each global batch of
+``W * batch_size`` are the batch one process with that batch size would draw. Each rank
+scales its shard as above and the ranks' gradients are averaged, weighted by shard size,
+so the step is the single-process step of the global batch. Rank 0 shows progress and
+writes the checkpoints, every rank resumes from the same file, a checkpoint of another
+world size is refused, and the History (losses, diagnostics) is the same on every rank.
+
 Checkpoints (``checkpoint_dir``): ``checkpoint.pt`` is the newest, ``checkpoint-<step>.pt``
 the ``keep_last - 1`` before it, each written atomically. A corrupt newest file is skipped
 with a warning in favour of the previous one, and renamed ``<name>.unreadable`` (kept, not
@@ -83,6 +93,7 @@ from torch.distributions import (
     RelaxedOneHotCategorical,
 )
 
+from lvmkit._io import atomic_save, atomic_write_bytes, fsync_directory
 from lvmkit._rng import RandomState
 from lvmkit._validation import (
     LOW_PRECISION,
@@ -96,6 +107,7 @@ from lvmkit._validation import (
     program_error,
 )
 from lvmkit.data import Dataset, check_dataset
+from lvmkit.inference import distributed
 
 CHECKPOINT_NAME = "checkpoint.pt"
 HISTORY_NAME = "history.json"
@@ -103,6 +115,9 @@ DATA_PLATE = "data"
 # Guide logits are inspected on a call's first step and then every this many steps: the
 # check reads the distributions SVI already builds, and costs nothing on other steps.
 SATURATION_CHECK_EVERY = 500
+# Rank r of a data-parallel job seeds Pyro's generators with seed + r * this (rank 0 draws
+# what a single process draws).
+RANK_SEED_STRIDE = 1_000_003
 _OLDER_CHECKPOINT = re.compile(r"checkpoint-(\d+)\.pt")
 _CHECKPOINT_KEYS = ("step", "n", "batch_size", "params", "optim", "rng", "batches", "history")
 
@@ -341,7 +356,8 @@ def fit(
     :param steps: number of optimizer steps in total (resumed runs count the steps already
         done). Give exactly one of ``steps`` and ``epochs``.
     :param epochs: number of passes over the data, ``ceil(N / batch_size)`` steps each.
-    :param batch_size: B, between 1 and N (a larger value raises ``ValueError``).
+    :param batch_size: B, between 1 and N (a larger value raises ``ValueError``); per
+        process under ``torchrun`` (see the module docstring).
     :param labels: ``None`` (the model takes no labels), ``True`` (use ``data.y`` of a
         ``Dataset``) or a tensor of N labels; passed as the keyword ``labels``.
     :param data_plate: the name of the plate over the data; default ``"data"`` if the model
@@ -349,6 +365,9 @@ def fit(
     :param seed: seeds Pyro's global RNGs (torch, python, numpy) at the start and the
         batch order, so the same seed gives the same losses and parameters.
     :param device: where batches are moved; the model's networks must live there too.
+        Under ``torchrun`` with ``device="cuda"`` each rank takes the GPU of its
+        ``LOCAL_RANK`` (:func:`lvmkit.inference.distributed.setup` tells the script which,
+        to move its networks there first).
     :param checkpoint_dir: if given, it must be writable (checked before the first step);
         every ``checkpoint_every`` steps and at the end ``fit`` writes ``checkpoint.pt``
         there atomically: parameters, optimizer state, every RNG state, the batch order,
@@ -382,12 +401,22 @@ def fit(
     n = x_all.shape[0]
     steps, epochs, batch_size, checkpoint_every, keep_last = _check_batching(
         n, batch_size, steps, epochs, checkpoint_every, keep_last)
-    total = steps if steps is not None else epochs * math.ceil(n / batch_size)
     elbo = Trace_ELBO() if elbo is None else elbo
     optim = pyro.optim.Adam({"lr": 1e-3}) if optim is None else optim
     _check_options(model, guide, elbo, optim, seed, device, checkpoint_dir, callback,
                    use_differentiable_loss, resume=resume, progress=progress)
     seed = int(seed)
+    context = distributed.setup(device)
+    if context.enabled:
+        device = context.device
+    # Under torchrun, batch_size is per process: the ranks' shards make one global batch.
+    global_batch = batch_size * context.world_size
+    if global_batch > n:
+        raise ValueError(f"batch_size={batch_size} on each of {context.world_size} processes "
+                         f"asks for {global_batch} data per step; the data hold N={n}")
+    total = steps if steps is not None else epochs * math.ceil(n / global_batch)
+    distributed.check_same_everywhere(context, n=n, batch_size=batch_size, total=total,
+                                      seed=seed)
     if use_differentiable_loss and not hasattr(elbo, "differentiable_loss"):
         raise TypeError(f"{type(elbo).__name__} has no differentiable_loss; use the SVI path")
     if data_plate is not None and (not isinstance(data_plate, str) or not data_plate):
@@ -397,13 +426,17 @@ def fit(
         checkpoints = _Checkpoints(os.fspath(checkpoint_dir), keep_last)
         checkpoints.check_writable()
 
-    pyro.set_rng_seed(seed)
+    # Each rank draws its own latents (the batch order comes from the shared seed below).
+    pyro.set_rng_seed(seed + RANK_SEED_STRIDE * context.rank)
     model_handler = _FitHandler(data_plate or DATA_PLATE, n)
     guide_handler = _FitHandler(data_plate or DATA_PLATE, n)
     plan = _first_trace(model, guide, data, x_all, y_all, batch_size, data_plate,
                         model_handler, guide_handler, device, seed)
     model_handler.plate = guide_handler.plate = plan.plate
-    batches = _Batches(n, batch_size, seed, fixed_size=plan.fixed_size)
+    batches = _Batches(n, global_batch, seed, fixed_size=plan.fixed_size)
+    sync = distributed.RankSync(context) if context.enabled else None
+    if sync is not None:
+        sync.broadcast_params(plan.params)
     history = History()
     step = 0
 
@@ -415,16 +448,26 @@ def fit(
         # its data with the plate's indices, fixed to the batch).
         x_full = x_full.clone() if dynamic else x_full
 
-    def get_batch() -> tuple[int, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        epoch, idx = batches.next()
+    def get_batch() -> tuple[int, torch.Tensor, torch.Tensor, float, dict[str, torch.Tensor]]:
+        """The step's epoch, this rank's indices and data, its share of the global batch
+        (1 in a single process), and the keyword arguments."""
+        epoch, global_idx = batches.next()
+        idx = distributed.shard(global_idx, context.rank, context.world_size)
+        share = len(idx) / len(global_idx)
         if plan.pass_full:
-            if dynamic:
-                x_full[idx.to(device)] = data.batch(idx, batches.generator).to(device)
+            if dynamic:  # the whole global batch: every rank's generator advances alike
+                fresh = data.batch(global_idx, batches.generator).to(device)
+                x_full[global_idx.to(device)] = fresh
             kwargs = {} if y_full is None else {"labels": y_full}
-            return epoch, idx, x_full, kwargs
-        x = data.batch(idx, batches.generator) if isinstance(data, Dataset) else x_all[idx]
+            return epoch, idx, x_full, share, kwargs
+        if isinstance(data, Dataset):
+            # the whole global batch binarised, so that the generator advances alike
+            x = distributed.shard(data.batch(global_idx, batches.generator), context.rank,
+                                  context.world_size)
+        else:
+            x = x_all[idx]
         kwargs = {} if y_all is None else {"labels": y_all[idx].to(device)}
-        return epoch, idx, x.to(device), kwargs
+        return epoch, idx, x.to(device), share, kwargs
 
     scaled_model = _handled(model, model_handler)
     scaled_guide = _handled(guide, guide_handler)
@@ -434,26 +477,29 @@ def fit(
             restored = checkpoints.load()
             if restored is not None:
                 step, history = _restore(restored[0], restored[1], optim, elbo, batches, n,
-                                         batch_size, plan.params)
+                                         batch_size, plan.params, context)
         else:
             checkpoints.replace_existing()
 
     svi = SVI(scaled_model, scaled_guide, optim, elbo)
     start_wall = history.wall_time[-1] if history.wall_time else 0.0
     first_step = step + 1
-    bar = _progress_bar(progress, step, total)
+    bar = _progress_bar(progress and context.is_main, step, total)
     running = None  # exponential moving average shown on the bar; single losses are noisy
     try:
         while step < total:
             tic = time.perf_counter()
-            epoch, idx, x, kwargs = get_batch()
-            scale = n / len(idx)
-            model_handler.scale = guide_handler.scale = scale
+            epoch, idx, x, share, kwargs = get_batch()
+            if len(idx):
+                model_handler.scale = guide_handler.scale = n / len(idx)
             if plan.plate is not None:
                 model_handler.indices = guide_handler.indices = idx
             guide_handler.checking = (step + 1 == first_step
                                       or (step + 1) % SATURATION_CHECK_EVERY == 0)
-            if use_differentiable_loss:
+            if sync is not None:
+                loss = sync.step(elbo, optim, scaled_model, scaled_guide, x, kwargs, share,
+                                 use_differentiable_loss)
+            elif use_differentiable_loss:
                 loss = _differentiable_step(elbo, optim, scaled_model, scaled_guide, x, kwargs)
             else:
                 loss = svi.step(x, **kwargs)
@@ -469,6 +515,8 @@ def fit(
                 )
             start_wall += time.perf_counter() - tic
             extras = _diagnostics(elbo)
+            if sync is not None:
+                extras = sync.mean_of(extras)
             history.record(step, epoch, loss / n, start_wall, extras)
             if callback is not None:
                 reported = callback(history)
@@ -481,10 +529,12 @@ def fit(
                 bar.update(1)
                 bar.set_postfix(loss=f"{running:.4g}", refresh=False)
             if checkpoints is not None and (step % checkpoint_every == 0 or step == total):
-                checkpoints.save(_checkpoint_state(step, optim, elbo, batches, history, n,
-                                                   batch_size), step)
+                state = _checkpoint_state(step, optim, elbo, batches, history, n, batch_size,
+                                          context)
+                if context.is_main:
+                    checkpoints.save(state, step)
     except BaseException as exc:
-        _hand_over_history(exc, history, checkpoints)
+        _hand_over_history(exc, history, checkpoints if context.is_main else None)
         raise
     finally:
         if bar is not None:
@@ -504,7 +554,7 @@ def _hand_over_history(exc: BaseException, history: History,
     if checkpoints is not None:
         path = os.path.join(checkpoints.directory, HISTORY_NAME)
         try:
-            _atomic_write(path, json.dumps(history.to_dict()).encode())
+            atomic_write_bytes(json.dumps(history.to_dict()).encode(), path, prefix=".checkpoint-")
             where = path if where is None else f"{where} and {path}"
         except OSError:
             pass
@@ -585,8 +635,7 @@ def _check_options(model, guide, elbo, optim, seed, device, checkpoint_dir, call
     if (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
             or not 0 <= seed <= _MAX_SEED):
         raise ValueError(f"seed must be an int in [0, 2**32 - 1], got {seed!r}")
-    if device is not None:
-        check_device(device)
+    check_device(device)
     if checkpoint_dir is not None and not isinstance(checkpoint_dir, str | os.PathLike):
         raise TypeError(f"checkpoint_dir must be a str or os.PathLike, got {checkpoint_dir!r}")
     if callback is not None and not callable(callback):
@@ -931,39 +980,12 @@ def _diagnostics(elbo) -> dict[str, float] | None:
 def _progress_bar(progress: bool, initial: int, total: int):
     if not progress:
         return None
-    from tqdm.auto import tqdm
+    from lvmkit._progress import progress_bar
 
-    return tqdm(total=total, initial=initial, desc="fit", dynamic_ncols=True)
+    return progress_bar(total, initial, desc="fit")
 
 
 # -- checkpoints -----------------------------------------------------------------------------
-def _atomic_write(path: str, payload: bytes | None = None, state: Any = None,
-                  before_replace: Callable[[], None] | None = None) -> None:
-    """Write ``payload`` (or ``torch.save(state)``) to a temporary file in the same
-    directory, fsync, then rename it over ``path``.
-
-    ``os.replace`` is atomic on POSIX and Windows, so a crash leaves either the old or the
-    new file, never a partial one. ``before_replace`` runs once the new file is complete.
-    """
-    directory = os.path.dirname(path) or "."
-    handle, tmp = tempfile.mkstemp(prefix=".checkpoint-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            if payload is not None:
-                stream.write(payload)
-            else:
-                torch.save(state, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        if before_replace is not None:
-            before_replace()
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 class _Checkpoints:
     """The checkpoint files of one directory: ``checkpoint.pt`` is the newest,
     ``checkpoint-<step>.pt`` the older ones this run keeps (``keep_last`` in all)."""
@@ -1042,10 +1064,10 @@ class _Checkpoints:
                 os.replace(self.path, os.path.join(self.directory,
                                                    f"checkpoint-{self.newest_step}.pt"))
 
-        _atomic_write(self.path, state=state, before_replace=keep_previous)
+        atomic_save(state, self.path, prefix=".checkpoint-", before_replace=keep_previous)
         self.newest_step = step
         self._prune(step)
-        _fsync_directory(self.directory)
+        fsync_directory(self.directory)
 
     def _prune(self, step: int) -> None:
         kept = 0
@@ -1073,23 +1095,14 @@ def _set_aside(paths: list[str]) -> list[str]:
     return kept
 
 
-def _fsync_directory(directory: str) -> None:
-    """Make the renames durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        handle = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(handle)
-    except OSError:
-        pass
-    finally:
-        os.close(handle)
-
 
 def _checkpoint_state(step: int, optim, elbo, batches: _Batches, history: History, n: int,
-                      batch_size: int) -> dict[str, Any]:
+                      batch_size: int, context: distributed.DistributedContext
+                      ) -> dict[str, Any]:
     return {
+        "world_size": context.world_size,
+        # every rank's own generators (each draws its own latents); rank 0's are "rng"
+        "rng_ranks": distributed.gather_objects(RandomState().as_dict(), context),
         "step": step,
         "n": n,
         "batch_size": batch_size,
@@ -1111,7 +1124,17 @@ def _elbo_state(elbo) -> dict | None:
 
 
 def _restore(path: str, state: dict, optim, elbo, batches: _Batches, n: int, batch_size: int,
-             used: frozenset[str]) -> tuple[int, History]:
+             used: frozenset[str], context: distributed.DistributedContext
+             ) -> tuple[int, History]:
+    saved_world = state.get("world_size", 1)
+    if saved_world != context.world_size:
+        # Another world size is another global batch, so another batch stream: refused
+        # rather than continued on other data than the checkpoint's run would have seen.
+        raise ValueError(
+            f"checkpoint {path!r} was written by a job of {saved_world} process(es); this "
+            f"one has {context.world_size}. Resume with the same number of processes "
+            "(torchrun --nproc_per_node), or use another checkpoint_dir or resume=False."
+        )
     if (state["n"], state["batch_size"]) != (n, batch_size):
         raise ValueError(
             f"checkpoint {path!r} was written for N={state['n']}, batch_size="
@@ -1132,7 +1155,8 @@ def _restore(path: str, state: dict, optim, elbo, batches: _Batches, n: int, bat
     _check_params_match(path, state["params"]["params"], used)
     _load_params(state["params"])
     optim.set_state(state["optim"])
-    RandomState.from_dict(state["rng"]).restore()
+    rng = state.get("rng_ranks") or [state["rng"]]
+    RandomState.from_dict(rng[context.rank]).restore()
     batches.load(state["batches"])
     return state["step"], History.from_dict(state["history"])
 

@@ -9,8 +9,8 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from lvmkit.guides.encoders import OneHotEncoder, check_size, mlp
 from lvmkit.models.vae import BernoulliImageModel, bernoulli_pixels
+from lvmkit.nn import check_size, mlp
 
 
 class CategoricalVAE(BernoulliImageModel):
@@ -55,13 +55,3 @@ class CategoricalVAE(BernoulliImageModel):
             prior = dist.OneHotCategorical(logits=self.prior_logits).to_event(1)
             z = pyro.sample("z", prior)
             pyro.sample("x", bernoulli_pixels(self.decoder(z.flatten(-2))), obs=x)
-
-    def default_guide(self) -> OneHotEncoder:
-        """A :class:`OneHotEncoder` with the decoder's hidden sizes reversed."""
-        return OneHotEncoder(
-            self.x_dim,
-            self.num_latents,
-            self.num_categories,
-            self.hidden[::-1],
-            name=f"{self._pyro_name}_guide",
-        )

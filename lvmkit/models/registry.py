@@ -1,4 +1,9 @@
-"""Build a model and its default guide by name (what the CLI's ``--model`` selects)."""
+"""Build a model and its default guide by name (what the CLI's ``--model`` selects).
+
+This is where the generative side meets the inference side: the models know nothing of
+their guides, and :func:`default_guide` pairs each with the mean-field encoder of
+:mod:`lvmkit.guides.encoders` that mirrors it.
+"""
 
 from __future__ import annotations
 
@@ -33,7 +38,7 @@ def build(
     """Return ``(model, guide)`` for a model name in :data:`MODEL_NAMES`.
 
     ``kwargs`` override the model's constructor arguments (e.g. ``z_dim=10`` or
-    ``layers=(50,)``); the guide is the model's ``default_guide()``, so it follows them.
+    ``layers=(50,)``); the guide is :func:`default_guide` of the model, so it follows them.
     ``init_data`` (training images) goes to the model's ``init_output_bias`` where it has
     one: SBNs collapse to their prior without it (see
     :meth:`~lvmkit.models.SigmoidBeliefNet.init_output_bias`).
@@ -45,4 +50,63 @@ def build(
     model = factory(x_dim, **{**defaults, **kwargs})
     if init_data is not None and hasattr(model, "init_output_bias"):
         model.init_output_bias(init_data)
-    return model, model.default_guide()
+    return model, default_guide(model)
+
+
+def _gaussian(model: VAE, name: str) -> PyroModule:
+    from lvmkit.guides.encoders import GaussianEncoder
+
+    # the decoder's hidden sizes reversed
+    return GaussianEncoder(model.x_dim, model.z_dim, model.hidden[::-1], name=name)
+
+
+def _bernoulli(model: SigmoidBeliefNet, name: str) -> PyroModule:
+    from lvmkit.guides.encoders import BernoulliEncoder
+
+    # bottom-up, with the same layers and nonlinearity
+    return BernoulliEncoder(model.x_dim, model.layers, model.nonlinear, model.hidden, name=name)
+
+
+def _one_hot(model: CategoricalVAE, name: str) -> PyroModule:
+    from lvmkit.guides.encoders import OneHotEncoder
+
+    return OneHotEncoder(
+        model.x_dim, model.num_latents, model.num_categories, model.hidden[::-1], name=name
+    )
+
+
+def _two_layer(model: TwoLayerVAE, name: str) -> PyroModule:
+    from lvmkit.guides.encoders import TwoLayerEncoder
+
+    # bottom-up, with the same layer sizes
+    return TwoLayerEncoder(model.x_dim, model.z_dims, model.hidden, name=name)
+
+
+# model class -> its guide's factory; looked up along the model's MRO, so a subclass of a
+# model gets that model's guide.
+_GUIDES: dict[type, Callable[[Any, str], PyroModule]] = {
+    VAE: _gaussian,
+    SigmoidBeliefNet: _bernoulli,
+    CategoricalVAE: _one_hot,
+    TwoLayerVAE: _two_layer,
+}
+
+
+def default_guide(model: BernoulliImageModel) -> PyroModule:
+    """The mean-field guide of one of this package's image models, shaped after it.
+
+    ``VAE`` gets a :class:`~lvmkit.guides.GaussianEncoder`, ``SigmoidBeliefNet`` a
+    :class:`~lvmkit.guides.BernoulliEncoder`, ``CategoricalVAE`` a
+    :class:`~lvmkit.guides.OneHotEncoder` and ``TwoLayerVAE`` a
+    :class:`~lvmkit.guides.TwoLayerEncoder`; the guide's parameters are named
+    ``{model name}_guide``.
+
+    :raises TypeError: for a model this package does not know.
+    """
+    for cls in type(model).__mro__:
+        if cls in _GUIDES:
+            return _GUIDES[cls](model, f"{model._pyro_name}_guide")
+    raise TypeError(
+        f"no default guide for {type(model).__name__}: write a guide for it (any Pyro"
+        " program with the model's arguments and latent sites), e.g. with lvmkit.guides"
+    )

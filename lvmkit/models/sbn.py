@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from lvmkit._validation import check_observations
-from lvmkit.guides.encoders import BernoulliEncoder, check_size, mlp
 from lvmkit.models.vae import BernoulliImageModel, bernoulli_pixels
+from lvmkit.nn import check_size, mlp
 
 
 class SigmoidBeliefNet(BernoulliImageModel):
@@ -98,9 +98,3 @@ class SigmoidBeliefNet(BernoulliImageModel):
                 logits = self.decoders[index](above)
                 above = pyro.sample(f"b{index}", dist.Bernoulli(logits=logits).to_event(1))
             pyro.sample("x", bernoulli_pixels(self.decoders[0](above)), obs=x)
-
-    def default_guide(self) -> BernoulliEncoder:
-        """The bottom-up :class:`BernoulliEncoder` with the same layers and nonlinearity."""
-        return BernoulliEncoder(
-            self.x_dim, self.layers, self.nonlinear, self.hidden, name=f"{self._pyro_name}_guide"
-        )

@@ -43,8 +43,8 @@ from pyro.nn import PyroModule, pyro_method
 from torch.nn import functional as F
 
 from lvmkit._validation import check_observations
-from lvmkit.guides.encoders import check_size, gaussian_params, mlp
 from lvmkit.models.vae import bernoulli_pixels
+from lvmkit.nn import check_size, gaussian_params, mlp
 
 __all__ = ["M2", "ADGM", "SDGM"]
 

@@ -9,8 +9,8 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from lvmkit.guides.encoders import TwoLayerEncoder, check_size, gaussian_params, mlp
 from lvmkit.models.vae import BernoulliImageModel, bernoulli_pixels
+from lvmkit.nn import check_size, gaussian_params, mlp
 
 
 class TwoLayerVAE(BernoulliImageModel):
@@ -60,9 +60,3 @@ class TwoLayerVAE(BernoulliImageModel):
                 loc, scale = gaussian_params(self.decoders[index](above))
                 above = pyro.sample(f"z{index}", dist.Normal(loc, scale).to_event(1))
             pyro.sample("x", bernoulli_pixels(self.decoders[0](above)), obs=x)
-
-    def default_guide(self) -> TwoLayerEncoder:
-        """The bottom-up :class:`TwoLayerEncoder` with the same layer sizes."""
-        return TwoLayerEncoder(
-            self.x_dim, self.z_dims, self.hidden, name=f"{self._pyro_name}_guide"
-        )

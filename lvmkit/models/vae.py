@@ -11,7 +11,7 @@ from pyro import poutine
 from pyro.nn import PyroModule
 
 from lvmkit._validation import check_observations
-from lvmkit.guides.encoders import GaussianEncoder, check_size, check_unsupervised, mlp
+from lvmkit.nn import check_size, check_unsupervised, mlp
 
 
 def bernoulli_pixels(logits: torch.Tensor) -> dist.Distribution:
@@ -27,8 +27,8 @@ class BernoulliImageModel(PyroModule):
     """A model ``p(z) p(x | z)`` of flattened images with a Bernoulli likelihood at ``"x"``.
 
     Subclasses implement :meth:`generate`, the generative program for ``num`` data points
-    inside ``pyro.plate("data", num)``, observing ``x`` when it is given, and
-    :meth:`default_guide`.
+    inside ``pyro.plate("data", num)``, observing ``x`` when it is given. A model knows
+    nothing of its guide: :func:`lvmkit.models.build` pairs the two.
     """
 
     x_dim: int
@@ -41,7 +41,11 @@ class BernoulliImageModel(PyroModule):
         raise NotImplementedError
 
     def default_guide(self) -> PyroModule:
-        raise NotImplementedError
+        """The mean-field guide that :func:`lvmkit.models.build` pairs with this model
+        (see :func:`lvmkit.models.registry.default_guide`)."""
+        from lvmkit.models.registry import default_guide
+
+        return default_guide(self)
 
     def forward(self, x: torch.Tensor, labels: None = None) -> None:
         check_unsupervised(self, labels)
@@ -95,9 +99,3 @@ class VAE(BernoulliImageModel):
         with pyro.plate("data", num):
             z = pyro.sample("z", dist.Normal(loc, torch.ones_like(loc)).to_event(1))
             pyro.sample("x", bernoulli_pixels(self.decoder(z)), obs=x)
-
-    def default_guide(self) -> GaussianEncoder:
-        """A :class:`GaussianEncoder` with the decoder's hidden sizes reversed."""
-        return GaussianEncoder(
-            self.x_dim, self.z_dim, self.hidden[::-1], name=f"{self._pyro_name}_guide"
-        )

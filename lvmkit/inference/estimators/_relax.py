@@ -5,7 +5,8 @@ Three kinds of guide passes are needed:
 * a *hard* pass, which samples every discrete site through its noise, ``b = H(z)`` with
   ``z = logits + n`` (logistic noise ``n = logit(u)`` for Bernoulli sites, Gumbel noise
   ``n = -log(-log u)`` for one-hot sites), and records ``n``, the logits and, for
-  reparameterized continuous sites, a seed that reproduces their noise;
+  reparameterized continuous sites (sampled by Pyro as ``Trace_ELBO`` samples them) the RNG
+  state that reproduces their noise;
 * *relaxed* passes, which replay the guide with ``sigma_lambda(logits' + n)`` (sigmoid or
   softmax at temperature ``lambda``) where ``logits'`` is recomputed by the guide from the
   relaxed upstream values, continuous sites redrawn with the recorded noise, and the
@@ -15,7 +16,9 @@ Three kinds of guide passes are needed:
 
 REBAR and RELAX run the three as one *fused* evaluation where they can
 (:func:`fused_traces`: a size-3 plate left of the model's plates, each site sampling all
-three passes at once) and fall back to a hard pass plus stacked or separate relaxed passes.
+three passes at once), else a hard pass plus stacked or separate relaxed passes, decided
+once per model and guide (``RebarELBO._first_passes``). All noise comes from one keyed
+source per step (:class:`StepNoise`), so every path sees the same numbers.
 
 Numerics: uniforms are clamped to ``[tiny, 1 - eps]`` and every formula is written with
 ``logsigmoid`` / ``logaddexp`` so that logits of +-50 give finite values and gradients.
@@ -24,6 +27,7 @@ Numerics: uniforms are clamped to ``[tiny, 1 - eps]`` and every formula is writt
 from __future__ import annotations
 
 import contextlib
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -33,10 +37,13 @@ import pyro.poutine as poutine
 import torch
 import torch.nn.functional as F
 from pyro.distributions.score_parts import ScoreParts
+from pyro.infer.enum import get_importance_trace
 from pyro.infer.util import MultiFrameTensor, get_plate_stacks, is_validation_enabled
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
-from pyro.util import check_model_guide_match, check_site_shape
+from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape
+
+from lvmkit.inference.estimators import EstimatorError
 
 BERNOULLI = "bernoulli"
 ONEHOT = "onehot"
@@ -54,13 +61,90 @@ def uniform_like(shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
     return u.clamp(finfo.tiny, 1 - finfo.eps)
 
 
+class StepNoise:
+    """The keyed noise source of one step (one particle): the uniforms of every
+    ``(site, role)`` come from a generator seeded by ``(key, site, role)``, so every path
+    (fused, stacked, sequential, ``loss()``) sees the same numbers whatever order it draws
+    them in. ``key`` is drawn from torch's RNG at the first discrete site, so a guide whose
+    continuous sites come first draws exactly what ``Trace_ELBO`` draws for them."""
+
+    def __init__(self) -> None:
+        self.key: int | None = None
+
+    def __enter__(self) -> StepNoise:
+        _STEPS.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _STEPS.remove(self)
+
+    def uniform(self, shape: torch.Size, like: torch.Tensor, site: str, role: str
+                ) -> torch.Tensor:
+        if self.key is None:
+            self.key = int(torch.randint(0, 2**62, ()))
+        generator = torch.Generator(device=like.device)
+        generator.manual_seed((self.key + zlib.crc32(f"{site}/{role}".encode())) % 2**63)
+        u = torch.rand(shape, generator=generator, dtype=like.dtype, device=like.device)
+        finfo = torch.finfo(like.dtype)
+        return u.clamp(finfo.tiny, 1 - finfo.eps)
+
+
+_STEPS: list[StepNoise] = []
+
+
 def draw_uniform(shape: torch.Size, like: torch.Tensor, site: str, role: str) -> torch.Tensor:
-    """The uniforms behind one site's noise; ``role`` is ``"hard"`` or ``"conditional"``.
+    """The uniforms behind one site's noise; ``role`` is ``"hard"`` or ``"conditional"``:
+    from the active :class:`StepNoise`, else straight from torch's RNG.
 
     Every pass draws through here, so a test can substitute fixed uniforms per site and
     role and compare two code paths that draw in different orders.
     """
+    if _STEPS:
+        return _STEPS[-1].uniform(shape, like, site, role)
     return uniform_like(shape, like)
+
+
+class NoiseTape:
+    """Records the uniforms that :func:`site_uniform` draws, by ``(site, role)``, or, with
+    ``replay``, hands out recorded ones instead of drawing: the fast path of a step can then
+    be checked against the reference path on identical noise (and draws nothing itself)."""
+
+    def __init__(self, replay: dict | None = None) -> None:
+        self.drawn: dict[tuple[str, str], torch.Tensor] = {}
+        self.replay = replay
+
+    def __enter__(self) -> NoiseTape:
+        _TAPES.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _TAPES.remove(self)
+
+
+_TAPES: list[NoiseTape] = []
+
+
+def site_uniform(shape: torch.Size, like: torch.Tensor, site: str, role: str) -> torch.Tensor:
+    """The uniforms of one site and role, through the innermost active :class:`NoiseTape`
+    (drawn by :func:`draw_uniform` where none replays)."""
+    tape = _TAPES[-1] if _TAPES else None
+    if tape is not None and tape.replay is not None:
+        u = tape.replay.get((site, role))
+        # The fused pass's plate may add leading singleton dimensions (a global site).
+        if u is None or _strip_leading_ones(u.shape) != _strip_leading_ones(shape):
+            raise NotFusable(f"site {site!r}: no recorded {role} noise of shape {tuple(shape)}")
+        return u.reshape(shape)
+    u = draw_uniform(shape, like, site, role)
+    if tape is not None:
+        tape.drawn[(site, role)] = u
+    return u
+
+
+def _strip_leading_ones(shape: torch.Size) -> tuple[int, ...]:
+    shape = tuple(shape)
+    while shape and shape[0] == 1:
+        shape = shape[1:]
+    return shape
 
 
 def logistic_noise(u: torch.Tensor) -> torch.Tensor:
@@ -242,7 +326,8 @@ class SiteRecord:
     value: torch.Tensor | None  # None until an opted-out site has been sampled
     logits: torch.Tensor | None = None  # hard-pass logits (discrete sites)
     noise: torch.Tensor | None = None  # logistic / Gumbel noise (discrete sites)
-    seed: int | None = None  # reproduces the noise of a reparameterized continuous site
+    # torch's RNG state before a reparameterized continuous site was sampled (its noise)
+    seed: RngSnapshot | None = None
 
 
 @dataclass
@@ -254,23 +339,40 @@ class HardPass:
     # quantity gets no gradient through them (the hard slice is constant), so walks of
     # its graph stop there (see ``graph_leaves``).
     graph_stops: list = field(default_factory=list)
+    # Subsample indices the hard pass drew, by plate name: every other pass of the same
+    # step must see the same mini-batch (REBAR's coupling of b and z~ is per datum).
+    subsamples: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def relaxed(self) -> list[SiteRecord]:
         return [r for r in self.records.values() if r.relaxed]
 
 
-class EstimatorError(ValueError):
-    """A model/guide pair that a relaxation-based estimator cannot handle."""
 
 
-@contextlib.contextmanager
-def seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """Run with torch's RNG seeded by ``seed`` and restore the outer RNG state afterwards."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, device_type=device.type):
-        torch.manual_seed(seed)
-        yield
+@dataclass(frozen=True)
+class RngSnapshot:
+    """torch's RNG state on one device, taken just before a site was sampled."""
+
+    device: torch.device
+    state: torch.Tensor
+
+    @classmethod
+    def take(cls, device: torch.device) -> RngSnapshot:
+        if device.type == "cuda":
+            return cls(device, torch.cuda.get_rng_state(device))
+        return cls(device, torch.get_rng_state())
+
+    @contextlib.contextmanager
+    def replaying(self) -> Iterator[None]:
+        """Run from this state, and restore the outer RNG state afterwards."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, device_type=self.device.type):
+            if self.device.type == "cuda":
+                torch.cuda.set_rng_state(self.state, self.device)
+            else:
+                torch.set_rng_state(self.state)
+            yield
 
 
 def _device_of(fn: dist.Distribution) -> torch.device:
@@ -313,7 +415,7 @@ class HardSampler(Messenger):
             )
         if kind is not None:
             logits = full_logits(fn)
-            u = draw_uniform(logits.shape, logits, name, "hard")
+            u = site_uniform(logits.shape, logits, name, "hard")
             noise = logistic_noise(u) if kind == BERNOULLI else gumbel_noise(u)
             value = harden(kind, logits.detach(), noise)
             msg["value"] = value
@@ -325,13 +427,15 @@ class HardSampler(Messenger):
                 f" {self.estimator} needs pathwise gradients for continuous guide sites"
                 f" (or opt the site out with infer={{{self.opt_out_key!r}: False}})"
             )
-        seed = int(torch.randint(0, 2**62, ()))
-        with seeded(seed, _device_of(fn)):
-            value = fn.rsample()
-        msg["value"] = value
-        self.result.records[name] = SiteRecord(name, None, False, value, seed=seed)
+        # Pyro samples it, drawing exactly what Trace_ELBO draws; the relaxed passes redraw
+        # it from the same RNG state (same noise, recomputed parameters).
+        snapshot = RngSnapshot.take(_device_of(fn))
+        self.result.records[name] = SiteRecord(name, None, False, None, seed=snapshot)
 
     def _pyro_post_sample(self, msg) -> None:
+        if site_is_subsample(msg):
+            self.result.subsamples[msg["name"]] = msg["value"]
+            return
         record = self.result.records.get(msg["name"])
         if record is not None and record.value is None:
             record.value = msg["value"]
@@ -469,6 +573,10 @@ class RelaxedReplay(Messenger):
         self._sampled_nodes: list = []  # autograd nodes of values sampled in this pass
 
     def _pyro_sample(self, msg) -> None:
+        if site_is_subsample(msg):
+            if msg["name"] in self.hard.subsamples:
+                msg["value"] = self.hard.subsamples[msg["name"]]
+            return
         record = self.hard.records.get(msg["name"])
         if record is None or msg["is_observed"]:
             return
@@ -484,8 +592,8 @@ class RelaxedReplay(Messenger):
             msg["value"] = mark_relaxed(value, record.name, self.estimator)
             msg["fn"] = with_relaxed_scores(msg["fn"], detach=detach)
         elif record.seed is not None:
-            with seeded(record.seed, _device_of(msg["fn"])):
-                msg["value"] = msg["fn"].rsample()
+            with record.seed.replaying():
+                msg["value"] = msg["fn"](*msg["args"], **msg["kwargs"])
             self._remember(msg["value"])
         else:
             msg["value"] = record.value
@@ -503,6 +611,18 @@ def detach_safe(logits: torch.Tensor, sampled_nodes: list) -> bool:
         return True
     targets = set(sampled_nodes)
     return not any(node in targets for node in autograd_nodes([logits.grad_fn]))
+
+
+class FixSubsamples(Messenger):
+    """Give the subsampling plates the indices ``subsamples`` (by plate name)."""
+
+    def __init__(self, subsamples: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.subsamples = subsamples
+
+    def _pyro_sample(self, msg) -> None:
+        if site_is_subsample(msg) and msg["name"] in self.subsamples:
+            msg["value"] = self.subsamples[msg["name"]]
 
 
 class RelaxedScores(Messenger):
@@ -531,19 +651,15 @@ def hard_traces(
     estimator: str,
     opt_out_key: str,
 ):
-    """Like ``pyro.infer.enum.get_importance_trace`` with the guide sampled by noise."""
+    """Pyro's ``get_importance_trace`` with the guide sampled by noise, and Pyro's checks
+    of a Monte-Carlo ELBO (``Trace_ELBO._get_trace``): model/guide match, site shapes and
+    a warning for sites marked for enumeration, which are sampled."""
     sampler = HardSampler(estimator, opt_out_key)
-    guide_trace = poutine.trace(sampler(guide)).get_trace(*args, **kwargs)
-    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-        *args, **kwargs
+    model_trace, guide_trace = get_importance_trace(
+        "flat", max_plate_nesting, model, sampler(guide), args, kwargs
     )
     if is_validation_enabled():
-        check_model_guide_match(model_trace, guide_trace, max_plate_nesting)
-    guide_trace = prune_subsample_sites(guide_trace)
-    model_trace = prune_subsample_sites(model_trace)
-    model_trace.compute_log_prob()
-    guide_trace.compute_score_parts()
-    check_site_shapes((model_trace, guide_trace), max_plate_nesting)
+        check_if_enumerated(guide_trace)
     return model_trace, guide_trace, sampler.result
 
 
@@ -628,10 +744,11 @@ def stacked_relaxed_traces(
     that pass's slice of each site's ``log_prob`` (and ``log_prob_sum``); other fields are
     the stacked pass's.
 
-    Returns ``None`` (the caller then runs the passes one by one, which also gives the
-    precise error messages) when the stacked pass cannot be trusted: a reparameterized
-    continuous site (its recorded noise has the unstacked shape), any exception, or a site
-    whose log-probability does not come out as ``(len(noises),) + hard shape``. A site
+    Returns ``None`` when the stacked pass cannot be trusted: a reparameterized continuous
+    site (its recorded noise has the unstacked shape), or a site whose log-probability does
+    not come out as ``(len(noises),) + hard shape``; what the model or guide raise on the
+    stacked values propagates (the caller decides once per model and guide whether to
+    stack, see ``RebarELBO``). A site
     that does not depend on the relaxed values (same shape as in the hard pass) is shared
     by all passes, except that observed and relaxed sites must always carry the stacked
     dimension: a model that reduces over it would lose it there. Not detected: a model
@@ -645,13 +762,10 @@ def stacked_relaxed_traces(
         return None
     count = len(noises)
     stacked = {name: torch.stack([n[name] for n in noises]) for name in noises[0]}
-    try:
-        model_trace, guide_trace, values = _relaxed_traces(
-            model, guide, args, kwargs, hard, stacked, temperature, False, detach_scores,
-            estimator,
-        )
-    except (IndexError, RuntimeError, TypeError, ValueError):
-        return None
+    model_trace, guide_trace, values = _relaxed_traces(
+        model, guide, args, kwargs, hard, stacked, temperature, False, detach_scores,
+        estimator,
+    )
     relaxed_names = {r.name for r in hard.relaxed}
     passes = []
     for i in range(count):
@@ -672,7 +786,7 @@ FUSED_PASSES = 3  # hard, relaxed from the hard noise, relaxed from the conditio
 
 
 class NotFusable(Exception):
-    """The fused pass cannot run this model and guide; the caller falls back."""
+    """The fused pass cannot run this model and guide (a site it does not handle)."""
 
 
 class FusedSampler(Messenger):
@@ -700,6 +814,7 @@ class FusedSampler(Messenger):
         temperature: Callable[[torch.Tensor], torch.Tensor],
         pass_dim: int,
         conditional_noise: Callable[[SiteRecord], torch.Tensor],
+        subsamples: dict[str, torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         self.estimator = estimator
@@ -709,8 +824,11 @@ class FusedSampler(Messenger):
         self.conditional_noise = conditional_noise
         self.result = HardPass()
         self.relaxed_values: list[dict[str, torch.Tensor]] = [{}, {}]
+        self.subsamples = subsamples or {}
 
     def _pyro_sample(self, msg) -> None:
+        if site_is_subsample(msg) and msg["name"] in self.subsamples:
+            msg["value"] = self.subsamples[msg["name"]]
         if msg["is_observed"] or msg["value"] is not None or site_is_subsample(msg):
             return
         name, fn = msg["name"], msg["fn"]
@@ -722,7 +840,7 @@ class FusedSampler(Messenger):
         if logits.dim() < -axis or logits.shape[axis] != FUSED_PASSES:
             raise NotFusable(name)
         hard_logits = logits.select(axis, 0)
-        u = draw_uniform(hard_logits.shape, hard_logits, name, "hard")
+        u = site_uniform(hard_logits.shape, hard_logits, name, "hard")
         noise = logistic_noise(u) if kind == BERNOULLI else gumbel_noise(u)
         b = harden(kind, hard_logits.detach(), noise)
         record = SiteRecord(name, kind, True, b, hard_logits, noise)
@@ -756,6 +874,7 @@ def fused_traces(
     opt_out_key: str,
     conditional_noise: Callable[[SiteRecord], torch.Tensor],
     max_plate_nesting: float,
+    subsamples: dict[str, torch.Tensor] | None = None,
 ):
     """The hard pass and the two relaxed passes of REBAR in one model and guide evaluation.
 
@@ -771,37 +890,34 @@ def fused_traces(
 
     ``temperature(logits)`` gives lambda at a site (on the logits' device and dtype).
 
-    Raises :class:`NotFusable` (the caller falls back to the separate passes) when a site
-    is not handled, the guide has no discrete site, any exception is raised while running
-    on stacked values, or a site's log-probability lacks the pass dimension.
+    Raises :class:`NotFusable` when a site is not handled, the guide has no discrete
+    site, or a site's log-probability lacks the pass dimension; whatever the model or
+    guide raise on the stacked values propagates (the caller decides once per model and
+    guide whether to fuse, see ``RebarELBO``).
     """
-    sampler = FusedSampler(estimator, opt_out_key, temperature, pass_dim, conditional_noise)
+    sampler = FusedSampler(estimator, opt_out_key, temperature, pass_dim, conditional_noise,
+                           subsamples)
     passes = pyro.plate(PASS_PLATE, FUSED_PASSES, dim=pass_dim)
-    try:
-        # The sampler sits outside the plate so that it sees the broadcast distributions.
-        guide_trace = poutine.trace(sampler(passes(guide))).get_trace(*args, **kwargs)
-        if not sampler.result.records:
-            raise NotFusable("no discrete site")
-        names = list(sampler.result.records)
-        model_trace = poutine.trace(
-            # Replay outside the plate: it marks sites done, which stops broadcasting.
-            RelaxedScores(names)(poutine.replay(passes(model), trace=guide_trace))
-        ).get_trace(*args, **kwargs)
-        if is_validation_enabled():
-            check_model_guide_match(model_trace, guide_trace)
-        guide_trace = prune_subsample_sites(guide_trace)
-        model_trace = prune_subsample_sites(model_trace)
-        # Only our relaxed-score distributions see the marked values here, so the guard
-        # against non-arithmetic use (a Python call per torch op) can be off.
-        with torch._C.DisableTorchFunctionSubclass():
-            model_trace.compute_log_prob()
-            # Score parts as Pyro computes them: the score-function part is unscaled and
-            # unmasked (also by masks inside the distribution, which RELAX's control needs).
-            guide_trace.compute_score_parts()
-    except NotFusable:
-        raise
-    except (IndexError, RuntimeError, TypeError, ValueError) as error:
-        raise NotFusable(f"{type(error).__name__}: {error}") from error
+    # The sampler sits outside the plate so that it sees the broadcast distributions.
+    guide_trace = poutine.trace(sampler(passes(guide))).get_trace(*args, **kwargs)
+    if not sampler.result.records:
+        raise NotFusable("no discrete site")
+    names = list(sampler.result.records)
+    model_trace = poutine.trace(
+        # Replay outside the plate: it marks sites done, which stops broadcasting.
+        RelaxedScores(names)(poutine.replay(passes(model), trace=guide_trace))
+    ).get_trace(*args, **kwargs)
+    if is_validation_enabled():
+        check_model_guide_match(model_trace, guide_trace)
+    guide_trace = prune_subsample_sites(guide_trace)
+    model_trace = prune_subsample_sites(model_trace)
+    # Only our relaxed-score distributions see the marked values here, so the guard
+    # against non-arithmetic use (a Python call per torch op) can be off.
+    with torch._C.DisableTorchFunctionSubclass():
+        model_trace.compute_log_prob()
+        # Score parts as Pyro computes them: the score-function part is unscaled and
+        # unmasked (also by masks inside the distribution, which RELAX's control needs).
+        guide_trace.compute_score_parts()
     with torch._C.DisableTorchFunctionSubclass():
         views = [
             (_fused_view(model_trace, pass_dim, k), _fused_view(guide_trace, pass_dim, k))
@@ -809,6 +925,8 @@ def fused_traces(
         ]
     hard_model, hard_guide = views[0]
     check_site_shapes((hard_model, hard_guide), max_plate_nesting)
+    if is_validation_enabled():
+        check_if_enumerated(hard_guide)
     relaxed = [(*views[k], sampler.relaxed_values[k - 1]) for k in (1, 2)]
     return hard_model, hard_guide, sampler.result, relaxed
 
@@ -898,7 +1016,7 @@ def _find_culprit(model, guide, args, kwargs, hard, noise, temperature) -> str:
             name: (r if name == record.name else SiteRecord(name, r.kind, False, r.value,
                                                             seed=r.seed))
             for name, r in hard.records.items()
-        })
+        }, subsamples=hard.subsamples)
         try:
             _relaxed_traces(model, guide, args, kwargs, only, noise, temperature, False)
         except (IndexError, RuntimeError, TypeError, ValueError):

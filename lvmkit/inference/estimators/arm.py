@@ -13,10 +13,12 @@ from pyro.distributions.util import is_identically_zero
 from pyro.infer import Trace_ELBO
 from pyro.infer.enum import get_importance_trace
 from pyro.infer.trace_elbo import _compute_log_r
-from pyro.infer.util import torch_item
+from pyro.infer.util import is_validation_enabled, torch_item
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
+from pyro.util import check_if_enumerated
 
+from lvmkit.inference.estimators import EstimatorError
 from lvmkit.inference.estimators.nvil import (
     discrete_kind,
     innermost,
@@ -34,32 +36,6 @@ _ANTITHETIC = "_lvmkit_arm_antithetic_signal"
 def _bernoulli_logits(fn: dist.Distribution, shape: torch.Size) -> torch.Tensor:
     """The logits of every element of a (wrapped) Bernoulli site's value."""
     return innermost(fn).logits.expand(shape)
-
-
-def _element_mask(site: dict) -> torch.Tensor | None:
-    """Boolean mask over the value's elements from ``poutine.mask`` and ``.mask()``."""
-    shape = site["value"].shape
-    masks = []
-    if torch.is_tensor(site["mask"]):
-        masks.append(site["mask"].reshape(site["mask"].shape + (1,) * site["fn"].event_dim))
-    fn = site["fn"]
-    while isinstance(
-        fn, dist.Independent | torch.distributions.Independent | dist.ExpandedDistribution
-        | dist.MaskedDistribution
-    ):
-        if isinstance(fn, dist.MaskedDistribution) and torch.is_tensor(fn._mask):
-            masks.append(fn._mask.reshape(fn._mask.shape + (1,) * fn.event_dim))
-        elif isinstance(fn, dist.MaskedDistribution) and fn._mask is False:
-            masks.append(torch.zeros((), dtype=torch.bool))
-        fn = fn.base_dist
-    if site["mask"] is False:
-        masks.append(torch.zeros((), dtype=torch.bool))
-    if not masks:
-        return None
-    out = torch.ones(shape, dtype=torch.bool)
-    for m in masks:
-        out = out & m.expand(shape)
-    return out
 
 
 class _BernoulliNoise(Messenger):
@@ -125,6 +101,7 @@ class ARMELBO(Trace_ELBO):
     """
 
     estimator_name = "ARMELBO"
+    objective = "elbo"  # unbiased for the ELBO's gradient (see check.check_unbiased)
 
     def _coefficient(self, f_main, f_anti, u, probs, value) -> torch.Tensor:
         """Per-element gradient of ``E[f]`` with respect to the logits."""
@@ -138,7 +115,7 @@ class ARMELBO(Trace_ELBO):
         if site["fn"].has_rsample:
             return False
         kind = type(innermost(site["fn"])).__name__
-        raise ValueError(
+        raise EstimatorError(
             f"site {name!r}: {self.estimator_name} supports Bernoulli sites (and "
             f"reparameterized continuous ones) only, got {kind}; use NVILELBO or RebarELBO "
             "for categorical sites"
@@ -149,6 +126,8 @@ class ARMELBO(Trace_ELBO):
         model_trace, guide_trace = get_importance_trace(
             "flat", self.max_plate_nesting, model, noise(guide), args, kwargs
         )
+        if is_validation_enabled():
+            check_if_enumerated(guide_trace)  # Pyro's warning, before ours refuses the site
         latents = latent_guide_sites(guide_trace)
         bernoulli = [name for name, site in latents if self._check_site(name, site)]
         uniforms = {name: guide_trace.nodes[name]["infer"][_UNIFORM] for name in bernoulli}
@@ -202,10 +181,10 @@ class ARMELBO(Trace_ELBO):
         f_anti = per_element(site["infer"][_ANTITHETIC])
         logits = _bernoulli_logits(site["fn"], value.shape)
         u = site["infer"][_UNIFORM]
+        # Not masked: a mask removes the site's log-density from the ELBO, not the
+        # dependence of the rest of it on the value drawn (as Trace_ELBO's unmasked score
+        # term); where nothing depends on a masked element, f_anti = f_main there.
         coefficient = self._coefficient(f_main, f_anti, u, torch.sigmoid(logits.detach()), value)
-        mask = _element_mask(site)
-        if mask is not None:
-            coefficient = coefficient * mask
         return (coefficient.detach() * logits).sum()
 
 

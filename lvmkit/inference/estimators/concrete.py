@@ -23,13 +23,11 @@ that is biased as well. :func:`lvmkit.inference.check.check_unbiased` detects th
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-import torch
 from pyro.infer import Trace_ELBO
-from pyro.util import warn_if_nan
+from pyro.infer.util import torch_item
 
 from lvmkit.inference.estimators._relax import (
+    StepNoise,
     elbo_integrand,
     hard_traces,
     log_weight_terms,
@@ -53,6 +51,9 @@ class ConcreteELBO(Trace_ELBO):
     """
 
     estimator_name = "ConcreteELBO"
+    # Aims at the ELBO, biased for it (unbiased only for the relaxed objective, which
+    # check.check_unbiased cannot enumerate): the check is expected to fail.
+    objective = "elbo"
     opt_out_key = "concrete"
 
     def __init__(
@@ -72,44 +73,29 @@ class ConcreteELBO(Trace_ELBO):
         """Floats to log each step (the temperature is fixed)."""
         return {"temperature": self.temperature}
 
-    def differentiable_loss(self, model: Callable, guide: Callable, *args, **kwargs):
-        loss, surrogate = self._loss_and_surrogate(model, guide, args, kwargs)
-        return loss + (surrogate - surrogate.detach())
+    # Pyro's template: Trace_ELBO runs the particles (vectorized or not) and the three
+    # entry points; a particle is a hard pass (the loss) and a relaxed pass (the gradient).
 
-    def loss_and_grads(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
-        loss, surrogate = self._loss_and_surrogate(model, guide, args, kwargs)
-        if surrogate.requires_grad:
-            surrogate.backward(retain_graph=self.retain_graph)
-        return float(loss)
-
-    def _loss_and_surrogate(self, model, guide, args, kwargs):
-        if self.vectorize_particles:
-            if self.max_plate_nesting == float("inf"):
-                self._guess_max_plate_nesting(model, guide, args, kwargs)
-            model = self._vectorized_num_particles(model)
-            guide = self._vectorized_num_particles(guide)
-            repeats = 1
-        else:
-            repeats = self.num_particles
-        loss = 0.0
-        surrogate = 0.0
-        for _ in range(repeats):
+    def _get_trace(self, model, guide, args, kwargs):
+        """The hard pass; what its relaxed pass needs rides on the guide trace (that pass
+        draws nothing new: the hard pass's noise, continuous sites from their RNG state)."""
+        with StepNoise():
             model_trace, guide_trace, hard = hard_traces(
                 model, guide, args, kwargs, self.max_plate_nesting,
                 self.estimator_name, self.opt_out_key,
             )
-            hard_elbo = float(elbo_integrand(model_trace, guide_trace).detach())
-            loss = loss - hard_elbo / self.num_particles
-            noise = {r.name: r.noise for r in hard.relaxed}
-            rmt, rgt, _ = relaxed_traces(
-                model, guide, args, kwargs, hard, noise, self.temperature,
-                self.estimator_name, straight_through=self.straight_through,
-            )
-            particle = elbo_integrand(rmt, rgt) + self._score_terms(rmt, rgt, hard)
-            surrogate = surrogate - particle / self.num_particles
-        loss = torch.as_tensor(loss)
-        warn_if_nan(loss, "loss")
-        return loss, torch.as_tensor(surrogate)
+        guide_trace.concrete_pass = (model, guide, args, kwargs, hard)
+        return model_trace, guide_trace
+
+    def _differentiable_loss_particle(self, model_trace, guide_trace):
+        loss = -torch_item(elbo_integrand(model_trace, guide_trace))
+        model, guide, args, kwargs, hard = guide_trace.concrete_pass
+        noise = {r.name: r.noise for r in hard.relaxed}
+        rmt, rgt, _ = relaxed_traces(
+            model, guide, args, kwargs, hard, noise, self.temperature,
+            self.estimator_name, straight_through=self.straight_through,
+        )
+        return loss, -(elbo_integrand(rmt, rgt) + self._score_terms(rmt, rgt, hard))
 
     @staticmethod
     def _score_terms(model_trace, guide_trace, hard):

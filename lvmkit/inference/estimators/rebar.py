@@ -21,7 +21,9 @@ E[grad c(z~)] = grad E[c(z)]``. ``eta`` and ``lambda`` are tuned online by desce
 
 from __future__ import annotations
 
+import contextlib
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,17 +32,21 @@ import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO
 from pyro.infer.elbo import ELBOModule
-from pyro.infer.util import MultiFrameTensor
+from pyro.infer.util import MultiFrameTensor, torch_item
 from pyro.util import warn_if_nan
 
 from lvmkit._rng import RandomState
+from lvmkit.inference.estimators import EstimatorError
 from lvmkit.inference.estimators._relax import (
     BERNOULLI,
+    FixSubsamples,
     HardPass,
+    NoiseTape,
     NotFusable,
+    StepNoise,
     conditional_gumbel_noise,
     conditional_logistic_noise,
-    draw_uniform,
+    draw_uniform,  # noqa: F401 - tests substitute it here
     elbo_integrand,
     fused_traces,
     graph_leaves,
@@ -48,10 +54,31 @@ from lvmkit.inference.estimators._relax import (
     log_weight_terms,
     plate_nesting,
     relaxed_traces,
+    site_uniform,
     stacked_relaxed_traces,
 )
 
 __all__ = ["RebarELBO"]
+
+_FUSED, _STACKED, _SEQUENTIAL = "fused", "stacked", "sequential"
+
+
+def _same_log_probs(expected, got) -> bool:
+    """Whether two traces have the same sample sites with the same log-probabilities."""
+    sites = [n for n, s in expected.nodes.items() if s["type"] == "sample"]
+    if sites != [n for n, s in got.nodes.items() if s["type"] == "sample"]:
+        return False
+    for name in sites:
+        a, b = expected.nodes[name]["log_prob"], got.nodes[name]["log_prob"]
+        # The fused pass's plate may leave leading singleton dimensions (a global site).
+        if a.shape != b.shape and (a.dim() > b.dim() or b.shape[b.dim() - a.dim():] != a.shape
+                                   or b.numel() != a.numel()):
+            return False
+        with torch._C.DisableTorchFunctionSubclass():
+            if not torch.allclose(a.detach(), b.detach().reshape(a.shape), rtol=1e-4,
+                                  atol=1e-5):
+                return False
+    return True
 
 
 class ControlParameters(torch.nn.Module):
@@ -68,6 +95,7 @@ class ControlParameters(torch.nn.Module):
         )
         self.eta_logits = torch.nn.ParameterDict()
         self.net: torch.nn.Module | None = None
+        self.group_nets = torch.nn.ModuleDict()  # RELAX: one net per other plate group
 
 
 class _ELBOModuleWithControls(ELBOModule):
@@ -132,9 +160,15 @@ class RebarELBO(Trace_ELBO):
     :param variance_ema_decay: decay of the gradient-variance tracker in :meth:`diagnostics`.
     :param fuse_passes: run the hard pass and both relaxed passes as one model and guide
         evaluation inside a plate of size 3 left of the model's plates (like Pyro's
-        vectorized particles) when every guide latent is a relaxable discrete site and the
-        model broadcasts over that plate; else, and with ``False``, a hard pass and one
-        stacked relaxed pass. Same estimator either way; fusing saves per-trace overhead.
+        vectorized particles) when every guide latent is a relaxable discrete site; else,
+        and with ``False``, a hard pass and one stacked relaxed pass (a new leftmost
+        dimension), else the relaxed passes one by one. Which of the three runs is decided
+        once per model and guide, on their first call: the fast path runs on the
+        reference path's noise and mini-batch and is kept only if every site of every pass
+        gets the reference's log-probability (a model that asserts its shapes, reduces over
+        the extra dimension or mixes it into its data does not). Same estimator either way;
+        fusing saves per-trace overhead. A decided fast path that fails later raises
+        :class:`~lvmkit.inference.estimators.EstimatorError`.
 
     With ``differentiable_loss`` (``elbo(model, guide)`` as an ``nn.Module``) the estimator
     takes no optimizer step of its own: the returned surrogate carries the gradient of the
@@ -144,6 +178,7 @@ class RebarELBO(Trace_ELBO):
     """
 
     estimator_name = "RebarELBO"
+    objective = "elbo"  # unbiased for the ELBO's gradient (see check.check_unbiased)
     opt_out_key = "rebar"
 
     def __init__(
@@ -188,9 +223,12 @@ class RebarELBO(Trace_ELBO):
         self._ema_steps = 0
         self._keys_seen: list[str] = []
         self.fuse_passes = fuse_passes
+        # The path of each model/guide pair (by the ids of the callables passed), decided
+        # on its first call; the pairs that do not fuse.
+        self._paths: dict[tuple[int, int], str] = {}
         self._not_fusable: set[tuple[int, int]] = set()
-        self._fused_before: set[tuple[int, int]] = set()
         self._guessed_nesting: dict[tuple[int, int], int] = {}
+        self._watched: set[tuple] = set()
 
     # ----------------------------------------------------------------------------------
     # Public read-outs
@@ -307,6 +345,20 @@ class RebarELBO(Trace_ELBO):
             surrogate = surrogate + sum((g.detach() * p).sum() for p, g in estimate.control_grads)
         return estimate.loss + (surrogate - surrogate.detach())
 
+    def loss(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
+        """The negative ELBO estimate of the hard pass, from the draws that
+        :meth:`loss_and_grads` and :meth:`differentiable_loss` make under the same seed."""
+        with torch.no_grad():
+            model, guide, repeats = self._particle_fns(model, guide, args, kwargs)
+            elbo = 0.0
+            for _ in range(repeats):
+                with StepNoise():
+                    model_trace, guide_trace, _ = self._hard_traces(model, guide, args, kwargs)
+                elbo += torch_item(elbo_integrand(model_trace, guide_trace))
+        loss = -elbo / self.num_particles
+        warn_if_nan(loss, "loss")
+        return loss
+
     def loss_and_grads(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
         """Backpropagate the REBAR estimate, then take one variance-objective Adam step."""
         estimate = self._estimate(model, guide, args, kwargs)
@@ -334,7 +386,7 @@ class RebarELBO(Trace_ELBO):
         return model, guide, self.num_particles
 
     def _estimate(self, model, guide, args, kwargs) -> _Estimate:
-        pair = (id(model), id(guide))
+        pair = self._pair_key(model, guide)
         model, guide, repeats = self._particle_fns(model, guide, args, kwargs)
         loss = 0.0
         surrogate_elbo = 0.0
@@ -343,15 +395,9 @@ class RebarELBO(Trace_ELBO):
         scores: dict[str, list[torch.Tensor]] = {}
         stops: list = []
         for _ in range(repeats):
-            fused = self._fused_traces(pair, model, guide, args, kwargs)
-            if fused is None:
-                model_trace, guide_trace, hard = hard_traces(
-                    model, guide, args, kwargs, self.max_plate_nesting,
-                    self.estimator_name, self.opt_out_key,
-                )
-                passes = None
-            else:
-                model_trace, guide_trace, hard, passes = fused
+            with StepNoise():
+                model_trace, guide_trace, hard, passes = self._passes(pair, model, guide,
+                                                                      args, kwargs)
             loss_p, surrogate_loss_p = Trace_ELBO._differentiable_loss_particle(
                 self, model_trace, guide_trace
             )
@@ -360,9 +406,7 @@ class RebarELBO(Trace_ELBO):
             surrogate_elbo = surrogate_elbo - surrogate_loss_p / self.num_particles
             if not hard.relaxed:
                 continue
-            f_part, r_part = self._control_variate(
-                model, guide, args, kwargs, model_trace, guide_trace, hard, passes
-            )
+            f_part, r_part = self._control_variate(guide_trace, hard, passes)
             cv_f = cv_f + f_part / self.num_particles
             cv_r = cv_r + r_part / self.num_particles
             stops += hard.graph_stops
@@ -375,21 +419,11 @@ class RebarELBO(Trace_ELBO):
             return _Estimate(loss, _as_tensor(surrogate_elbo).neg(), [], [])
         return self._combine(surrogate_elbo, cv_f, cv_r, scores, model, guide, loss, stops)
 
-    def _control_variate(
-        self, model, guide, args, kwargs, model_trace, guide_trace, hard: HardPass,
-        passes: list | None = None,
-    ):
+    def _control_variate(self, guide_trace, hard: HardPass, passes: list):
         """``(B_f, B_r)``: surrogates whose guide-parameter gradients are the control-variate
         parts ``-c(z~) grad log q(b) + grad c(z) - grad c(z~)`` of the relaxed ELBO (B_f)
-        and of an extra learned control (B_r, RELAX).
-
-        ``passes``: the two relaxed passes (``z`` and ``z~``) if the fused evaluation
-        already ran them; else they run here as one model and guide evaluation with the two
-        noises stacked along a new leftmost dimension when the model broadcasts over it,
-        else one after the other (see ``stacked_relaxed_traces``)."""
-        if passes is None:
-            passes = self._relaxed_passes(model, guide, args, kwargs, model_trace,
-                                          guide_trace, hard)
+        and of an extra learned control (B_r, RELAX), from the two relaxed passes (``z``
+        and ``z~``)."""
         (mt_u, gt_u, values_u), (mt_c, gt_c, values_c) = passes
         f_u = elbo_integrand(mt_u, gt_u)
         f_c = elbo_integrand(mt_c, gt_c)
@@ -404,54 +438,173 @@ class RebarELBO(Trace_ELBO):
         cv_r = total_u - total_c + self._score_surrogate(guide_trace, hard, extra_c)
         return cv_f, cv_r
 
-    def _relaxed_passes(self, model, guide, args, kwargs, model_trace, guide_trace,
-                        hard: HardPass) -> list:
-        self._ensure_device(hard.relaxed[0].logits)
-        temperature = self.controls.log_temperature.exp()
-        noise = {r.name: r.noise for r in hard.relaxed}
-        conditional = {r.name: self._conditional_noise(r) for r in hard.relaxed}
-        passes = stacked_relaxed_traces(
-            model, guide, args, kwargs, hard, [noise, conditional], temperature,
-            self.estimator_name, model_trace, guide_trace, detach_scores=True,
-        )
-        if passes is not None:
-            return passes
+    # ----------------------------------------------------------------------------------
+    # Which path runs the passes: decided once per model and guide
+    # ----------------------------------------------------------------------------------
+
+    def _pair_key(self, model, guide) -> tuple:
+        """The key of a model/guide pair in the per-pair decisions: the callables' ids (a
+        bound method's owner and function, as ``obj.model`` is a new object per access).
+        The decisions are forgotten when either owner is garbage collected, so that a new
+        callable that reuses a freed id is checked afresh rather than run on a stale one."""
+        keys, owners = [], []
+        for fn in (model, guide):
+            owner = getattr(fn, "__self__", None)
+            if owner is not None and getattr(fn, "__func__", None) is not None:
+                keys.append((id(owner), id(fn.__func__)))
+            else:
+                owner = fn
+                keys.append(id(fn))
+            owners.append(owner)
+        pair = tuple(keys)
+        if pair not in self._watched:
+            self._watched.add(pair)
+            for owner in owners:
+                try:
+                    weakref.finalize(owner, self._forget, pair)
+                except TypeError:  # not weakly referenceable: nothing can free its id
+                    pass
+        return pair
+
+    def __setstate__(self, state: dict) -> None:
+        # A copy (deepcopy, pickle) watches its pairs afresh: finalizers are not copied.
+        self.__dict__.update(state)
+        self._watched = set()
+
+    def _forget(self, pair: tuple) -> None:
+        for decisions in (self._paths, self._guessed_nesting):
+            decisions.pop(pair, None)
+        self._not_fusable.discard(pair)
+        self._watched.discard(pair)
+
+    def _passes(self, pair: tuple[int, int], model, guide, args, kwargs):
+        """``(model_trace, guide_trace, hard, passes)``: the hard pass and, if it relaxed
+        any site, both relaxed passes (``None`` otherwise), run along the path decided for
+        this model/guide pair on its first call (see :meth:`_first_passes`)."""
+        path = self._paths.get(pair)
+        if path is None:
+            return self._first_passes(pair, model, guide, args, kwargs)
+        if path == _FUSED:
+            try:
+                return self._run_fused(pair, model, guide, args, kwargs)
+            except NotFusable as error:
+                raise EstimatorError(
+                    f"{self.estimator_name}: the fused pass ran for this model and guide on"
+                    f" their first call but not now ({error}); a model whose sites change"
+                    " from call to call needs fuse_passes=False"
+                ) from error
+        model_trace, guide_trace, hard = self._hard_traces(model, guide, args, kwargs)
+        if not hard.relaxed:
+            return model_trace, guide_trace, hard, None
+        noises = self._noises(hard)
+        if path == _STACKED:
+            passes = self._run_stacked(model, guide, args, kwargs, model_trace, guide_trace,
+                                       hard, noises)
+            if passes is None:
+                raise EstimatorError(
+                    f"{self.estimator_name}: the stacked relaxed passes ran for this model and"
+                    " guide on their first call but not now; a model whose sites change from"
+                    " call to call needs fuse_passes=False"
+                )
+        else:
+            passes = self._run_sequential(model, guide, args, kwargs, hard, noises)
+        return model_trace, guide_trace, hard, passes
+
+    def _first_passes(self, pair: tuple[int, int], model, guide, args, kwargs):
+        """The first call of a model/guide pair runs the reference path (hard pass, then
+        the relaxed passes one by one), and then the fast path (the fused pass if every
+        guide latent is relaxed and ``fuse_passes``, else the stacked relaxed passes) on
+        the same noise and mini-batch, which draws nothing itself. The fast path is taken
+        from then on only if it gives every site of every pass the reference's
+        log-probability: a model that asserts its own shapes, reduces over the extra
+        leftmost dimension or mixes it into its data fails that check instead of being
+        run wrongly, and nothing of it is caught on later calls."""
+        with NoiseTape() as tape:
+            model_trace, guide_trace, hard = self._hard_traces(model, guide, args, kwargs)
+            if not hard.relaxed:
+                # Nothing to relax (every discrete site opted out): the separate passes.
+                self._paths[pair] = _SEQUENTIAL
+                self._not_fusable.add(pair)
+                return model_trace, guide_trace, hard, None
+            noises = self._noises(hard)
+        reference = self._run_sequential(model, guide, args, kwargs, hard, noises)
+        expected = [(model_trace, guide_trace), *((m, g) for m, g, _ in reference)]
+        fusable = self.fuse_passes and all(r.relaxed for r in hard.records.values())
+        if fusable:
+            fused = self._verified(expected, lambda: self._run_fused(
+                pair, model, guide, args, kwargs, replay=tape.drawn,
+                subsamples=hard.subsamples,
+            ))
+            if fused is not None:
+                self._paths[pair] = _FUSED
+                return fused
+        self._not_fusable.add(pair)
+        stacked = self._verified(expected, lambda: (
+            model_trace, guide_trace, hard,
+            self._run_stacked(model, guide, args, kwargs, model_trace, guide_trace, hard,
+                              noises),
+        ))
+        if stacked is not None:
+            self._paths[pair] = _STACKED
+            return stacked
+        self._paths[pair] = _SEQUENTIAL
+        return model_trace, guide_trace, hard, reference
+
+    @staticmethod
+    def _verified(expected: list, run: Callable):
+        """``run()``'s result if it ran and matches ``expected`` pass for pass, else None."""
+        try:
+            result = run()
+        except Exception:  # noqa: BLE001 - any failure on the stacked values disqualifies
+            return None
+        model_trace, guide_trace, _, passes = result
+        if passes is None:
+            return None
+        got = [(model_trace, guide_trace), *((m, g) for m, g, _ in passes)]
+        if all(_same_log_probs(a, b) for pair in zip(expected, got, strict=True)
+               for a, b in zip(*pair, strict=True)):
+            return result
+        return None
+
+    def _hard_traces(self, model, guide, args, kwargs):
+        return hard_traces(model, guide, args, kwargs, self.max_plate_nesting,
+                           self.estimator_name, self.opt_out_key)
+
+    def _noises(self, hard: HardPass) -> list[dict[str, torch.Tensor]]:
+        """The noise of the relaxed pass (the hard pass's) and of the conditional one."""
         return [
-            relaxed_traces(
-                model, guide, args, kwargs, hard, n, temperature, self.estimator_name,
-                detach_scores=True,
-            )
-            for n in (noise, conditional)
+            {r.name: r.noise for r in hard.relaxed},
+            {r.name: self._conditional_noise(r) for r in hard.relaxed},
         ]
 
-    def _fused_traces(self, pair: tuple[int, int], model, guide, args, kwargs):
-        """The hard and both relaxed passes in one evaluation (``fused_traces``), or
-        ``None`` where that cannot run; a model/guide pair that failed once is not tried
-        again (keyed by the ids of the callables the user passed)."""
-        if not self.fuse_passes or pair in self._not_fusable:
-            return None
-        # A failed attempt leaves the random stream as it found it, so that a seeded run
-        # draws the same numbers as with ``fuse_passes=False``. Failures happen on the first
-        # attempt (a later one, should a model change, still falls back correctly), so the
-        # state is saved only until a pair has fused once: on a GPU saving it waits for
-        # the device. The attempt draws only from torch: Python's and NumPy's are skipped.
-        rng = None if pair in self._fused_before else RandomState(torch_only=True)
-        try:
-            nesting = self._plate_nesting(pair, model, guide, args, kwargs)
-            fused = fused_traces(
+    def _run_fused(self, pair, model, guide, args, kwargs, replay=None, subsamples=None):
+        nesting = self._plate_nesting(pair, model, guide, args, kwargs, subsamples)
+        with NoiseTape(replay) if replay is not None else contextlib.nullcontext():
+            hard_model, hard_guide, hard, passes = fused_traces(
                 model, guide, args, kwargs, -nesting - 1, self._temperature_like,
                 self.estimator_name, self.opt_out_key, self._conditional_noise,
-                self.max_plate_nesting,
+                self.max_plate_nesting, subsamples,
             )
-        except NotFusable:
-            self._not_fusable.add(pair)
-            if rng is not None:
-                rng.restore()
-            return None
-        self._fused_before.add(pair)
-        return fused
+        return hard_model, hard_guide, hard, passes
 
-    def _plate_nesting(self, pair: tuple[int, int], model, guide, args, kwargs) -> int:
+    def _run_stacked(self, model, guide, args, kwargs, model_trace, guide_trace, hard,
+                     noises):
+        temperature = self._temperature_like(hard.relaxed[0].logits)
+        return stacked_relaxed_traces(
+            model, guide, args, kwargs, hard, noises, temperature, self.estimator_name,
+            model_trace, guide_trace, detach_scores=True,
+        )
+
+    def _run_sequential(self, model, guide, args, kwargs, hard, noises) -> list:
+        temperature = self._temperature_like(hard.relaxed[0].logits)
+        return [
+            relaxed_traces(model, guide, args, kwargs, hard, noise, temperature,
+                           self.estimator_name, detach_scores=True)
+            for noise in noises
+        ]
+
+    def _plate_nesting(self, pair: tuple[int, int], model, guide, args, kwargs,
+                       subsamples: dict | None = None) -> int:
         """Plate dimensions the model and guide use (``max_plate_nesting`` if set, else
         found once per model/guide pair from one run of both, as Pyro does for vectorized
         particles)."""
@@ -461,7 +614,8 @@ class RebarELBO(Trace_ELBO):
             # Without drawing from the random stream: a seeded run (or one resumed from a
             # checkpoint, where this first happens later) then draws the same numbers.
             with RandomState(), poutine.block():
-                guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+                guide_trace = poutine.trace(FixSubsamples(subsamples or {})(guide)).get_trace(
+                    *args, **kwargs)
                 model_trace = poutine.trace(
                     poutine.replay(model, trace=guide_trace)
                 ).get_trace(*args, **kwargs)
@@ -490,7 +644,7 @@ class RebarELBO(Trace_ELBO):
         return None
 
     def _conditional_noise(self, record) -> torch.Tensor:
-        v = draw_uniform(record.logits.shape, record.logits, record.name, "conditional")
+        v = site_uniform(record.logits.shape, record.logits, record.name, "conditional")
         if record.kind == BERNOULLI:
             return conditional_logistic_noise(record.logits, record.value, v)
         return conditional_gumbel_noise(record.logits, record.value, v)
@@ -518,11 +672,20 @@ class RebarELBO(Trace_ELBO):
     def _net_learnable(self) -> bool:
         return False
 
+    def _learnable_nets(self) -> list[torch.nn.Module]:
+        """Hook for RELAX: its control networks."""
+        return []
+
     def _combine(
         self, surrogate_elbo, cv_f, cv_r, scores, model, guide, loss, stops=()
     ) -> _Estimate:
         controls = self._control_ids()
         leaves, keys = self._leaves_and_keys(scores, model, guide, stops, controls)
+        if not leaves:
+            # No learnable parameter behind any relaxed site's distribution (fixed probs,
+            # say): the control variate has nothing to act on, and the estimate is the
+            # hard pass's gradient alone (Trace_ELBO's, whose score terms are then zero).
+            return _Estimate(loss, _as_tensor(surrogate_elbo).neg(), [], [])
         learn = self._learnables_requested()
         etas = {key: self._eta_tensor(key, leaves[0]) for key in dict.fromkeys(keys)}
         has_extra = torch.is_tensor(cv_r) and cv_r.requires_grad  # RELAX's learned control
@@ -615,8 +778,9 @@ class RebarELBO(Trace_ELBO):
             out += [self.controls.eta_logits[_sanitize(k)] for k in etas]
         if self.learn_temperature:
             out.append(self.controls.log_temperature)
-        if self._net_learnable() and self.controls.net is not None:
-            out += list(self.controls.net.parameters())
+        if self._net_learnable():
+            for net in self._learnable_nets():
+                out += list(net.parameters())
         return out
 
     def _step_controls(self, control_grads) -> None:

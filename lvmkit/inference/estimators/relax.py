@@ -21,7 +21,8 @@ import torch
 from pyro.infer.util import MultiFrameTensor
 
 from lvmkit.inference.estimators._relax import EstimatorError, HardPass
-from lvmkit.inference.estimators.rebar import RebarELBO
+from lvmkit.inference.estimators.nvil import _PARTICLE_PLATE
+from lvmkit.inference.estimators.rebar import RebarELBO, _sanitize
 
 __all__ = ["RelaxELBO"]
 
@@ -40,7 +41,10 @@ class RelaxELBO(RebarELBO):
     (its input size is known then); pass ``input_size`` to create it up front, e.g. before
     handing ``elbo(model, guide).parameters()`` to an optimizer.
 
-    All discrete sites must sit in the same plates (the usual ``pyro.plate("data")``).
+    Discrete sites in different plates (a global latent beside a ``pyro.plate("data")``,
+    say) get one network per group of sites that share their plates (``controls.net`` for
+    the first group sampled, ``controls.group_nets[plates]`` for the others), each output
+    Rao-Blackwellized by its own plates.
 
     :param hidden_size: width of ``r_rho``'s hidden layer.
     :param learn_net: train ``rho`` on the variance objective.
@@ -80,7 +84,10 @@ class RelaxELBO(RebarELBO):
     def _net_learnable(self) -> bool:
         return self.learn_net
 
-    def _build_net(self, input_size: int, like: torch.Tensor) -> torch.nn.Module:
+    def _build_net(self, input_size: int, like: torch.Tensor, group: str | None = None
+                   ) -> torch.nn.Module:
+        """A zero-output control net; the first plate group's is ``controls.net``, any
+        other group's ``controls.group_nets[group]``."""
         net = torch.nn.Sequential(
             torch.nn.Linear(input_size, self.hidden_size),
             torch.nn.Tanh(),
@@ -91,52 +98,79 @@ class RelaxELBO(RebarELBO):
         net.to(device=like.device, dtype=like.dtype)
         for p in net.parameters():
             p.requires_grad_(self.learn_net)
-        self.controls.net = net
+        if group is None:
+            self.controls.net = net
+        else:
+            self.controls.group_nets[group] = net
         return net
 
     def _restore_net(self, controls: dict) -> None:
         weight = controls.get("net.0.weight")
         if weight is not None and self.controls.net is None:
             self._build_net(weight.shape[1], weight)
+        prefix, suffix = "group_nets.", ".0.weight"
+        for key, weight in controls.items():
+            if key.startswith(prefix) and key.endswith(suffix):
+                group = key[len(prefix):-len(suffix)]
+                if group not in self.controls.group_nets:
+                    self._build_net(weight.shape[1], weight, group)
 
     def _extra_control(self, values, guide_trace, hard: HardPass) -> MultiFrameTensor:
-        """``r_rho`` of the relaxed values, one term per plate element."""
-        features, site = self._features(values, guide_trace, hard)
-        net = self.controls.net
-        if net is None:
-            net = self._build_net(features.shape[-1], features)
-        elif net[0].in_features != features.shape[-1]:
-            raise EstimatorError(
-                f"{self.estimator_name}: the control network was built for "
-                f"{net[0].in_features} relaxed features per plate element, but the discrete"
-                f" sites now give {features.shape[-1]}"
-            )
-        out = net(features).squeeze(-1)
-        scale = site["scale"]
-        return MultiFrameTensor((site["cond_indep_stack"], out * scale))
+        """``r_rho`` of the relaxed values, one term per element of the plates of each
+        group of discrete sites that sit in the same plates (one net per group)."""
+        terms = MultiFrameTensor()
+        for index, (group, records) in enumerate(_plate_groups(guide_trace, hard).items()):
+            site = guide_trace.nodes[records[0].name]
+            features = _features(values, guide_trace, records)
+            net = self._group_net(index, group, features)
+            out = net(features).squeeze(-1)
+            terms.add((site["cond_indep_stack"], out * site["scale"]))
+        return terms
 
-    def _features(self, values, guide_trace, hard: HardPass):
-        """Concatenate the relaxed values along a feature axis, broadcasting plate dims."""
-        first = None
-        pieces = []
-        for record in hard.relaxed:
-            site = guide_trace.nodes[record.name]
-            frames = frozenset(f for f in site["cond_indep_stack"] if f.vectorized)
-            if first is None:
-                first, first_frames = site, frames
-            elif frames != first_frames:
-                raise EstimatorError(
-                    f"{self.estimator_name}: site {record.name!r} is in plates "
-                    f"{sorted(f.name for f in frames)} but site {first['name']!r} in "
-                    f"{sorted(f.name for f in first_frames)}; the control network needs all"
-                    " discrete sites in the same plates"
-                )
-            value = values[record.name]
-            event_dim = site["fn"].event_dim
-            batch_shape = value.shape[: value.dim() - event_dim]
-            pieces.append(value.reshape(batch_shape + (-1,)))
-        ndim = max(p.dim() for p in pieces)
-        pieces = [p.reshape((1,) * (ndim - p.dim()) + p.shape) for p in pieces]
-        batch = torch.broadcast_shapes(*(p.shape[:-1] for p in pieces))
-        features = torch.cat([p.expand(batch + p.shape[-1:]) for p in pieces], dim=-1)
-        return features, first
+    def _group_net(self, index: int, group: str, features: torch.Tensor) -> torch.nn.Module:
+        if index == 0:
+            net = self.controls.net
+        else:
+            group = _sanitize(group)
+            net = self.controls.group_nets[group] if group in self.controls.group_nets else None
+        if net is None:
+            return self._build_net(features.shape[-1], features, None if index == 0 else group)
+        if net[0].in_features != features.shape[-1]:
+            raise EstimatorError(
+                f"{self.estimator_name}: the control network of plates {group!r} was built "
+                f"for {net[0].in_features} relaxed features per plate element, but the "
+                f"discrete sites now give {features.shape[-1]}"
+            )
+        return net
+
+    def _learnable_nets(self) -> list[torch.nn.Module]:
+        nets = [] if self.controls.net is None else [self.controls.net]
+        return nets + list(self.controls.group_nets.values())
+
+
+def _plate_groups(guide_trace, hard: HardPass) -> dict[str, list]:
+    """The relaxed sites grouped by the vectorized plates they sit in, in sampling order;
+    keyed by the plates' names (``"global"`` for none; vectorized particles are in every
+    group and not named)."""
+    groups: dict[str, list] = {}
+    for record in hard.relaxed:
+        frames = guide_trace.nodes[record.name]["cond_indep_stack"]
+        names = sorted(f.name for f in frames if f.vectorized and f.name != _PARTICLE_PLATE)
+        groups.setdefault("+".join(names) or "global", []).append(record)
+    return groups
+
+
+def _features(values, guide_trace, records) -> torch.Tensor:
+    """Concatenate the relaxed values of sites in the same plates along a feature axis,
+    broadcasting their batch dims."""
+    pieces = []
+    for record in records:
+        site = guide_trace.nodes[record.name]
+        value = values[record.name]
+        event_dim = site["fn"].event_dim
+        batch_shape = value.shape[: value.dim() - event_dim]
+        pieces.append(value.reshape(batch_shape + (-1,)))
+    ndim = max(p.dim() for p in pieces)
+    pieces = [p.reshape((1,) * (ndim - p.dim()) + p.shape) for p in pieces]
+    batch = torch.broadcast_shapes(*(p.shape[:-1] for p in pieces))
+    return torch.cat([p.expand(batch + p.shape[-1:]) for p in pieces], dim=-1)

@@ -2,26 +2,24 @@
 
 from __future__ import annotations
 
-import itertools
 import math
-from collections.abc import Callable
 
-import pyro
-import pyro.poutine as poutine
 import torch
 from pyro.distributions.util import is_identically_zero
 from pyro.infer import Trace_ELBO
-from pyro.poutine.util import prune_subsample_sites, site_is_subsample
+from pyro.infer.util import torch_item
+from pyro.poutine.util import site_is_subsample
+from pyro.util import warn_if_nan
 
+from lvmkit.inference.estimators import EstimatorError
+from lvmkit.inference.estimators._relax import plate_nesting
 from lvmkit.inference.estimators.nvil import (
     _PARTICLE_PLATE,
-    discrete_kind,
-    innermost,
     latent_guide_sites,
     refuse_enumerated,
 )
 
-__all__ = ["VIMCOELBO", "exact_iwae_gradient"]
+__all__ = ["VIMCOELBO"]
 
 
 def _sample_sites(trace) -> list[tuple[str, dict]]:
@@ -51,19 +49,19 @@ def _common_scale(sites: list[tuple[str, dict]]) -> float:
         scale = site["scale"]
         if torch.is_tensor(scale):
             if scale.numel() != 1:
-                raise ValueError(
+                raise EstimatorError(
                     f"site {name!r}: VIMCOELBO needs a scalar scale, got shape {tuple(scale.shape)}"
                 )
             scale = float(scale)
         scales[name] = float(scale)
     if len(set(scales.values())) > 1:
-        raise ValueError(
+        raise EstimatorError(
             "VIMCOELBO needs every sample site to have the same scale (subsampling factor), "
             f"because the importance weights of a datum combine them; got {scales}"
         )
     scale = next(iter(scales.values()), 1.0)
     if scale <= 0:
-        raise ValueError(f"VIMCOELBO needs a positive scale, got {scale}")
+        raise EstimatorError(f"VIMCOELBO needs a positive scale, got {scale}")
     return scale
 
 
@@ -96,13 +94,19 @@ class VIMCOELBO(Trace_ELBO):
     Independence: the bound is taken per element of the plates that *every* sample site
     (model and guide) shares, typically the ``"data"`` plate, i.e. the estimate is of
     ``scale * sum_i L_K(x_i)``; sites outside such a plate make it one joint bound. All
-    sites must then have the same subsampling scale ``scale``. The particles are always
-    vectorized (``vectorize_particles=True``). ``loss`` returns ``-L_K`` (estimated), not
+    sites must then have the same subsampling scale ``scale``. The particles are
+    vectorized by default (Pyro's ``vectorize_particles``); with
+    ``vectorize_particles=False`` they are K traces, for models whose plates or parameters
+    assume no particle dimension (same estimator). ``loss`` returns ``-L_K`` (estimated), not
     the ELBO.
 
-    This estimates the gradient of ``L_K``, *not* of the ELBO; :func:`exact_iwae_gradient`
-    computes the exact ``L_K`` gradient for small discrete guides.
+    This estimates the gradient of ``L_K``, *not* of the ELBO (``objective = "iwae"``);
+    :func:`lvmkit.inference.check.exact_iwae_gradient` computes the exact ``L_K`` gradient
+    for small discrete guides, and :func:`~lvmkit.inference.check.check_unbiased` tests
+    against it.
     """
+
+    objective = "iwae"  # the K-sample bound, K = num_particles
 
     def __init__(self, num_particles: int = 2, **kwargs) -> None:
         if num_particles < 2:
@@ -110,13 +114,13 @@ class VIMCOELBO(Trace_ELBO):
                 f"VIMCOELBO needs num_particles >= 2 for its leave-one-out baselines, "
                 f"got {num_particles}"
             )
-        if kwargs.pop("vectorize_particles", True) is not True:
-            raise ValueError("VIMCOELBO always vectorizes its particles")
-        super().__init__(num_particles=num_particles, vectorize_particles=True, **kwargs)
+        super().__init__(num_particles=num_particles,
+                         vectorize_particles=kwargs.pop("vectorize_particles", True), **kwargs)
 
-    def _particle_terms(self, model_trace, guide_trace):
+    def _particle_terms(self, model_trace, guide_trace, ndim: int | None = None):
         """``(log_w, score, scale, pdim)``: per-particle log-weights and guide scores,
-        summed to the shared plates, with the particle dim at ``pdim``."""
+        summed to the shared plates (``ndim`` batch dims), with the particle dim at
+        ``pdim`` (``None`` for a trace of one particle)."""
         guide_latents = latent_guide_sites(guide_trace)
         for name, site in guide_latents:
             refuse_enumerated(name, site, "VIMCOELBO")
@@ -126,11 +130,11 @@ class VIMCOELBO(Trace_ELBO):
         guide_sites = _sample_sites(guide_trace)
         sites = _sample_sites(model_trace) + guide_sites
         particle_frame = next(
-            f for f in sites[0][1]["cond_indep_stack"] if f.name == _PARTICLE_PLATE
+            (f for f in sites[0][1]["cond_indep_stack"] if f.name == _PARTICLE_PLATE), None
         )
         shared = frozenset.intersection(*(_vectorized_frames(s) for _, s in sites))
         keep = {f.dim for f in shared}
-        ndim = int(self.max_plate_nesting)
+        ndim = int(self.max_plate_nesting) if ndim is None else ndim
         scale = _common_scale(sites)
 
         log_w = 0.0
@@ -146,10 +150,10 @@ class VIMCOELBO(Trace_ELBO):
                 if mask is not None:
                     score_term = score_term * mask
                 score = score + _sum_to(score_term, keep, ndim)
-        return log_w, score, scale, particle_frame.dim
+        return log_w, score, scale, None if particle_frame is None else particle_frame.dim
 
-    def _differentiable_loss_particle(self, model_trace, guide_trace):
-        log_w, score, scale, pdim = self._particle_terms(model_trace, guide_trace)
+    def _objective(self, log_w, score, scale: float, pdim: int):
+        """``(-s L_K estimate, surrogate)`` from the particles' log-weights along ``pdim``."""
         k = self.num_particles
         log_w_det = log_w.detach()
         bound = torch.logsumexp(log_w_det, pdim, keepdim=True) - math.log(k)
@@ -157,15 +161,57 @@ class VIMCOELBO(Trace_ELBO):
         if torch.is_tensor(score):
             signal = bound - _leave_one_out_bound(log_w_det, pdim)
             surrogate = surrogate + (signal * score).sum(pdim, keepdim=True)
+        return -scale * float(bound.sum()), -scale * surrogate.sum()
+
+    def _differentiable_loss_particle(self, model_trace, guide_trace):
+        if not _sample_sites(model_trace) + _sample_sites(guide_trace):
+            return 0.0, 0.0  # an empty program, as Trace_ELBO scores it
+        loss, surrogate = self._objective(*self._particle_terms(model_trace, guide_trace))
         # Trace_ELBO divides by num_particles; the vectorized trace holds all K at once.
-        loss = -k * scale * float(bound.sum())
-        return loss, -k * scale * surrogate.sum()
+        return self.num_particles * loss, self.num_particles * surrogate
+
+    def _sequential(self, model, guide, args, kwargs):
+        """``vectorize_particles=False``: the K particles as K traces (for models whose
+        plates or parameters assume no particle dimension), their terms stacked along a
+        new leftmost dimension; ``(loss, surrogate)``."""
+        traces = [self._get_trace(model, guide, args, kwargs) for _ in range(self.num_particles)]
+        if not any(_sample_sites(m) + _sample_sites(g) for m, g in traces):
+            return 0.0, 0.0
+        ndim = max(plate_nesting(m, g) for m, g in traces)
+        terms = [self._particle_terms(m, g, ndim) for m, g in traces]
+        scales = {t[2] for t in terms}
+        if len(scales) > 1:
+            raise EstimatorError(f"VIMCOELBO: the particles have different scales {scales}")
+        log_w = torch.stack(torch.broadcast_tensors(*(t[0] for t in terms)))
+        scores = [torch.as_tensor(t[1], dtype=log_w.dtype, device=log_w.device) for t in terms]
+        score = torch.stack(torch.broadcast_tensors(*scores))
+        return self._objective(log_w, score, scales.pop(), -(ndim + 1))
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        if self.vectorize_particles:
+            return super().differentiable_loss(model, guide, *args, **kwargs)
+        loss, surrogate = self._sequential(model, guide, args, kwargs)
+        warn_if_nan(surrogate, "loss")
+        return loss + (surrogate - torch_item(surrogate))
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        if self.vectorize_particles:
+            return super().loss_and_grads(model, guide, *args, **kwargs)
+        loss, surrogate = self._sequential(model, guide, args, kwargs)
+        if getattr(surrogate, "requires_grad", False):
+            surrogate.backward(retain_graph=self.retain_graph)
+        warn_if_nan(loss, "loss")
+        return loss
 
     def loss(self, model, guide, *args, **kwargs) -> float:
         """Estimate of ``-L_K`` (negative importance-weighted bound)."""
         with torch.no_grad():
+            if not self.vectorize_particles:
+                return self._sequential(model, guide, args, kwargs)[0]
             total = 0.0
             for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+                if not _sample_sites(model_trace) + _sample_sites(guide_trace):
+                    continue
                 log_w, _, scale, pdim = self._particle_terms(model_trace, guide_trace)
                 bound = torch.logsumexp(log_w, pdim) - math.log(self.num_particles)
                 total -= scale * float(bound.sum())
@@ -173,153 +219,29 @@ class VIMCOELBO(Trace_ELBO):
 
 
 def _leave_one_out_bound(log_w: torch.Tensor, dim: int) -> torch.Tensor:
-    """``L_{-k}``: the bound with ``log w_k`` replaced by the mean of the other log-weights."""
-    k = log_w.shape[dim]
-    moved = log_w.movedim(dim, 0)
-    others_mean = (moved.sum(0, keepdim=True) - moved) / (k - 1)
-    grid = moved.unsqueeze(0).expand((k,) + moved.shape).clone()
-    index = torch.arange(k)
-    grid[index, index] = others_mean
-    return (torch.logsumexp(grid, 1) - math.log(k)).movedim(0, dim)
+    """``L_{-k}``: the bound with ``log w_k`` replaced by the mean of the other log-weights.
 
-
-# --------------------------------------------------------------------------------------
-# Exact gradient of the K-sample bound, for tests on tiny discrete models
-# --------------------------------------------------------------------------------------
-
-
-def _per_datum(sites: list[tuple[str, dict]]) -> torch.Tensor:
-    """Sum of the sites' log-probs per row of the ``"data"`` plate."""
-    total = 0.0
-    for _, site in sites:
-        lp = site["log_prob"]
-        frame = next(f for f in site["cond_indep_stack"] if f.name == "data")
-        per_row = lp.movedim(lp.dim() + frame.dim, 0)
-        total = total + per_row.reshape(per_row.shape[0], -1).sum(-1)
-    return total
-
-
-def _iwae_gradient_draws(
-    model: Callable,
-    guide: Callable,
-    x: torch.Tensor,
-    num_particles: int,
-    params: list[str] | None,
-    num_continuous_draws: int,
-    seed: int,
-    max_terms: int,
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Mean and standard error (over continuous-noise draws) of the exact gradient."""
-    n = x.shape[0]
-    reference = prune_subsample_sites(poutine.trace(guide).get_trace(x))
-    sites = latent_guide_sites(reference)
-    discrete, continuous, choices, axis = [], [], [], {}
-    for name, site in sites:
-        frame = next((f for f in site["cond_indep_stack"] if f.name == "data"), None)
-        if frame is None or frame.size != n or frame.full_size not in (None, n):
-            raise ValueError(f"site {name!r}: must lie in an unsubsampled 'data' plate of size {n}")
-        kind = discrete_kind(site["fn"])
-        if kind is None:
-            if not site["fn"].has_rsample:
-                raise ValueError(f"site {name!r}: continuous sites must be reparameterizable")
-            continuous.append(name)
-            continue
-        axis[name] = site["value"].dim() - site["fn"].event_dim + frame.dim
-        unit_shape = site["value"].select(axis[name], 0).shape
-        if kind == "bernoulli":
-            units = int(math.prod(unit_shape))
-            support = [
-                torch.tensor(v, dtype=x.dtype).reshape(unit_shape)
-                for v in itertools.product([0.0, 1.0], repeat=units)
-            ]
-        else:
-            if (kind == "onehot" and len(unit_shape) > 1) or (kind == "categorical" and unit_shape):
-                raise ValueError(f"site {name!r}: only one categorical variable per datum")
-            base = innermost(site["fn"])
-            values = base.enumerate_support(expand=False)
-            support = [v.to(x.dtype).reshape(unit_shape) for v in values.reshape(-1, *unit_shape)]
-        discrete.append((name, site))
-        choices.append(support)
-    configs = list(itertools.product(*choices))
-    if len(configs) ** num_particles > max_terms:
-        raise ValueError(
-            f"{len(configs)}^{num_particles} particle tuples exceed max_terms={max_terms}"
-        )
-    tuples = torch.tensor(list(itertools.product(range(len(configs)), repeat=num_particles)))
-    store = dict(pyro.get_param_store().named_parameters())
-    names = list(params) if params is not None else list(store)
-    draws = num_continuous_draws if continuous else 1
-    samples = {name: [] for name in names}
-    for draw in range(draws):
-        log_q = torch.zeros(num_particles, len(configs), n)
-        log_w = torch.zeros(num_particles, len(configs), n)
-        for k in range(num_particles):
-            for c, config in enumerate(configs):
-                data = {
-                    name: value.unsqueeze(axis[name]).expand(site["value"].shape)
-                    for (name, site), value in zip(discrete, config, strict=True)
-                }
-                with torch.random.fork_rng():
-                    # Common random numbers: every configuration of particle k sees the same
-                    # continuous noise.
-                    torch.manual_seed(seed + 1 + draw * num_particles + k)
-                    guide_trace = poutine.trace(poutine.condition(guide, data=data)).get_trace(x)
-                for name in data:
-                    # Conditioned sites are still latent: the model replays them.
-                    guide_trace.nodes[name]["is_observed"] = False
-                model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
-                guide_trace.compute_log_prob()
-                model_trace.compute_log_prob()
-                q_discrete = _per_datum([(name, guide_trace.nodes[name]) for name, _ in discrete])
-                q_all = _per_datum(latent_guide_sites(guide_trace))
-                where = (torch.tensor(k), torch.tensor(c))
-                log_q = log_q.index_put(where, q_discrete)
-                log_w = log_w.index_put(where, _per_datum(_sample_sites(model_trace)) - q_all)
-        particle = torch.arange(num_particles)
-        weight = log_q[particle, tuples].sum(1).exp()  # (T, N)
-        bound = torch.logsumexp(log_w[particle, tuples], 1) - math.log(num_particles)
-        loss = -(weight * bound).sum()
-        grads = torch.autograd.grad(loss, [store[name] for name in names], allow_unused=True)
-        for name, g in zip(names, grads, strict=True):
-            samples[name].append(torch.zeros_like(store[name]) if g is None else g.detach())
-    mean, stderr = {}, {}
-    for name, values in samples.items():
-        stacked = torch.stack(values)
-        mean[name] = stacked.mean(0)
-        stderr[name] = (
-            stacked.std(0) / math.sqrt(draws) if draws > 1 else torch.zeros_like(mean[name])
-        )
-    return mean, stderr
-
-
-def exact_iwae_gradient(
-    model: Callable,
-    guide: Callable,
-    x: torch.Tensor,
-    *,
-    num_particles: int,
-    params: list[str] | None = None,
-    num_continuous_draws: int = 64,
-    seed: int = 0,
-    max_terms: int = 2**16,
-) -> dict[str, torch.Tensor]:
-    """Gradient of the loss ``-sum_i L_K(x_i)`` by enumeration (tests on tiny models).
-
-    The guide's latent sites must lie in an unsubsampled ``"data"`` plate over the rows of
-    ``x``. Every per-datum configuration ``c`` of all discrete units (``Bernoulli``,
-    ``OneHotCategorical``, ``Categorical``) is scored by conditioning the guide on ``c`` for
-    all rows, and ``L_K(x_i) = sum_{c_1..c_K} prod_k q(c_k | x_i) log mean_k w_i(c_k)`` is
-    summed over all ``C^K`` particle tuples and differentiated with autograd.
-
-    Reparameterized continuous sites cannot be enumerated: the result is then a Monte-Carlo
-    mean over ``num_continuous_draws`` noise draws per particle, the same noise for every
-    configuration (common random numbers), i.e. exact only up to Monte-Carlo error.
-
-    :param params: param-store names to differentiate (default: every stored param).
-    :raises ValueError: for non-reparameterized continuous sites, sites outside the data
-        plate, or more than ``max_terms`` tuples.
+    ``L_{-k} = log (1/K) [sum_{j != k} w_j + exp(mean_{j != k} log w_j)]`` for every ``k``
+    in O(K) time and memory (a K x K grid of log-weights would need K^2: 10 GB at
+    K = 50,000). Each sum is taken relative to the largest term it contains: for ``k`` not
+    the argmax that is the overall maximum ``M``, and ``sum_{j != k}`` is ``S - w_k`` with
+    ``S >= 1 + w_k`` (relative to ``M``), so the subtraction loses at most a few ulps; for
+    the argmax itself the other terms are summed directly relative to their own maximum,
+    as ``S - w_k`` would cancel catastrophically there (and underflow to ``log 0``).
     """
-    mean, _ = _iwae_gradient_draws(
-        model, guide, x, num_particles, params, num_continuous_draws, seed, max_terms
-    )
-    return mean
+    k = log_w.shape[dim]
+    moved = log_w.detach().movedim(dim, 0)
+    others_mean = (moved.sum(0, keepdim=True) - moved) / (k - 1)
+    top, top_index = moved.max(0, keepdim=True)
+    is_top = torch.zeros_like(moved, dtype=torch.bool).scatter_(0, top_index, True)
+    scaled = (moved - top).exp()
+    # For k != argmax: relative to M.
+    rest = torch.log(scaled.sum(0, keepdim=True) - scaled + (others_mean - top).exp()) + top
+    # For the argmax: relative to the largest of the other log-weights and their mean.
+    mean_at_top = others_mean.gather(0, top_index)
+    second = moved.masked_fill(is_top, -math.inf).amax(0, keepdim=True)
+    ref = torch.maximum(second, mean_at_top)
+    others = (moved - ref).exp().masked_fill(is_top, 0.0).sum(0, keepdim=True)
+    at_top = torch.log(others + (mean_at_top - ref).exp()) + ref
+    loo = torch.where(is_top, at_top.expand_as(moved), rest) - math.log(k)
+    return loo.movedim(0, dim)

@@ -1,0 +1,357 @@
+"""Data-parallel training on ``torch.distributed``, as :func:`lvmkit.inference.fit` uses it.
+
+The same script runs as ``python train.py`` and as ``torchrun --nproc_per_node W train.py``.
+Under ``torchrun`` (or with a process group already initialised) each of the W processes
+("ranks") trains on its own shard of every batch:
+
+- at step ``t`` the ranks together see exactly the batch that one process with
+  ``batch_size * W`` draws at step ``t``: the epoch's permutation comes from the shared seed
+  and each global batch is cut into W contiguous shards (:func:`shard`), as
+  ``torch.utils.data.DistributedSampler`` does with a shared seed;
+- every rank scales the log-densities of its local sites by ``N / B_global`` (the global
+  batch size), so the **sum** of the ranks' gradients is the single-process gradient of the
+  global batch, and the ranks' gradients are summed (:func:`all_reduce_sum_`);
+- the summed gradient is the same on every rank, so the same optimizer step keeps the
+  parameters identical everywhere; the estimators' own learned controls (REBAR's and
+  RELAX's temperature, etas and control network) are summed the same way, and their
+  running statistics (NVIL's moments) are averaged after every step.
+
+The all-reduce is written out explicitly rather than through
+``torch.nn.parallel.DistributedDataParallel``: Pyro's parameters live in its param store
+and are created lazily on the first trace, the estimators hand their gradients on through
+``loss_and_grads`` as well as through ``differentiable_loss``, and a rank's shard of the
+last batch of an epoch may be smaller than the others' (or empty), which DDP's averaging
+would weigh wrongly. One flat buffer per step keeps it to one collective call.
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime
+import os
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pyro
+import pyro.infer.util
+import torch
+import torch.distributed as dist
+from pyro import poutine
+
+#: What ``torchrun`` puts in every worker's environment.
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+#: Seconds a collective waits for the other ranks before failing (``LVMKIT_DIST_TIMEOUT``).
+DEFAULT_TIMEOUT_S = 300.0
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """Where this process stands in a data-parallel job.
+
+    :ivar rank: this process's index, 0 to ``world_size - 1``.
+    :ivar world_size: the number of processes (1 when not distributed).
+    :ivar device: the device this rank computes on.
+    :ivar owns_group: whether :func:`setup` created the process group (and
+        :func:`teardown` should destroy it).
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    owns_group: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one that writes checkpoints and shows progress."""
+        return self.rank == 0
+
+
+def launched_by_torchrun(env: dict[str, str] | None = None) -> bool:
+    """Whether the environment holds torchrun's variables for a job of more than one rank."""
+    env = os.environ if env is None else env
+    return all(key in env for key in TORCHRUN_ENV) and int(env["WORLD_SIZE"]) > 1
+
+
+def setup(device: str | torch.device = "cpu", timeout_s: float | None = None
+          ) -> DistributedContext:
+    """Join the data-parallel job this process belongs to, if any.
+
+    Uses an already initialised process group as it is; otherwise, under ``torchrun``,
+    initialises one: gloo on the CPU, NCCL on CUDA, where each rank takes the GPU of its
+    ``LOCAL_RANK`` (unless ``device`` names an index). Outside both, returns a context of
+    one rank on ``device``.
+
+    :param timeout_s: how long a collective waits for the others before it fails (default
+        ``LVMKIT_DIST_TIMEOUT`` or 300 s), so that a rank that died cannot hang the job.
+    """
+    device = torch.device(device)
+    initialised = dist.is_available() and dist.is_initialized()
+    if not initialised and not launched_by_torchrun():
+        return DistributedContext(device=device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    owns = False
+    if not initialised:
+        if timeout_s is None:
+            timeout_s = float(os.environ.get("LVMKIT_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        owns = True
+        # The group outlives this call (fit may be called again in the same job).
+        atexit.register(_destroy_if_initialised)
+    return DistributedContext(rank=dist.get_rank(), world_size=dist.get_world_size(),
+                              device=device, owns_group=owns)
+
+
+def teardown(context: DistributedContext) -> None:
+    """Destroy the process group if :func:`setup` created it."""
+    if context.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _destroy_if_initialised() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard(indices: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """This rank's contiguous share of a global batch's indices.
+
+    The shards of ranks 0..W-1, concatenated, are ``indices`` in order. Sizes differ by at
+    most one; a global batch smaller than W leaves some ranks an empty shard.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    return torch.tensor_split(indices, world_size)[rank]
+
+
+def check_same_everywhere(context: DistributedContext, **values: int) -> None:
+    """Refuse a job whose ranks disagree on settings that must be shared (N, batch size,
+    steps, seed): their batches would not partition one global batch."""
+    if not context.enabled:
+        return
+    names = sorted(values)
+    mine = torch.tensor([int(values[name]) for name in names], dtype=torch.long)
+    gathered = [torch.zeros_like(mine) for _ in range(context.world_size)]
+    dist.all_gather(gathered, _to_backend(mine, context))
+    gathered = [g.cpu() for g in gathered]
+    for i, name in enumerate(names):
+        seen = sorted({int(g[i]) for g in gathered})
+        if len(seen) > 1:
+            per_rank = ", ".join(f"rank {r}: {int(g[i])}" for r, g in enumerate(gathered))
+            raise ValueError(f"the ranks of this job disagree on {name} ({per_rank}); every "
+                             "rank must call fit with the same data and settings")
+
+
+def all_reduce_sum_(tensors: Sequence[torch.Tensor], context: DistributedContext) -> None:
+    """Sum each tensor over the ranks, in place, in one collective call."""
+    _all_reduce_(tensors, context, average=False)
+
+
+def all_reduce_mean_(tensors: Sequence[torch.Tensor], context: DistributedContext) -> None:
+    """Average each floating tensor over the ranks, in place (integer ones are left alone:
+    step counters agree already)."""
+    _all_reduce_([t for t in tensors if t.is_floating_point()], context, average=True)
+
+
+def _all_reduce_(tensors: Sequence[torch.Tensor], context: DistributedContext,
+                 average: bool) -> None:
+    if not context.enabled or not tensors:
+        return
+    with torch.no_grad():
+        flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
+        flat = _to_backend(flat, context)
+        dist.all_reduce(flat)
+        if average:
+            flat /= context.world_size
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset: offset + t.numel()].view_as(t).to(t))
+            offset += t.numel()
+
+
+def sum_gradients_(params: Iterable[torch.Tensor], context: DistributedContext) -> None:
+    """Sum the gradients of ``params`` over the ranks, in place.
+
+    Every rank must pass the same parameters in the same order; a parameter whose gradient
+    is missing on this rank (unused by its shard) counts as zero, so that the collective's
+    layout agrees everywhere.
+    """
+    params = list(params)
+    if not context.enabled or not params:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    all_reduce_sum_([p.grad for p in params], context)
+
+
+def broadcast_(tensors: Sequence[torch.Tensor], context: DistributedContext,
+               source: int = 0) -> None:
+    """Overwrite each tensor with rank ``source``'s value (the initial parameters)."""
+    if not context.enabled or not tensors:
+        return
+    with torch.no_grad():
+        flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
+        flat = _to_backend(flat, context)
+        dist.broadcast(flat, src=source)
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset: offset + t.numel()].view_as(t).to(t))
+            offset += t.numel()
+
+
+def sum_scalar(value: float, context: DistributedContext) -> float:
+    """The sum over the ranks of one float (the ranks' shares of the loss)."""
+    if not context.enabled:
+        return value
+    tensor = _to_backend(torch.tensor([value], dtype=torch.float64), context)
+    dist.all_reduce(tensor)
+    return float(tensor.item())
+
+
+def barrier(context: DistributedContext) -> None:
+    if context.enabled:
+        dist.barrier()
+
+
+def _to_backend(tensor: torch.Tensor, context: DistributedContext) -> torch.Tensor:
+    # NCCL only moves CUDA tensors; gloo takes CPU ones.
+    backend = dist.get_backend()
+    if backend == "nccl":
+        return tensor.to(context.device)
+    return tensor.cpu()
+
+
+def gather_objects(obj: Any, context: DistributedContext) -> list[Any]:
+    """Every rank's ``obj``, in rank order (``[obj]`` in a single process)."""
+    if not context.enabled:
+        return [obj]
+    out: list[Any] = [None] * context.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class RankSync:
+    """One data-parallel training step of :func:`lvmkit.inference.fit`, and what keeps the
+    ranks identical.
+
+    Each rank computes the single-process estimate on its shard (its sites scaled by
+    N / its shard size), backpropagates, and its gradients are weighted by its share of the
+    global batch, ``B_r / B``, and summed over the ranks: for a loss
+    ``L_r = G + (N / B_r) l_r`` with global terms ``G`` and local terms ``l_r`` that gives
+    ``G + (N / B) sum_r l_r``, the single-process estimate of the global batch (an exact
+    average of the ranks' gradients when the shards are equal). A rank with an empty shard
+    (a last batch of an epoch smaller than W) contributes zero.
+
+    The step goes through the ELBO's ``differentiable_loss`` where it has one, so that an
+    estimator's own controls (REBAR's temperature and etas, RELAX's network) receive their
+    variance-objective gradients in ``.grad``; these are summed the same way and stepped by
+    the estimator's ``step_controls()``. Floating buffers of the estimator's modules
+    (NVIL's running moments) are averaged after each step.
+    """
+
+    def __init__(self, context: DistributedContext) -> None:
+        self.context = context
+        self.names: list[str] | None = None
+
+    def broadcast_params(self, names: Iterable[str]) -> None:
+        """Start every rank from rank 0's parameters."""
+        store = pyro.get_param_store()
+        broadcast_([store._params[name] for name in sorted(names) if name in store._params],
+                   self.context)
+
+    def step(self, elbo, optim, model, guide, x, kwargs: dict, share: float,
+             use_differentiable_loss: bool) -> float:
+        store = pyro.get_param_store()
+        loss = 0.0
+        with poutine.trace(param_only=True) as capture:
+            if share > 0:
+                if hasattr(elbo, "differentiable_loss"):
+                    value = elbo.differentiable_loss(model, guide, x, **kwargs)
+                    if value.requires_grad:
+                        value.backward()
+                    loss = float(value.detach())
+                elif use_differentiable_loss:
+                    raise TypeError(f"{type(elbo).__name__} has no differentiable_loss")
+                else:
+                    loss = float(elbo.loss_and_grads(model, guide, x, **kwargs))
+        if share > 0 or self.names is None:
+            self._agree_on(sorted(capture.trace.nodes))
+        params = [store._params[name] for name in self.names]
+        controls = _control_parameters(elbo)
+        self._sum_weighted_grads(params + controls, share)
+        optim({p for p in params if p.grad is not None})
+        pyro.infer.util.zero_grads(set(params))
+        step_controls = getattr(elbo, "step_controls", None)
+        if callable(step_controls):
+            step_controls()
+        all_reduce_mean_(_estimator_buffers(elbo), self.context)
+        return sum_scalar(share * loss, self.context)
+
+    def mean_of(self, values: dict[str, float] | None) -> dict[str, float] | None:
+        """The ranks' mean of each reported diagnostic, so every rank records the same."""
+        if not values:
+            return values
+        keys = sorted(values)
+        tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+        all_reduce_mean_([tensor], self.context)
+        return dict(zip(keys, tensor.tolist(), strict=True))
+
+    def _agree_on(self, names: list[str]) -> None:
+        """Check, in one small collective, that every rank steps the same parameters (the
+        collectives below lay them out by name)."""
+        code = float(zlib.crc32("\0".join(names).encode()))
+        probe = _to_backend(torch.tensor([code, -code], dtype=torch.float64), self.context)
+        dist.all_reduce(probe, op=dist.ReduceOp.MAX)
+        if probe[0].item() != code or probe[1].item() != -code:
+            raise RuntimeError(
+                f"rank {self.context.rank} steps the parameters {names}, and another rank "
+                "steps others: every rank must run the same model and guide"
+            )
+        self.names = names
+
+    def _sum_weighted_grads(self, params: list[torch.Tensor], share: float) -> None:
+        """Sum ``share * grad`` over the ranks; a parameter no rank has a gradient for
+        keeps ``grad = None`` (an optimizer then leaves it alone, as in one process)."""
+        if not params:
+            return
+        has_grad = torch.tensor([float(p.grad is not None) for p in params],
+                                dtype=torch.float64)
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            elif share != 1.0:
+                p.grad.mul_(share)
+        grads = [p.grad for p in params]
+        all_reduce_sum_([*grads, has_grad], self.context)
+        for p, seen in zip(params, has_grad.tolist(), strict=True):
+            if seen == 0:
+                p.grad = None
+
+
+def _control_parameters(elbo) -> list[torch.Tensor]:
+    """An estimator's own learned parameters outside Pyro's param store (REBAR's and
+    RELAX's ``controls`` module), in a fixed order."""
+    controls = getattr(elbo, "controls", None)
+    if isinstance(controls, torch.nn.Module):
+        return [p for _, p in sorted(controls.named_parameters())]
+    return []
+
+
+def _estimator_buffers(elbo) -> list[torch.Tensor]:
+    """Floating buffers of the estimator's modules (NVIL's running moments), in a fixed
+    order."""
+    modules = [elbo] if isinstance(elbo, torch.nn.Module) else [
+        value for _, value in sorted(vars(elbo).items()) if isinstance(value, torch.nn.Module)]
+    return [b for module in modules for _, b in sorted(module.named_buffers())
+            if b.is_floating_point()]
