@@ -138,7 +138,9 @@ class Roles:
     deterministic: list[str]  # pyro.deterministic sites of the model
     observed: list[str]  # observations (scored in the log-likelihood group)
     factors: list[str]  # pyro.factor sites of the model (in log p, not in the likelihood)
-    model_only: list[str]  # model latents drawn from their prior: cancel out of the weights
+    # model latents the guide lacks, all marked for enumeration (others are refused): drawn
+    # from their prior, they cancel out of the weights
+    model_only: list[str]
     plate_names: list[str] = field(default_factory=list)  # the model's plates (not the draws')
 
 

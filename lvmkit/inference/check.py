@@ -666,6 +666,12 @@ def check_unbiased(
     Random subsample indices are fixed to those of one reference trace, for both the exact
     gradient and the estimator: the check is conditional on the subsample. ``torch`` and
     ``pyro`` RNGs are seeded with ``seed``.
+
+    :raises TypeError, ValueError: before any draw, naming the argument or site: a model,
+        guide or ``elbo`` of the wrong kind, ``num_draws < 2``, ``alpha`` outside (0, 1), a
+        seed outside [0, 2**32 - 7920], ``params`` that are not names of the param store,
+        meta-device, empty or non-finite tensor arguments, model latents the guide lacks;
+        errors of the program on its arguments name them.
     """
     _check_arguments(model, guide, elbo, args, kwargs, num_draws, alpha, params, seed,
                      num_continuous_draws)

@@ -65,9 +65,13 @@ def log_likelihood(
         model and guide as the keyword ``labels``.
     :returns: a float tensor of shape (N,), on the CPU.
     :raises TypeError: naming the argument, for a model or guide that is not callable, data
-        that is not a tensor or Dataset, or data of dtype bool or complex.
+        that is not a tensor or Dataset, or data of dtype bool, complex, float16 or bfloat16
+        (log-densities in half precision are off by nats or overflow).
     :raises ValueError: naming the argument, for counts that are not positive ints, empty
-        data, non-finite data or labels that do not match the data.
+        data, non-finite data, data on the ``meta`` device, labels that do not match the data
+        or observed values that broadcast against their distribution; naming the sites, for
+        model latents the guide does not sample (they would be drawn from the prior with no
+        log q term: no estimate of log p(x)).
     """
     num_samples, chunk_size, batch_size = _check_counts(num_samples, chunk_size, batch_size)
     _check_callables(model, guide)

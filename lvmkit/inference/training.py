@@ -392,6 +392,13 @@ def fit(
     :raises FloatingPointError: when a loss is NaN or infinite; no checkpoint is written for
         that step, so the last checkpoint on disk is the last good state.
     :raises OSError: when ``checkpoint_dir`` cannot be written, before any step.
+    :raises TypeError, ValueError: before any step, naming the argument or site: data that is
+        not a finite, non-empty real or integer tensor off the ``meta`` device (or a Dataset
+        with such ``x``), counts that are not ints (NumPy ints are; bools are not), a seed
+        outside [0, 2**32 - 1], a device that does not exist here, an ELBO or optimizer of
+        the wrong kind or a learning rate that is not positive and finite, non-bool flags,
+        model latents the guide lacks, observed values that broadcast against their
+        distribution; errors of the program on the first batch name the batch.
 
     Any exception raised while training (a non-finite loss, an error in the model, an
     interrupt) carries the :class:`History` of the steps done as ``exc.history``; with a
