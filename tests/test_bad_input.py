@@ -524,11 +524,15 @@ def run_check(*args, guide=sbn_guide, elbo=None, **kwargs):
 
 
 @SETTINGS
-@given(kind=st.sampled_from(["shape", "non-finite", "empty", "meta", "type", "dtype"]),
+@given(kind=st.sampled_from(["shape", "non-finite", "empty", "meta", "type", "dtype",
+                             "sign"]),
        data=st.data())
 def test_check_unbiased_bad_data(kind, data):
+    """Bernoulli pixels: a negative or fractional pixel is outside the support too."""
     x = SBN_X.clone()
-    if kind == "shape":
+    if kind == "sign":
+        x = x * data.draw(st.sampled_from([-1.0, 0.5]))
+    elif kind == "shape":
         x = data.draw(st.sampled_from([x[0], x[0, 0], x.reshape(-1), x.unsqueeze(-1),
                                        torch.cat([x, x], -1)]))
     elif kind == "non-finite":
