@@ -67,3 +67,12 @@ def test_missing_package_says_how_to_install(tmp_path, monkeypatch):
 def test_unknown_split_is_refused(fake_package):
     with pytest.raises(ValueError, match=r"unknown split.*valid"):
         load_dataset("fashion-mnist", "valid")
+
+
+def test_cli_without_the_package_says_how_to_install(tmp_path, monkeypatch, capsys):
+    from lvmkit.cli import main
+
+    monkeypatch.setattr(data, "FASHION_MNIST_DIRS", (str(tmp_path),))
+    with pytest.raises(SystemExit, match="apt-get install dataset-fashion-mnist"):
+        main(["train", "--model", "vae", "--dataset", "fashion-mnist", "--steps", "1",
+              "--out", str(tmp_path / "run")])
