@@ -45,7 +45,7 @@ from lvmkit._validation import (
     describe,
     program_error,
 )
-from lvmkit.inference.estimators._relax import (
+from lvmkit.inference.estimators.sites import (
     BERNOULLI,
     ONEHOT,
     discrete_kind,
