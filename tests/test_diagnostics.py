@@ -275,9 +275,29 @@ def test_to_arviz_errors_name_the_problem(tiny):
     def guide_without_latents(x, labels=None):
         pyro.sample("unrelated", dist.Normal(0.0, 1.0))
 
-    with pytest.warns(UserWarning, match="not sampled by the guide"):
-        with pytest.raises(ValueError, match="none of the model's latent sites"):
-            to_arviz(net.model, guide_without_latents, x, num_samples=2)
+    with pytest.raises(ValueError, match=r"not sample the model's latent site\(s\) \['z', 'b'\]"):
+        to_arviz(net.model, guide_without_latents, x, num_samples=2)
+
+
+def test_a_model_enumerated_site_the_guide_lacks_is_drawn_from_its_prior():
+    """A guide trained with TraceEnum_ELBO leaves out the sites the model enumerates: those
+    are drawn from their prior (with a warning) and left out of the weights, which stay a
+    valid importance weight for p(x), the enumerated site summed over by the sampling."""
+    def model(x):
+        loc = pyro.sample("loc", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", x.shape[0]):
+            c = pyro.sample("c", dist.Bernoulli(0.5), infer={"enumerate": "parallel"})
+            pyro.sample("x", dist.Normal(loc + c, 1.0), obs=x)
+
+    def guide(x):
+        pyro.sample("loc", dist.Normal(0.3, 0.5))
+
+    x = torch.tensor([0.1, 1.2, 0.7])
+    with pytest.warns(UserWarning, match=r"model sites \['c'\] are not sampled by the guide"):
+        tree = to_arviz(model, guide, x, num_samples=4)
+    assert set(tree["posterior"].data_vars) == {"loc"}
+    with pytest.raises(ValueError, match=r"latent site\(s\) \['loc'\]"):
+        to_arviz(model, lambda x: None, x, num_samples=4)
 
 
 # --------------------------------------------------------------------------- PSIS k-hat

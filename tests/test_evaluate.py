@@ -312,7 +312,7 @@ def test_non_finite_values_in_a_dataset_are_refused():
     x = torch.full((4, DIM), 0.5)
     x[2, 1] = math.nan
     ds = Dataset(x=x, y=torch.arange(4), name="toy", image_shape=(DIM,), binarize=None)
-    with pytest.raises(ValueError, match=r"data has a non-finite value nan at index \[2, 1\]"):
+    with pytest.raises(ValueError, match=r"data\.x has a non-finite value nan at index \[2, 1\]"):
         log_likelihood(sbn_model, sbn_guide, ds, num_samples=2)
 
 

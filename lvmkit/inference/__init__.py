@@ -30,6 +30,10 @@ _EXPORTS: dict[str, str] = {
     "EstimatorError": "lvmkit.inference.estimators",
     "gradient_variance": "lvmkit.inference.check",
     "UnbiasedCheck": "lvmkit.inference.check",
+    "RLOOELBO": "lvmkit.inference.estimators.rloo",
+    "DoubleCVELBO": "lvmkit.inference.estimators.double_cv",
+    "RodeoELBO": "lvmkit.inference.estimators.rodeo",
+    "CategoricalDisARMELBO": "lvmkit.inference.estimators.disarm_categorical",
 }
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

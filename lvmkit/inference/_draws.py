@@ -23,6 +23,16 @@ from pyro import poutine
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 
+from lvmkit._validation import (
+    PROGRAM_ERRORS,
+    check_count,
+    check_observed_values,
+    check_precision,
+    check_tensor_arguments,
+    describe,
+    program_error,
+)
+
 DATA_PLATE = "data"
 #: The plate over draws (and over evaluate's particles), left of the model's plates.
 DRAWS_PLATE = "_lvmkit_draws"
@@ -128,7 +138,9 @@ class Roles:
     deterministic: list[str]  # pyro.deterministic sites of the model
     observed: list[str]  # observations (scored in the log-likelihood group)
     factors: list[str]  # pyro.factor sites of the model (in log p, not in the likelihood)
-    model_only: list[str]  # model latents drawn from their prior: cancel out of the weights
+    # model latents the guide lacks, all marked for enumeration (others are refused): drawn
+    # from their prior, they cancel out of the weights
+    model_only: list[str]
     plate_names: list[str] = field(default_factory=list)  # the model's plates (not the draws')
 
 
@@ -144,6 +156,17 @@ def _roles(model_trace: Trace, guide_trace: Trace) -> Roles:
             roles.latent.append(name)
         else:
             roles.model_only.append(name)
+    not_enumerated = [
+        name for name in roles.model_only
+        if not sample_sites(model_trace)[name]["infer"].get("enumerate")
+    ]
+    if not_enumerated:
+        raise ValueError(
+            f"the guide does not sample the model's latent site(s) {not_enumerated} (Pyro's"
+            " 'Found vars in model but not guide'): sample them in the guide, or observe them"
+            " in the model. (Sites the model marks infer={'enumerate': ...}, which a guide"
+            " trained with TraceEnum_ELBO leaves out, are drawn from their prior.)"
+        )
     if roles.model_only:
         warnings.warn(
             f"model sites {roles.model_only} are not sampled by the guide; they are drawn from"
@@ -374,10 +397,32 @@ def draw(
     of its first draw) and falls back to a loop over draws; ``True`` vectorizes without the
     check and raises if that fails; ``False`` loops.
     """
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    num_samples = check_count("num_samples", num_samples)
+    if vectorize not in (None, True, False) or not isinstance(vectorize, bool | None):
+        raise ValueError(f"vectorize must be None, True or False, got {vectorize!r}")
+    for name, fn in (("model", model), ("guide", guide)):
+        if not callable(fn):
+            raise TypeError(f"{name} must be a callable Pyro program, got {type(fn).__name__}")
+    named = {f"args[{i}]": value for i, value in enumerate(args)} | dict(kwargs)
+    check_tensor_arguments(named)
+    for name, value in named.items():
+        check_precision(value, name)
+    described = ", ".join(f"{name}: {describe(value)}" for name, value in named.items())
     with torch.no_grad():
-        probe = trace_pair(model, guide, args, kwargs)
+        try:
+            probe = trace_pair(model, guide, args, kwargs)
+            # scored here, so that data the model cannot score fails with its arguments named
+            # rather than in a vectorized pass (which falls back to a loop) or in the loop
+            for trace in probe:
+                trace.compute_log_prob()
+        except PROGRAM_ERRORS as err:
+            wrapped = program_error(
+                err, f"running the guide and the model on ({described or 'no arguments'}) failed"
+            )
+            if wrapped is None:
+                raise
+            raise wrapped from err
+        check_observed_values(probe[0], DATA_PLATE, f"the arguments are ({described})")
         roles = _roles(*probe)
         draws = Draws(_max_plate_nesting(*probe), roles, probe[0])
         if vectorize is not False:

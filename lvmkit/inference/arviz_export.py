@@ -177,6 +177,11 @@ def to_arviz(
         the check cannot reproduce) and raises if the pair does not run vectorized;
         ``False`` loops.
     :param kwargs: further keyword arguments for the model and the guide.
+    :raises TypeError, ValueError: naming the argument or site, for tensor arguments that
+        are on the ``meta`` device, empty, non-finite or in half precision, errors of the
+        program on its arguments, observed values that broadcast against their distribution,
+        and model latents the guide does not sample (unless the model marks them
+        ``infer={"enumerate": ...}``: those are drawn from their prior, with a warning).
 
     Example:
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from statistics import NormalDist
@@ -36,7 +37,15 @@ from pyro.infer import ELBO
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 
-from lvmkit.inference.estimators._relax import (
+from lvmkit._validation import (
+    PROGRAM_ERRORS,
+    check_count,
+    check_observed_values,
+    check_tensor_arguments,
+    describe,
+    program_error,
+)
+from lvmkit.inference.estimators.sites import (
     BERNOULLI,
     ONEHOT,
     discrete_kind,
@@ -622,6 +631,72 @@ def _objective_particles(elbo) -> int:
     return int(elbo.num_particles) if objective == "iwae" else 1
 
 
+# Pyro seeds NumPy's legacy generator (seeds in [0, 2**32 - 1]); the estimator's draws use
+# seed + 7919.
+_SEED_OFFSET = 7919
+_MAX_SEED = 2**32 - 1 - _SEED_OFFSET
+
+
+def _check_arguments(model, guide, elbo, args, kwargs, num_draws, alpha, params, seed,
+                     num_continuous_draws) -> None:
+    """Refuse bad arguments of :func:`check_unbiased` before anything runs, naming them."""
+    for name, fn in (("model", model), ("guide", guide)):
+        if not callable(fn):
+            raise TypeError(f"{name} must be a callable Pyro program, got {type(fn).__name__}")
+    if isinstance(elbo, type):
+        raise TypeError(f"elbo must be an ELBO instance, got the class {elbo.__name__}; pass "
+                        f"{elbo.__name__}()")
+    if not hasattr(elbo, "loss_and_grads"):
+        raise TypeError(f"elbo must be a Pyro ELBO (with loss_and_grads), got {elbo!r}")
+    # one draw has no variance: its z-test would be of nothing
+    check_count("num_draws", num_draws, minimum=2)
+    check_count("num_continuous_draws", num_continuous_draws)
+    if (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)
+            or not 0.0 < alpha < 1.0):  # NaN fails too
+        raise ValueError(f"alpha must be a level in (0, 1), got {alpha!r}")
+    if (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
+            or not 0 <= seed <= _MAX_SEED):
+        raise ValueError(f"seed must be an int in [0, 2**32 - {_SEED_OFFSET + 1}], got {seed!r}")
+    if params is not None and (isinstance(params, str) or not isinstance(params, list | tuple)
+                               or not all(isinstance(p, str) for p in params)):
+        raise TypeError(f"params must be None or a list of param-store names, got {params!r}")
+    named = {f"args[{i}]": value for i, value in enumerate(args)} | dict(kwargs)
+    check_tensor_arguments(named)
+    described = ", ".join(f"{name}: {describe(value)}" for name, value in named.items())
+    try:
+        with torch.random.fork_rng():
+            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+                *args, **kwargs)
+            guide_trace.compute_log_prob()
+            model_trace.compute_log_prob()
+    except PROGRAM_ERRORS as err:
+        wrapped = program_error(
+            err, f"running the guide and the model on ({described or 'no arguments'}) failed")
+        if wrapped is None:
+            raise
+        raise wrapped from err
+    guide_latents = {name for name, site in guide_trace.nodes.items() if _is_latent(site)}
+    missing = [name for name, site in model_trace.nodes.items()
+               if _is_latent(site) and name not in guide_latents]
+    if missing:
+        raise ValueError(
+            f"the guide does not sample the model's latent site(s) {missing} (Pyro's 'Found "
+            "vars in model but not guide'): the model would draw them from their prior, and "
+            "neither the estimator nor the enumeration would be of the ELBO; sample them in "
+            "the guide, or observe them in the model"
+        )
+    check_observed_values(model_trace, "data", f"the arguments are ({described})")
+    if params is not None:
+        store = {name for name, _ in pyro.get_param_store().named_parameters()}
+        unknown = [p for p in params if p not in store]
+        if unknown:
+            raise ValueError(
+                f"params {unknown} are not params of the model or the guide (the param store "
+                f"holds {sorted(store)})"
+            )
+
+
 def check_unbiased(
     model: Callable,
     guide: Callable,
@@ -654,6 +729,12 @@ def check_unbiased(
     gradient and the estimator: the check is conditional on the subsample. ``torch`` and
     ``pyro`` RNGs are seeded with ``seed``.
 
+    :raises TypeError, ValueError: before any draw, naming the argument or site: a model,
+        guide or ``elbo`` of the wrong kind, ``num_draws < 2``, ``alpha`` outside (0, 1), a
+        seed outside [0, 2**32 - 7920], ``params`` that are not names of the param store,
+        meta-device, empty or non-finite tensor arguments, model latents the guide lacks;
+        errors of the program on its arguments name them.
+
     Example: Pyro's score-function ELBO and VIMCO (against the 3-sample bound) pass.
 
     >>> import pyro
@@ -675,6 +756,8 @@ def check_unbiased(
     >>> check_unbiased(model, guide, VIMCOELBO(num_particles=3), x, num_draws=200).passed
     True
     """
+    _check_arguments(model, guide, elbo, args, kwargs, num_draws, alpha, params, seed,
+                     num_continuous_draws)
     pyro.set_rng_seed(seed)
     num_particles = _objective_particles(elbo)
     names = _resolve_params(model, guide, args, kwargs, params)
@@ -683,7 +766,7 @@ def check_unbiased(
         num_particles=num_particles,
     )
     tensors = _param_tensors(names)
-    pyro.set_rng_seed(seed + 7919)
+    pyro.set_rng_seed(seed + _SEED_OFFSET)
     moments = _Moments()
     for grads in _gradient_draws(
         elbo, _fix_subsamples(model, fixed), _fix_subsamples(guide, fixed), args, kwargs,

@@ -25,14 +25,21 @@ K = 5000.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Iterator
 
-import pyro.distributions as dist
 import torch
 from pyro.poutine.util import prune_subsample_sites
 
-from lvmkit.data import Dataset
+from lvmkit._validation import (
+    PROGRAM_ERRORS,
+    check_count,
+    check_data,
+    check_observed_values,
+    check_precision,
+    check_tensor_arguments,
+    program_error,
+)
+from lvmkit.data import Dataset, check_dataset
 from lvmkit.inference._draws import trace_pair, vectorized_trace_pair
 
 
@@ -58,9 +65,13 @@ def log_likelihood(
         model and guide as the keyword ``labels``.
     :returns: a float tensor of shape (N,), on the CPU.
     :raises TypeError: naming the argument, for a model or guide that is not callable, data
-        that is not a tensor or Dataset, or data of dtype bool or complex.
+        that is not a tensor or Dataset, or data of dtype bool, complex, float16 or bfloat16
+        (log-densities in half precision are off by nats or overflow).
     :raises ValueError: naming the argument, for counts that are not positive ints, empty
-        data, non-finite data or labels that do not match the data.
+        data, non-finite data, data on the ``meta`` device, labels that do not match the data
+        or observed values that broadcast against their distribution; naming the sites, for
+        model latents the guide does not sample (they would be drawn from the prior with no
+        log q term: no estimate of log p(x)).
 
     Example:
 
@@ -157,14 +168,8 @@ def log_weights(
 
 def _check_counts(num_samples, chunk_size, batch_size) -> tuple[int, int, int]:
     """The three counts as Python ints; a ValueError naming the first that is not >= 1."""
-    counts = []
-    for name, value in (("num_samples", num_samples), ("chunk_size", chunk_size),
-                        ("batch_size", batch_size)):
-        # bool is an int to Python, but num_samples=True is a mistake, not K = 1
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-        counts.append(int(value))
-    return counts[0], counts[1], counts[2]
+    return (check_count("num_samples", num_samples), check_count("chunk_size", chunk_size),
+            check_count("batch_size", batch_size))
 
 
 def _check_callables(model, guide) -> None:
@@ -174,24 +179,10 @@ def _check_callables(model, guide) -> None:
 
 
 def _check_data(x: torch.Tensor, name: str) -> None:
-    """Refuse data no likelihood can score, naming the argument ``name``.
-
-    Integer data are allowed (categorical or count observations); bool and complex are not
-    (torch's distributions score neither).
-    """
-    if not torch.is_tensor(x):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype == torch.bool or x.is_complex():
-        raise TypeError(f"{name} has dtype {x.dtype}; convert it to a float (or integer) tensor")
-    if x.dim() == 0 or x.shape[0] == 0:
-        raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); expected (N, ...) with N >= 1")
-    if x.is_floating_point():
-        finite = torch.isfinite(x)
-        if not bool(finite.all()):
-            bad = (~finite).nonzero()[0].tolist()
-            raise ValueError(
-                f"{name} has a non-finite value {x[tuple(bad)].item()} at index {bad}"
-            )
+    """Refuse data no likelihood can score, naming the argument ``name``
+    (:func:`lvmkit._validation.check_data`); half precision is refused too."""
+    check_data(x, name)
+    check_precision(x, name)
 
 
 def _check_labels(labels, x: torch.Tensor) -> None:
@@ -201,11 +192,13 @@ def _check_labels(labels, x: torch.Tensor) -> None:
             f"labels must be a tensor of {len(x)} labels (one per datum), got "
             f"{tuple(labels.shape) if torch.is_tensor(labels) else type(labels).__name__}"
         )
+    check_tensor_arguments({"labels": labels})
 
 
 def _batches(data, labels, batch_size: int, progress: bool, desc: str
              ) -> Iterator[tuple[torch.Tensor, dict]]:
     if isinstance(data, Dataset):
+        check_dataset(data)
         x_all = data.batch(torch.arange(len(data)))
         if labels is True:
             labels = data.y
@@ -250,14 +243,16 @@ def _max_plate_nesting(model, guide, x, kwargs) -> int:
     with torch.random.fork_rng(devices=devices):
         try:
             guide_trace, model_trace = _traces(model, guide, x, kwargs)
-        except _CONTEXT_ERRORS as err:
-            if type(err) not in _CONTEXT_ERRORS:  # a subclass may take other arguments
-                raise
-            # torch's message names neither the data nor that this is the user's program
-            raise type(err)(
+        except PROGRAM_ERRORS as err:
+            wrapped = program_error(
+                err,
                 f"running the guide and the model on data of shape {tuple(x.shape)} and dtype "
-                f"{x.dtype} failed: {err}"
-            ) from err
+                f"{x.dtype} failed (data on {x.device})",
+            )
+            if wrapped is None:
+                raise
+            raise wrapped from err
+    _check_guide_covers_model(model_trace, guide_trace)
     _check_observed_values(model_trace, x)
     if not any(frame.name == "data" for site in model_trace.nodes.values()
                for frame in site.get("cond_indep_stack", ())):
@@ -271,35 +266,28 @@ def _max_plate_nesting(model, guide, x, kwargs) -> int:
     return max(dims, default=0)
 
 
-_CONTEXT_ERRORS = (RuntimeError, TypeError, ValueError, IndexError, AttributeError)
+def _check_guide_covers_model(model_trace, guide_trace) -> None:
+    """Refuse latent model sites the guide does not sample.
+
+    Replayed against the guide, the model draws such a site from its prior and scores it in
+    log p(x, z), with no log q term to cancel it: the weights would then estimate
+    E_prior[p(x, z)], not p(x), with no error.
+    """
+    guide_latents = {name for name, site in guide_trace.nodes.items()
+                     if site["type"] == "sample" and not site["is_observed"]}
+    missing = [name for name, site in model_trace.nodes.items()
+               if site["type"] == "sample" and not site["is_observed"]
+               and name not in guide_latents]
+    if missing:
+        raise ValueError(
+            f"the guide does not sample the model's latent site(s) {missing}: the model would "
+            "draw them from their prior and the estimate would not be of log p(x); sample them "
+            "in the guide, or observe them in the model"
+        )
 
 
 def _check_observed_values(model_trace, x: torch.Tensor) -> None:
-    """Refuse an observed value with no data dimension inside ``pyro.plate("data")``.
-
-    Such a value broadcasts along the plate, so every datum would be scored against the
-    same observation: data of shape (D,) handed to a model written for (N, D) does this.
-    """
-    for name, site in model_trace.nodes.items():
-        if site["type"] != "sample" or not site["is_observed"] or isinstance(
-            site["fn"], dist.Unit  # pyro.factor: its value holds no data
-        ):
-            continue
-        frames = [f for f in site["cond_indep_stack"] if f.name == "data" and f.vectorized]
-        if not frames:
-            continue
-        fn, value = site["fn"], torch.as_tensor(site["value"])
-        position = frames[0].dim - fn.event_dim
-        full = tuple(fn.batch_shape) + tuple(fn.event_shape)
-        if len(full) < -position:
-            continue
-        if value.dim() < -position or value.shape[position] != full[position]:
-            raise ValueError(
-                f"site {name!r}: observed value of shape {tuple(value.shape)} has no dimension "
-                f"of size {full[position]} for pyro.plate('data') (dim {frames[0].dim}, event "
-                f"dim {fn.event_dim}), so every datum would be scored against the same value; "
-                f"data has shape {tuple(x.shape)}: is it what the model expects?"
-            )
+    check_observed_values(model_trace, "data", f"data has shape {tuple(x.shape)}")
 
 
 def _traces(model, guide, x, kwargs):
@@ -309,7 +297,18 @@ def _traces(model, guide, x, kwargs):
 
 def _log_weights_chunk(model, guide, x, kwargs, size: int, particle_dim: int) -> torch.Tensor:
     # the vectorized pass of the diagnostics' draw engine
-    traces = vectorized_trace_pair(model, guide, (x,), kwargs, size, particle_dim)
+    try:
+        traces = vectorized_trace_pair(model, guide, (x,), kwargs, size, particle_dim)
+    except PROGRAM_ERRORS as err:
+        wrapped = program_error(
+            err,
+            f"running the guide and the model on data of shape {tuple(x.shape)} under a plate"
+            f" of {size} importance samples at dim {particle_dim} (left of the model's plates)"
+            " failed; the program must broadcast over batch dims on the left",
+        )
+        if wrapped is None:
+            raise
+        raise wrapped from err
     model_trace, guide_trace = (prune_subsample_sites(trace) for trace in traces)
     batch = x.shape[0]
     log_w = torch.zeros(size, batch, device=x.device)

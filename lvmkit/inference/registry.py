@@ -91,6 +91,29 @@ ESTIMATORS: dict[str, EstimatorSpec] = {
     "disarm": EstimatorSpec(
         "lvmkit.inference.estimators.arm", "DisARMELBO", "DisARM (Dong et al. 2020)"
     ),
+    "rloo": EstimatorSpec(
+        "lvmkit.inference.estimators.rloo",
+        "RLOOELBO",
+        "REINFORCE leave-one-out (Kool et al. 2019), at least 2 particles",
+        min_particles=2,
+    ),
+    "double-cv": EstimatorSpec(
+        "lvmkit.inference.estimators.double_cv",
+        "DoubleCVELBO",
+        "RLOO with the Taylor double control variate (Titsias & Shi 2022), at least 2 particles",
+        min_particles=2,
+    ),
+    "rodeo": EstimatorSpec(
+        "lvmkit.inference.estimators.rodeo",
+        "RodeoELBO",
+        "RLOO with discrete Stein control variates (Shi et al. 2022), at least 2 particles",
+        min_particles=2,
+    ),
+    "disarm-categorical": EstimatorSpec(
+        "lvmkit.inference.estimators.disarm_categorical",
+        "CategoricalDisARMELBO",
+        "DisARM with stick-breaking for one-hot sites (Dong et al. 2021)",
+    ),
     "concrete": EstimatorSpec(
         "lvmkit.inference.estimators.concrete",
         "ConcreteELBO",

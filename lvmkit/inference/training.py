@@ -66,6 +66,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 import re
 import tempfile
@@ -94,7 +95,18 @@ from torch.distributions import (
 
 from lvmkit._io import atomic_save, atomic_write_bytes, fsync_directory
 from lvmkit._rng import RandomState
-from lvmkit.data import Dataset
+from lvmkit._validation import (
+    LOW_PRECISION,
+    PROGRAM_ERRORS,
+    check_count,
+    check_data,
+    check_device,
+    check_observed_values,
+    check_tensor_arguments,
+    describe,
+    program_error,
+)
+from lvmkit.data import Dataset, check_dataset
 from lvmkit.inference import distributed
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -311,6 +323,10 @@ class _StopAtPlate(Exception):
     pass
 
 
+class _RefusedPlate(ValueError):
+    """fit's own refusal of a plate, raised while tracing: not the program's error."""
+
+
 class _SubsampleProbe(Messenger):
     """Stops a model at its data plate if the plate draws its own subsample (form 3 of the
     module docstring), before the model indexes its data with the drawn indices."""
@@ -430,6 +446,13 @@ def fit(
     :raises FloatingPointError: when a loss is NaN or infinite; no checkpoint is written for
         that step, so the last checkpoint on disk is the last good state.
     :raises OSError: when ``checkpoint_dir`` cannot be written, before any step.
+    :raises TypeError, ValueError: before any step, naming the argument or site: data that is
+        not a finite, non-empty real or integer tensor off the ``meta`` device (or a Dataset
+        with such ``x``), counts that are not ints (NumPy ints are; bools are not), a seed
+        outside [0, 2**32 - 1], a device that does not exist here, an ELBO or optimizer of
+        the wrong kind or a learning rate that is not positive and finite, non-bool flags,
+        model latents the guide lacks, observed values that broadcast against their
+        distribution; errors of the program on the first batch name the batch.
 
     Any exception raised while training (a non-finite loss, an error in the model, an
     interrupt) carries the :class:`History` of the steps done as ``exc.history``; with a
@@ -457,7 +480,13 @@ def fit(
     """
     x_all, y_all = _unpack(data, labels)
     n = x_all.shape[0]
-    _check_batching(n, batch_size, steps, epochs, checkpoint_every, keep_last)
+    steps, epochs, batch_size, checkpoint_every, keep_last = _check_batching(
+        n, batch_size, steps, epochs, checkpoint_every, keep_last)
+    elbo = Trace_ELBO() if elbo is None else elbo
+    optim = pyro.optim.Adam({"lr": 1e-3}) if optim is None else optim
+    _check_options(model, guide, elbo, optim, seed, device, checkpoint_dir, callback,
+                   use_differentiable_loss, resume=resume, progress=progress)
+    seed = int(seed)
     context = distributed.setup(device)
     if context.enabled:
         device = context.device
@@ -469,12 +498,10 @@ def fit(
     total = steps if steps is not None else epochs * math.ceil(n / global_batch)
     distributed.check_same_everywhere(context, n=n, batch_size=batch_size, total=total,
                                       seed=seed)
-    elbo = Trace_ELBO() if elbo is None else elbo
-    optim = pyro.optim.Adam({"lr": 1e-3}) if optim is None else optim
     if use_differentiable_loss and not hasattr(elbo, "differentiable_loss"):
         raise TypeError(f"{type(elbo).__name__} has no differentiable_loss; use the SVI path")
-    if data_plate is not None and not isinstance(data_plate, str):
-        raise TypeError(f"data_plate must be a plate name (str), got {data_plate!r}")
+    if data_plate is not None and (not isinstance(data_plate, str) or not data_plate):
+        raise TypeError(f"data_plate must be a plate name (a non-empty str), got {data_plate!r}")
     checkpoints = None
     if checkpoint_dir is not None:
         checkpoints = _Checkpoints(os.fspath(checkpoint_dir), keep_last)
@@ -560,9 +587,12 @@ def fit(
             guide_handler.checking = False
             step += 1
             if not math.isfinite(loss):
+                hint = ("" if x.dtype not in LOW_PRECISION else
+                        f"; data has dtype {x.dtype}, in which log-densities overflow easily:"
+                        " convert it with .float()")
                 raise FloatingPointError(
                     f"non-finite loss {loss} at step {step}; parameters of this step are not "
-                    "checkpointed"
+                    f"checkpointed{hint}"
                 )
             start_wall += time.perf_counter() - tic
             extras = _diagnostics(elbo)
@@ -625,32 +655,76 @@ def _unpack(data: torch.Tensor | Dataset, labels: torch.Tensor | bool | None
             raise ValueError("labels=True needs a Dataset; pass the label tensor instead")
     else:
         raise TypeError(f"data must be a torch.Tensor or a Dataset, got {type(data).__name__}")
-    if x.dim() == 0 or x.shape[0] == 0:
-        raise ValueError(f"data is empty (shape {tuple(x.shape)}); fit needs at least one datum")
+    if isinstance(data, Dataset):
+        check_dataset(data)
+    else:
+        check_data(x)
     if labels is False:
         labels = None
     if labels is not None:
         if not torch.is_tensor(labels) or labels.shape[:1] != x.shape[:1]:
             shape = tuple(labels.shape) if torch.is_tensor(labels) else type(labels).__name__
             raise ValueError(f"labels must be a tensor of {x.shape[0]} labels, got {shape}")
+        check_tensor_arguments({"labels": labels})
     return x, labels
 
 
 def _check_batching(n: int, batch_size: int, steps: int | None, epochs: int | None,
-                    checkpoint_every: int, keep_last: int) -> None:
+                    checkpoint_every: int, keep_last: int
+                    ) -> tuple[int | None, int | None, int, int, int]:
+    """The counts as Python ints (NumPy ints are accepted, bools are not)."""
     if (steps is None) == (epochs is None):
         raise ValueError("give exactly one of steps= and epochs=")
-    count = steps if steps is not None else epochs
-    if not isinstance(count, int) or count < 0:
-        raise ValueError(f"steps/epochs must be a non-negative int, got {count!r}")
+    if steps is not None:
+        steps = check_count("steps", steps, minimum=0)
+    else:
+        epochs = check_count("epochs", epochs, minimum=0)
     # An error rather than clipping: a silently larger batch changes the gradient noise
     # (and so the results) the user asked for.
-    if not isinstance(batch_size, int) or not 0 < batch_size <= n:
+    if (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral)
+            or not 0 < batch_size <= n):
         raise ValueError(f"batch_size must be an int in [1, N={n}], got {batch_size!r}")
-    if not isinstance(checkpoint_every, int) or checkpoint_every <= 0:
-        raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
-    if not isinstance(keep_last, int) or isinstance(keep_last, bool) or keep_last <= 0:
-        raise ValueError(f"keep_last must be a positive int, got {keep_last!r}")
+    return (steps, epochs, int(batch_size), check_count("checkpoint_every", checkpoint_every),
+            check_count("keep_last", keep_last))
+
+
+# Pyro seeds NumPy's legacy generator, which takes seeds in [0, 2**32 - 1].
+_MAX_SEED = 2**32 - 1
+
+
+def _check_options(model, guide, elbo, optim, seed, device, checkpoint_dir, callback,
+                   use_differentiable_loss, **flags) -> None:
+    """Refuse arguments of the wrong kind before anything runs, naming the argument."""
+    for name, fn in (("model", model), ("guide", guide)):
+        if not callable(fn):
+            raise TypeError(f"{name} must be a callable Pyro program, got {type(fn).__name__}")
+    if isinstance(elbo, type):
+        raise TypeError(f"elbo must be an ELBO instance, got the class {elbo.__name__}; pass "
+                        f"{elbo.__name__}()")
+    if not hasattr(elbo, "loss_and_grads"):
+        raise TypeError(f"elbo must be a Pyro ELBO (with loss_and_grads), got {elbo!r}")
+    if not isinstance(optim, pyro.optim.PyroOptim):
+        raise TypeError(f"optim must be a pyro.optim optimizer (e.g. pyro.optim.Adam({{'lr': "
+                        f"1e-3}})), got {optim!r}")
+    optim_args = getattr(optim, "pt_optim_args", None)
+    lr = optim_args.get("lr") if isinstance(optim_args, dict) else None
+    # torch refuses a negative lr only at the first step, takes inf (NaN losses) and 0 (no
+    # training at all) without a word
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, numbers.Real)
+                           or not math.isfinite(lr) or lr <= 0):
+        raise ValueError(f"optim's learning rate lr={lr!r} must be a positive finite number")
+    if (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
+            or not 0 <= seed <= _MAX_SEED):
+        raise ValueError(f"seed must be an int in [0, 2**32 - 1], got {seed!r}")
+    check_device(device)
+    if checkpoint_dir is not None and not isinstance(checkpoint_dir, str | os.PathLike):
+        raise TypeError(f"checkpoint_dir must be a str or os.PathLike, got {checkpoint_dir!r}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable or None, got {callback!r}")
+    # "no" is truthy: a non-bool flag would silently mean True
+    for name, flag in {"use_differentiable_loss": use_differentiable_loss, **flags}.items():
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
 
 
 # -- the first trace -------------------------------------------------------------------------
@@ -675,28 +749,22 @@ def _first_trace(model: Callable, guide: Callable, data, x_all: torch.Tensor,
     kwargs = {} if y_all is None else {"labels": y_all[:batch_size].to(device)}
     model_handler.indices = guide_handler.indices = first_idx
     probe = _SubsampleProbe(name)
-    pass_full = False
-    with poutine.block(), torch.no_grad():
-        try:
-            model_trace = poutine.trace(_handled(_handled(model, probe), model_handler)
-                                        ).get_trace(x, **kwargs)
-        except _StopAtPlate:
-            pass_full = True
-            if probe.subsample_size != batch_size:
-                raise ValueError(
-                    f"plate {name!r} draws subsample_size={probe.subsample_size}, but fit's "
-                    f"batch_size is {batch_size}: make them equal (fit passes the whole data "
-                    "and fixes the plate's indices to the batch it draws)"
-                ) from None
-            x = x_all.to(device)
-            if isinstance(data, Dataset) and data.binarize == "dynamic":
-                x = x.clone()
-                x[first_idx] = data.batch(first_idx, torch.Generator().manual_seed(seed)).to(device)
-            kwargs = {} if y_all is None else {"labels": y_all.to(device)}
-            model_trace = poutine.trace(_handled(model, model_handler)).get_trace(x, **kwargs)
-        guide_trace = poutine.trace(_handled(guide, guide_handler)).get_trace(x, **kwargs)
+    try:
+        model_trace, guide_trace, pass_full = _trace_first(
+            model, guide, data, x_all, y_all, x, kwargs, first_idx, name, probe, batch_size,
+            model_handler, guide_handler, device, seed)
+    except PROGRAM_ERRORS as err:
+        described = ", ".join(f"{key}: {describe(value)}"
+                              for key, value in {"data": x, **kwargs}.items())
+        wrapped = program_error(
+            err, f"running the guide and the model on the first batch ({described}) failed")
+        if wrapped is None:
+            raise
+        raise wrapped from err
     model_handler.indices = guide_handler.indices = None
     plate = _find_data_plate(model_trace, name, data_plate, n, batch_size)
+    if plate is not None:
+        check_observed_values(model_trace, plate, f"data has shape {tuple(x_all.shape)}")
     model_frame = _frame(model_trace, plate)
     guide_frame = _frame(guide_trace, plate)
     declared = _check_plates(plate, model_frame, guide_frame, n, batch_size)
@@ -711,6 +779,36 @@ def _first_trace(model: Callable, guide: Callable, data, x_all: torch.Tensor,
     full_size = declared or (guide_frame is not None and _is_subsampled(guide_frame))
     return _Plan(plate=plate, pass_full=pass_full, fixed_size=batch_size < n and full_size,
                  params=params)
+
+
+def _trace_first(model, guide, data, x_all, y_all, x, kwargs, first_idx, name, probe,
+                 batch_size, model_handler, guide_handler, device, seed):
+    """The first traces of model and guide (see :func:`_first_trace`), scored."""
+    pass_full = False
+    with poutine.block(), torch.no_grad():
+        try:
+            model_trace = poutine.trace(_handled(_handled(model, probe), model_handler)
+                                        ).get_trace(x, **kwargs)
+        except _StopAtPlate:
+            pass_full = True
+            if probe.subsample_size != batch_size:
+                raise _RefusedPlate(
+                    f"plate {name!r} draws subsample_size={probe.subsample_size}, but fit's "
+                    f"batch_size is {batch_size}: make them equal (fit passes the whole data "
+                    "and fixes the plate's indices to the batch it draws)"
+                ) from None
+            x = x_all.to(device)
+            if isinstance(data, Dataset) and data.binarize == "dynamic":
+                x = x.clone()
+                x[first_idx] = data.batch(first_idx, torch.Generator().manual_seed(seed)).to(device)
+            kwargs = {} if y_all is None else {"labels": y_all.to(device)}
+            model_trace = poutine.trace(_handled(model, model_handler)).get_trace(x, **kwargs)
+        guide_trace = poutine.trace(_handled(guide, guide_handler)).get_trace(x, **kwargs)
+        # scored here, so that data the model cannot score fails naming the data, before
+        # the first step
+        model_trace.compute_log_prob()
+        guide_trace.compute_log_prob()
+    return model_trace, guide_trace, pass_full
 
 
 def _frames(trace) -> dict[str, Any]:

@@ -194,9 +194,9 @@ class ADGM(_SemiSupervised):
     q(z | a, x, y)``, Gaussians and a categorical with tanh-MLP parameters.
     :meth:`classify` averages ``q(y | a, x)`` over ``num_classify_samples`` draws of ``a``.
 
-    :param a_dim: auxiliary dimensions.
-
     Other parameters as :class:`M2`.
+
+    :param a_dim: auxiliary dimensions.
 
     Example:
 

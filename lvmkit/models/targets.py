@@ -30,13 +30,15 @@ CARRIER_SCALE = 5.0
 
 
 class SyntheticTarget:
-    """Base class: an unnormalised density ``f`` over R^2 and the model that scores it.
+    """Base class: an unnormalised density ``f`` over R^dim and the model that scores it.
 
-    Subclasses implement :meth:`log_density` (batched over leading dims of ``z[..., 2]``),
-    :meth:`analytic_log_Z` and :meth:`_quadrature_log_Z`.
+    Subclasses implement :meth:`log_density` (batched over leading dims of
+    ``z[..., dim]``), :meth:`analytic_log_Z` and :meth:`_quadrature_log_Z`; ``dim`` is 2
+    unless a subclass sets it (the random suite of :mod:`lvmkit.models.target_suite` does).
     """
 
     name: str = "target"
+    dim: int = 2
 
     def __init__(self) -> None:
         self._log_Z: float | None = None
@@ -60,13 +62,13 @@ class SyntheticTarget:
         return self._log_Z
 
     def model(self) -> None:
-        """The Pyro model: site ``"z"`` of shape ``(2,)`` and the factor ``"log_density"``.
+        """The Pyro model: site ``"z"`` of shape ``(dim,)`` and the factor ``"log_density"``.
 
         ``z`` gets a broad Gaussian "carrier" ``N(0, 5^2 I)`` whose log density the factor
         subtracts again, so the joint is exactly ``f(z)``; the carrier only gives Pyro's
         autoguides something to initialise from (its median, 0).
         """
-        carrier = dist.Normal(torch.zeros(2), CARRIER_SCALE).to_event(1)
+        carrier = dist.Normal(torch.zeros(self.dim), CARRIER_SCALE).to_event(1)
         z = pyro.sample("z", carrier)
         pyro.factor("log_density", self.log_density(z) - carrier.log_prob(z))
 

@@ -44,10 +44,14 @@ from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape
 
 from lvmkit.inference.estimators import EstimatorError
-
-BERNOULLI = "bernoulli"
-ONEHOT = "onehot"
-CATEGORICAL = "categorical"
+from lvmkit.inference.estimators.sites import (  # noqa: F401  (re-exported for the estimators)
+    BERNOULLI,
+    CATEGORICAL,
+    ONEHOT,
+    discrete_kind,
+    innermost,
+    plate_nesting,
+)
 
 # --------------------------------------------------------------------------------------
 # Noise
@@ -218,33 +222,6 @@ def harden(kind: str, logits: torch.Tensor, noise: torch.Tensor) -> torch.Tensor
 # --------------------------------------------------------------------------------------
 # Distributions
 # --------------------------------------------------------------------------------------
-
-_WRAPPERS = (
-    dist.Independent,
-    torch.distributions.Independent,
-    dist.ExpandedDistribution,
-    dist.MaskedDistribution,
-)
-
-
-def innermost(fn: dist.Distribution) -> dist.Distribution:
-    """The distribution under any ``.to_event`` / ``.expand`` / ``.mask`` wrappers."""
-    while isinstance(fn, _WRAPPERS):
-        fn = fn.base_dist
-    return fn
-
-
-def discrete_kind(fn: dist.Distribution) -> str | None:
-    """``"bernoulli"``, ``"onehot"``, ``"categorical"``, or ``None`` (not discrete)."""
-    base = innermost(fn)
-    if isinstance(base, torch.distributions.Bernoulli):
-        return BERNOULLI
-    if isinstance(base, torch.distributions.OneHotCategorical):
-        return ONEHOT
-    if isinstance(base, torch.distributions.Categorical):
-        return CATEGORICAL
-    return None
-
 
 def full_logits(fn: dist.Distribution) -> torch.Tensor:
     """The (normalized, for one-hot) logits of a discrete site, broadcast to its value shape."""
@@ -976,17 +953,6 @@ def _stack_dim_is_leftmost(hard: HardPass, model_trace, guide_trace) -> bool:
     return all(
         len(guide_trace.nodes[r.name]["fn"].batch_shape) >= nesting for r in hard.relaxed
     )
-
-
-def plate_nesting(*traces) -> int:
-    """How many batch dimensions the plates of ``traces`` use (Pyro's max_plate_nesting)."""
-    dims = [
-        frame.dim
-        for trace in traces
-        for site in trace.nodes.values() if site["type"] == "sample"
-        for frame in site["cond_indep_stack"] if frame.vectorized
-    ]
-    return -min(dims) if dims else 0
 
 
 def _pass_view(trace, hard_trace, index: int, count: int, must_stack: set[str]):

@@ -11,7 +11,6 @@ import itertools
 import math
 
 import pyro
-import pyro.distributions as dist
 import torch
 from pyro.distributions.util import is_identically_zero
 from pyro.infer import Trace_ELBO
@@ -22,36 +21,12 @@ from pyro.poutine.util import site_is_subsample
 from torch import nn
 
 from lvmkit.inference.estimators import EstimatorError
+from lvmkit.inference.estimators.sites import discrete_kind, innermost  # noqa: F401
 
 __all__ = ["NVILELBO"]
 
 _PARTICLE_PLATE = "num_particles_vectorized"
 _instance_ids = itertools.count()
-
-
-def innermost(fn: dist.Distribution) -> dist.Distribution:
-    """The distribution under any ``Independent`` / ``Expanded`` / ``Masked`` wrappers."""
-    while isinstance(
-        fn,
-        dist.Independent
-        | torch.distributions.Independent
-        | dist.ExpandedDistribution
-        | dist.MaskedDistribution,
-    ):
-        fn = fn.base_dist
-    return fn
-
-
-def discrete_kind(fn: dist.Distribution) -> str | None:
-    """``"bernoulli"``, ``"onehot"``, ``"categorical"`` or ``None`` (not discrete)."""
-    base = innermost(fn)
-    if isinstance(base, torch.distributions.Bernoulli):
-        return "bernoulli"
-    if isinstance(base, torch.distributions.OneHotCategorical):
-        return "onehot"
-    if isinstance(base, torch.distributions.Categorical):
-        return "categorical"
-    return None
 
 
 def latent_guide_sites(guide_trace) -> list[tuple[str, dict]]:

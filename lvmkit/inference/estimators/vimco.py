@@ -12,12 +12,12 @@ from pyro.poutine.util import site_is_subsample
 from pyro.util import warn_if_nan
 
 from lvmkit.inference.estimators import EstimatorError
-from lvmkit.inference.estimators._relax import plate_nesting
 from lvmkit.inference.estimators.nvil import (
     _PARTICLE_PLATE,
     latent_guide_sites,
     refuse_enumerated,
 )
+from lvmkit.inference.estimators.sites import plate_nesting
 
 __all__ = ["VIMCOELBO"]
 
