@@ -101,6 +101,17 @@ def check_dataset(data: Dataset, name: str = "data") -> None:
     Its ``x`` must be a finite, non-empty float tensor (:func:`~lvmkit._validation.check_data`);
     with ``binarize="dynamic"`` its values are Bernoulli probabilities, so they must lie in
     [0, 1] (``torch.bernoulli`` would fail with a message that names nothing).
+
+    Example:
+
+    >>> import torch
+    >>> from lvmkit.data import Dataset, check_dataset
+    >>> data = Dataset(x=torch.tensor([[0.2, 1.5]]), y=torch.zeros(1, dtype=torch.long),
+    ...                name="toy", image_shape=(1, 2), binarize="dynamic")
+    >>> check_dataset(data, "train")
+    Traceback (most recent call last):
+    ...
+    ValueError: train.x has the value 1.5 at index [0, 1]: a Dataset with binarize='dynamic' ...
     """
     x = data.x
     check_data(x, f"{name}.x")
@@ -453,6 +464,13 @@ def load_fashion_mnist(
     :func:`load_dataset` defaults to ``"static"`` for every name.
 
     :raises FileNotFoundError: when the package is not installed, saying how to install it.
+
+    Example (not run by the doctests: it needs the Debian package):
+
+    >>> from lvmkit.data import load_fashion_mnist
+    >>> test = load_fashion_mnist("test")  # doctest: +SKIP
+    >>> len(test), test.image_shape, test.binarize  # doctest: +SKIP
+    (10000, (28, 28), 'dynamic')
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")

@@ -36,6 +36,7 @@ MODULES = [
     "lvmkit.inference.distributed",
     "lvmkit.inference.plots",
     "lvmkit.inference.estimators",
+    "lvmkit.inference.estimators.sites",
     "lvmkit.inference.estimators.nvil",
     "lvmkit.inference.estimators.vimco",
     "lvmkit.inference.estimators.arm",
