@@ -43,6 +43,10 @@ MODULES = [
     "lvmkit.inference.estimators.rebar",
     "lvmkit.inference.estimators.relax",
     "lvmkit.inference.estimators.concrete",
+    "lvmkit.inference.estimators.rloo",
+    "lvmkit.inference.estimators.double_cv",
+    "lvmkit.inference.estimators.rodeo",
+    "lvmkit.inference.estimators.disarm_categorical",
 ]
 
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
