@@ -63,6 +63,18 @@ class Dataset:
     :ivar binarize: how pixels are binarized (see the module docstring).
     :ivar index: long tensor (N,): the row of each image in the source (``None`` for a
         Dataset built by hand).
+
+    Example: a dataset built by hand, with grey values binarized afresh by every batch.
+
+    >>> import torch
+    >>> from lvmkit.data import Dataset
+    >>> data = Dataset(x=torch.full((6, 4), 0.5), y=torch.zeros(6, dtype=torch.long),
+    ...                name="grey", image_shape=(2, 2), binarize="dynamic")
+    >>> len(data)
+    6
+    >>> batch = data.batch(torch.tensor([0, 1, 2]), torch.Generator().manual_seed(0))
+    >>> batch.shape, set(batch.unique().tolist()) <= {0.0, 1.0}
+    (torch.Size([3, 4]), True)
     """
 
     x: torch.Tensor
@@ -89,6 +101,17 @@ def check_dataset(data: Dataset, name: str = "data") -> None:
     Its ``x`` must be a finite, non-empty float tensor (:func:`~lvmkit._validation.check_data`);
     with ``binarize="dynamic"`` its values are Bernoulli probabilities, so they must lie in
     [0, 1] (``torch.bernoulli`` would fail with a message that names nothing).
+
+    Example:
+
+    >>> import torch
+    >>> from lvmkit.data import Dataset, check_dataset
+    >>> data = Dataset(x=torch.tensor([[0.2, 1.5]]), y=torch.zeros(1, dtype=torch.long),
+    ...                name="toy", image_shape=(1, 2), binarize="dynamic")
+    >>> check_dataset(data, "train")
+    Traceback (most recent call last):
+    ...
+    ValueError: train.x has the value 1.5 at index [0, 1]: a Dataset with binarize='dynamic' ...
     """
     x = data.x
     check_data(x, f"{name}.x")
@@ -112,6 +135,22 @@ def load_idx(path: str | os.PathLike) -> np.ndarray:
     :returns: a numpy array with the file's shape and dtype (native byte order).
     :raises ValueError: on a bad magic number, an unknown dtype code, or a size that does not
         match the header (a truncated file or trailing bytes); the message names the path.
+
+    Example: a 2 x 3 uint8 array written by hand and read back.
+
+    >>> from lvmkit.data import load_idx
+    >>> header = bytes([0, 0, 0x08, 2]) + (2).to_bytes(4, "big") + (3).to_bytes(4, "big")
+    >>> with open("tiny.idx", "wb") as handle:
+    ...     _ = handle.write(header + bytes(range(6)))
+    >>> load_idx("tiny.idx")
+    array([[0, 1, 2],
+           [3, 4, 5]], dtype=uint8)
+    >>> with open("short.idx", "wb") as handle:
+    ...     _ = handle.write(header + bytes(range(5)))
+    >>> load_idx("short.idx")
+    Traceback (most recent call last):
+    ...
+    ValueError: IDX file 'short.idx': header says shape (2, 3) (6 data bytes) but ... (truncated)
     """
     with open(path, "rb") as handle:
         raw = handle.read()
@@ -178,6 +217,18 @@ def load_dataset(
         ``test_fraction`` that is not a number or a path that is not a str or
         ``os.PathLike``.
     :raises FileNotFoundError: naming the path, for an IDX path that is not a file.
+
+    Example:
+
+    >>> from lvmkit.data import load_dataset
+    >>> train = load_dataset("digits", split="train")
+    >>> test = load_dataset("digits", split="test")
+    >>> len(train), len(test), train.image_shape, train.x.shape
+    (1438, 359, (8, 8), torch.Size([1438, 64]))
+    >>> sorted(train.x.unique().tolist())  # statically binarized
+    [0.0, 1.0]
+    >>> bool(set(train.index.tolist()).isdisjoint(test.index.tolist()))
+    True
     """
     if not isinstance(name, str) or name not in DATASETS:
         raise ValueError(f"unknown dataset name={name!r}; valid names: {', '.join(DATASETS)}")
@@ -232,6 +283,20 @@ def load_idx_dataset(
     :raises FileNotFoundError: naming a path that is not an existing file.
     :raises ValueError: naming the file, for a malformed IDX file, non-integer labels or a
         label count that does not match the images.
+
+    Example: ten 2 x 2 images of two classes, written in the IDX format by hand.
+
+    >>> from lvmkit.data import load_idx_dataset
+    >>> def write_idx(path, dims, data):
+    ...     header = bytes([0, 0, 0x08, len(dims)])
+    ...     header += b"".join(d.to_bytes(4, "big") for d in dims)
+    ...     with open(path, "wb") as handle:
+    ...         _ = handle.write(header + bytes(data))
+    >>> write_idx("images.idx", (10, 2, 2), [0, 255, 255, 0] * 10)
+    >>> write_idx("labels.idx", (10,), [0, 1] * 5)
+    >>> data = load_idx_dataset("images.idx", "labels.idx")
+    >>> len(data), data.image_shape, data.x[0].tolist(), sorted(data.y.tolist())
+    (10, (2, 2), [0.0, 1.0, 1.0, 0.0], [0, 0, 0, 0, 0, 1, 1, 1, 1, 1])
     """
     _check_options(split, binarize, seed, test_fraction)
     images = load_idx(_check_path(images_path, "images"))
@@ -399,6 +464,13 @@ def load_fashion_mnist(
     :func:`load_dataset` defaults to ``"static"`` for every name.
 
     :raises FileNotFoundError: when the package is not installed, saying how to install it.
+
+    Example (not run by the doctests: it needs the Debian package):
+
+    >>> from lvmkit.data import load_fashion_mnist
+    >>> test = load_fashion_mnist("test")  # doctest: +SKIP
+    >>> len(test), test.image_shape, test.binarize  # doctest: +SKIP
+    (10000, (28, 28), 'dynamic')
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")

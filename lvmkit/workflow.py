@@ -57,6 +57,20 @@ class RunResult:
         single-sample ELBO and ``test_log_likelihood`` the IWAE bound with
         ``num_samples`` draws, both averaged over the ``test_points`` evaluated.
     :ivar files: ``{kind: path}`` of every file written (empty without ``out``).
+
+    Example:
+
+    >>> from lvmkit.data import load_dataset
+    >>> train = load_dataset("digits", split="train")
+    >>> test = load_dataset("digits", split="test")
+    >>> from lvmkit.workflow import train_and_evaluate
+    >>> result = train_and_evaluate("vae", train, test, steps=5, eval_samples=5,
+    ...                             eval_points=10, progress=False,
+    ...                             model_kwargs={"z_dim": 2, "hidden": (16,)})
+    >>> type(result.model).__name__, len(result.history.loss), result.files
+    ('VAE', 5, {})
+    >>> result.metrics["test_points"], result.metrics["num_samples"]
+    (10, 5)
     """
 
     model: Any
@@ -67,7 +81,18 @@ class RunResult:
 
 
 def write_json(path: PathLike, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON (numbers that JSON lacks become floats)."""
+    """Write ``obj`` as indented JSON (numbers that JSON lacks become floats).
+
+    Example:
+
+    >>> import numpy as np
+    >>> from lvmkit.workflow import write_json
+    >>> print(write_json("metrics.json", {"elbo": np.float32(-1.5)}).read_text())
+    {
+      "elbo": -1.5
+    }
+    <BLANKLINE>
+    """
     path = Path(path)
     path.write_text(json.dumps(obj, indent=2, default=float) + "\n")
     return path
@@ -75,7 +100,18 @@ def write_json(path: PathLike, obj: Any) -> Path:
 
 def save_weights(path: PathLike, model: Any, guide: Any) -> None:
     """Save the module state dicts of ``model`` and ``guide`` and Pyro's param store,
-    atomically (see :func:`lvmkit._io.atomic_save`)."""
+    atomically (see :func:`lvmkit._io.atomic_save`).
+
+    Example (:func:`load_weights` reads it back):
+
+    >>> from pathlib import Path
+    >>> from lvmkit.models import build
+    >>> from lvmkit.workflow import save_weights
+    >>> model, guide = build("vae", x_dim=4, z_dim=2, hidden=(8,))
+    >>> save_weights("weights.pt", model, guide)
+    >>> Path("weights.pt").exists()
+    True
+    """
     import pyro
 
     state = {
@@ -90,6 +126,19 @@ def load_weights(path: PathLike, model: Any, guide: Any) -> None:
     """Load what :func:`save_weights` wrote into ``model``, ``guide`` and the param store.
 
     :raises RuntimeError: from ``load_state_dict`` when the shapes do not fit the modules.
+
+    Example:
+
+    >>> import torch
+    >>> from lvmkit.models import build
+    >>> from lvmkit.workflow import load_weights, save_weights
+    >>> model, guide = build("vae", x_dim=4, z_dim=2, hidden=(8,))
+    >>> save_weights("weights.pt", model, guide)
+    >>> copy, copy_guide = build("vae", x_dim=4, z_dim=2, hidden=(8,))
+    >>> load_weights("weights.pt", copy, copy_guide)
+    >>> z = torch.zeros(1, 2)
+    >>> torch.equal(copy.decoder(z), model.decoder(z))
+    True
     """
     import pyro
 
@@ -103,7 +152,18 @@ def load_weights(path: PathLike, model: Any, guide: Any) -> None:
 
 def fixed_batch(dataset: Any, limit: int | None, seed: int) -> torch.Tensor:
     """The first ``limit`` points of ``dataset`` (all if ``None``), binarized once from
-    ``seed`` if the dataset binarizes dynamically."""
+    ``seed`` if the dataset binarizes dynamically.
+
+    Example:
+
+    >>> import torch
+    >>> from lvmkit.data import load_dataset
+    >>> from lvmkit.workflow import fixed_batch
+    >>> test = load_dataset("digits", split="test", binarize="dynamic")
+    >>> x = fixed_batch(test, 3, seed=0)
+    >>> x.shape, torch.equal(x, fixed_batch(test, 3, seed=0))
+    (torch.Size([3, 64]), True)
+    """
     n = len(dataset) if limit is None else min(limit, len(dataset))
     return dataset.batch(torch.arange(n), torch.Generator().manual_seed(seed))
 
@@ -147,6 +207,20 @@ def train_and_evaluate(
     :param checkpoint_dir: passed to :func:`~lvmkit.inference.fit` (resumes from it).
     :param model_kwargs: constructor arguments of the model (recorded in ``run.json``).
     :returns: a :class:`RunResult`.
+
+    Example: a small VAE trained for 5 steps with NVIL, into the run folder ``run``.
+
+    >>> from lvmkit.data import load_dataset
+    >>> train = load_dataset("digits", split="train")
+    >>> test = load_dataset("digits", split="test")
+    >>> from lvmkit.workflow import train_and_evaluate
+    >>> result = train_and_evaluate("vae", train, test, estimator="nvil", steps=5,
+    ...                             eval_samples=5, eval_points=10, out="run",
+    ...                             progress=False, model_kwargs={"z_dim": 2, "hidden": (16,)})
+    >>> sorted(result.files)
+    ['history', 'loss', 'metrics', 'reconstructions', 'run', 'samples', 'weights']
+    >>> result.metrics["elbo_estimator"], result.metrics["steps"]
+    ('nvil', 5)
     """
     import pyro
 
@@ -247,6 +321,19 @@ def train_several(
     :param log: called with a line before each job (``None``: silent).
     :param kwargs: passed to every :func:`train_and_evaluate` (not ``out`` or ``estimator``).
     :returns: the :class:`RunResult` of each job, in order.
+
+    Example:
+
+    >>> import os
+    >>> from lvmkit.data import load_dataset
+    >>> train = load_dataset("digits", split="train")
+    >>> test = load_dataset("digits", split="test")
+    >>> from lvmkit.workflow import train_several
+    >>> results = train_several([("vae", "trace"), ("vae", "nvil")], train, test, "runs",
+    ...                         log=None, steps=2, eval_samples=2, eval_points=5,
+    ...                         progress=False, model_kwargs={"z_dim": 2, "hidden": (16,)})
+    >>> len(results), sorted(os.listdir("runs"))
+    (2, ['loss_curves.png', 'results.json', 'results.md', 'vae-nvil', 'vae-trace'])
     """
     from lvmkit.inference import plots
 
@@ -325,6 +412,23 @@ def load_run(
     :param data_name: the data's name, for the error message.
     :returns: ``(run, model, guide)`` where ``run`` is the folder's ``run.json``.
     :raises ValueError: if the weights do not fit ``x_dim`` (trained on other data).
+
+    Example:
+
+    >>> from lvmkit.data import load_dataset
+    >>> train = load_dataset("digits", split="train")
+    >>> test = load_dataset("digits", split="test")
+    >>> from lvmkit.workflow import load_run, train_and_evaluate
+    >>> result = train_and_evaluate("vae", train, test, steps=2, eval_samples=2,
+    ...                             eval_points=5, out="run", progress=False,
+    ...                             model_kwargs={"z_dim": 2, "hidden": (16,)})
+    >>> run, model, guide = load_run("run", x_dim=64)
+    >>> run["model"], run["model_kwargs"], type(guide).__name__
+    ('vae', {'z_dim': 2, 'hidden': [16]}, 'GaussianEncoder')
+    >>> load_run("run", x_dim=784)
+    Traceback (most recent call last):
+    ...
+    ValueError: the weights in run do not fit data (784 pixels; the run used 'digits'): ...
     """
     import pyro
 
@@ -365,6 +469,19 @@ def evaluate_run(
     :returns: ``{"run", "split", "num_samples", "points", "log_likelihood_mean",
         "log_likelihood_sem"}`` (``sem``: standard error of the mean over points).
     :raises ValueError: as :func:`load_run`.
+
+    Example:
+
+    >>> from lvmkit.data import load_dataset
+    >>> train = load_dataset("digits", split="train")
+    >>> test = load_dataset("digits", split="test")
+    >>> from lvmkit.workflow import evaluate_run, train_and_evaluate
+    >>> result = train_and_evaluate("vae", train, test, steps=2, eval_samples=2,
+    ...                             eval_points=5, out="run", progress=False,
+    ...                             model_kwargs={"z_dim": 2, "hidden": (16,)})
+    >>> scores = evaluate_run("run", test, num_samples=10, limit=20)
+    >>> scores["points"], scores["num_samples"], scores["log_likelihood_mean"] < 0
+    (20, 10, True)
     """
     import pyro
 
@@ -391,7 +508,18 @@ def evaluate_run(
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """A markdown table of :attr:`RunResult.metrics` rows."""
+    """A markdown table of :attr:`RunResult.metrics` rows.
+
+    Example:
+
+    >>> from lvmkit.workflow import format_table
+    >>> print(format_table([{"model": "vae", "elbo_estimator": "trace", "steps": 5,
+    ...                      "train_elbo": -44.47, "test_elbo": -44.12,
+    ...                      "test_log_likelihood": -44.17, "num_samples": 5, "seconds": 1}]))
+    | model | estimator | steps | train ELBO | test ELBO | test log p(x) (IWAE) | s |
+    |---|---|---:|---:|---:|---:|---:|
+    | vae | trace | 5 | -44.47 | -44.12 | -44.17 (K=5) | 1 |
+    """
     header = "| model | estimator | steps | train ELBO | test ELBO | test log p(x) (IWAE) | s |"
     lines = [header, "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:

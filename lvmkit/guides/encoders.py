@@ -45,6 +45,15 @@ class GaussianEncoder(PyroModule):
     :param z_dim: number of latent dimensions.
     :param hidden: sizes of the tanh hidden layers of the encoder MLP.
     :param name: prefix of the parameter names in Pyro's param store.
+
+    Example:
+
+    >>> import torch
+    >>> from lvmkit.guides import GaussianEncoder
+    >>> guide = GaussianEncoder(x_dim=4, z_dim=2, hidden=(8,))
+    >>> x = torch.tensor([[0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    >>> guide(x).shape
+    torch.Size([2, 2])
     """
 
     def __init__(
@@ -77,6 +86,15 @@ class BernoulliEncoder(PyroModule):
     :param nonlinear: two tanh layers between stochastic layers instead of a linear map.
     :param hidden: units of those tanh layers.
     :param name: prefix of the parameter names in Pyro's param store.
+
+    Example: the guide returns one binary sample per layer, ``b1`` first.
+
+    >>> import torch
+    >>> from lvmkit.guides import BernoulliEncoder
+    >>> guide = BernoulliEncoder(x_dim=4, layers=(3, 2))
+    >>> x = torch.tensor([[0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    >>> [b.shape for b in guide(x)]
+    [torch.Size([2, 3]), torch.Size([2, 2])]
     """
 
     def __init__(
@@ -124,6 +142,16 @@ class OneHotEncoder(PyroModule):
     :param num_categories: categories per variable.
     :param hidden: sizes of the tanh hidden layers.
     :param name: prefix of the parameter names in Pyro's param store.
+
+    Example:
+
+    >>> import torch
+    >>> from lvmkit.guides import OneHotEncoder
+    >>> guide = OneHotEncoder(x_dim=4, num_latents=2, num_categories=3, hidden=(8,))
+    >>> x = torch.tensor([[0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    >>> z = guide(x)
+    >>> z.shape, bool((z.sum(-1) == 1).all())
+    (torch.Size([2, 2, 3]), True)
     """
 
     def __init__(
@@ -162,6 +190,15 @@ class TwoLayerEncoder(PyroModule):
     :param hidden: one tuple of tanh layer sizes per stochastic layer: ``hidden[0]`` maps
         x to z_1, ``hidden[1]`` maps z_1 to z_2, ...
     :param name: prefix of the parameter names in Pyro's param store.
+
+    Example:
+
+    >>> import torch
+    >>> from lvmkit.guides import TwoLayerEncoder
+    >>> guide = TwoLayerEncoder(x_dim=4, z_dims=(3, 2), hidden=((8,), (8,)))
+    >>> x = torch.tensor([[0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    >>> [z.shape for z in guide(x)]
+    [torch.Size([2, 3]), torch.Size([2, 2])]
     """
 
     def __init__(

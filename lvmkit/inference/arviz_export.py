@@ -182,6 +182,25 @@ def to_arviz(
         program on its arguments, observed values that broadcast against their distribution,
         and model latents the guide does not sample (unless the model marks them
         ``infer={"enumerate": ...}``: those are drawn from their prior, with a warning).
+
+    Example:
+
+    >>> import pyro
+    >>> import pyro.distributions as dist
+    >>> import torch
+    >>> def model(y):
+    ...     mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    ...     with pyro.plate("data", len(y)):
+    ...         pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+    >>> y = torch.tensor([0.5, 1.0, 1.5])
+    >>> from pyro.infer.autoguide import AutoNormal
+    >>> from lvmkit.inference import to_arviz
+    >>> guide = AutoNormal(model)
+    >>> data = to_arviz(model, guide, y, num_samples=100)
+    >>> data.posterior["mu"].shape, data.log_likelihood["y"].shape
+    ((1, 100), (1, 100, 3))
+    >>> sorted(data.sample_stats.data_vars)
+    ['log_q', 'log_weight', 'lp']
     """
     if not isinstance(data_dim, str) or not data_dim:
         raise ValueError(f"data_dim must be a non-empty string, got {data_dim!r}")

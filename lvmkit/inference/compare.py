@@ -35,7 +35,15 @@ _DEFAULTS: dict[str, str] = {
 
 
 def default_estimators() -> tuple[dict[str, ELBO], dict[str, str]]:
-    """``({label: estimator}, {label: why it is missing})`` for the default line-up."""
+    """``({label: estimator}, {label: why it is missing})`` for the default line-up.
+
+    Example:
+
+    >>> from lvmkit.inference.compare import default_estimators
+    >>> found, missing = default_estimators()
+    >>> type(found["rebar"]).__name__, found["nvil"].normalize, missing
+    ('RebarELBO', False, {})
+    """
     found, missing = {}, {}
     for label, name in _DEFAULTS.items():
         try:
@@ -124,8 +132,9 @@ def compare_estimators(
     mini-batches of ``batch_size`` (the same batch order for all, from ``seed``), records
     the training ELBO per datum at every step and the median seconds per step (training
     only).
-    Every ``variance_every`` steps (and at step 1) the log gradient variance of the guide
-    parameters is measured with :func:`~lvmkit.inference.check.gradient_variance` over
+    Every ``variance_every`` steps (and at the first and the last step) the log gradient
+    variance of the guide parameters is measured with
+    :func:`~lvmkit.inference.check.gradient_variance` over
     ``variance_draws`` draws on a fixed batch (the first ``batch_size`` rows, scaled by
     ``N / batch_size`` as in training), on a copy of the estimator so that its own learned
     state (baselines, temperatures) is not changed by the measurement.
@@ -142,6 +151,24 @@ def compare_estimators(
         {"elbo": [...], "wall_time": [...], "seconds_per_step", "final_elbo",
         "variance_steps": [...], "log_variance": [...]}}, "skipped": {label: reason}}``;
         ``final_elbo`` is the mean training ELBO over the last 10% of steps.
+
+    Example: two estimators, three steps each, on a small sigmoid belief net.
+
+    >>> import torch
+    >>> from pyro.infer import Trace_ELBO
+    >>> from lvmkit.inference import DisARMELBO, compare_estimators
+    >>> from lvmkit.models import build
+    >>> x = torch.bernoulli(torch.full((8, 4), 0.5))
+    >>> results = compare_estimators(
+    ...     build("sbn-linear", x_dim=4, layers=(3,)), x,
+    ...     {"score": Trace_ELBO(), "DisARM": DisARMELBO()},
+    ...     steps=3, batch_size=4, variance_every=2, variance_draws=3, progress=False,
+    ... )
+    >>> sorted(results["estimators"]), results["skipped"]
+    (['DisARM', 'score'], {})
+    >>> run = results["estimators"]["DisARM"]
+    >>> len(run["elbo"]), run["variance_steps"]
+    (3, [1, 2, 3])
     """
     from lvmkit.inference.check import gradient_variance
     from lvmkit.inference.training import fit
@@ -231,7 +258,24 @@ def compare_estimators(
 
 
 def markdown_table(results: dict[str, Any]) -> str:
-    """One row per trained estimator: final ELBO, last log-variance, seconds per step."""
+    """One row per trained estimator: final ELBO, last log-variance, seconds per step.
+
+    Example:
+
+    >>> from lvmkit.inference.compare import markdown_table
+    >>> results = {"model": "sbn-linear", "steps": 3, "batch_size": 4, "lr": 3e-4,
+    ...            "estimators": {"score": {"final_elbo": -2.5, "log_variance": [1.0, 0.5],
+    ...                                     "seconds_per_step": 0.01}},
+    ...            "skipped": {"arm": "categorical site"}}
+    >>> print(markdown_table(results))
+    Model `sbn-linear`, 3 steps, batch 4, lr 0.0003.
+    <BLANKLINE>
+    | estimator | train ELBO (last 10%) | log grad variance (last) | s / step |
+    |---|---|---|---|
+    | score | -2.500 | 0.500 | 0.0100 |
+    | arm | skipped: categorical site | | |
+    <BLANKLINE>
+    """
     lines = [
         f"Model `{results['model']}`, {results['steps']} steps, batch {results['batch_size']},"
         f" lr {results['lr']}.",
@@ -250,7 +294,25 @@ def markdown_table(results: dict[str, Any]) -> str:
 
 
 def write_outputs(results: dict[str, Any], out_dir: str | os.PathLike) -> dict[str, Path]:
-    """Write ``compare.json``, ``compare.md``, ``elbo.png`` and ``log_variance.png``."""
+    """Write ``compare.json``, ``compare.md``, ``elbo.png`` and ``log_variance.png``.
+
+    Example: the results of :func:`compare_estimators` (which calls this when given
+    ``out_dir``).
+
+    >>> import torch
+    >>> from lvmkit.inference import compare_estimators
+    >>> from lvmkit.inference.compare import write_outputs
+    >>> from lvmkit.inference.registry import make_estimator
+    >>> from lvmkit.models import build
+    >>> results = compare_estimators(
+    ...     build("sbn-linear", x_dim=4, layers=(3,)), torch.bernoulli(torch.full((8, 4), 0.5)),
+    ...     {"arm": make_estimator("arm")}, steps=2, batch_size=4, variance_draws=3,
+    ...     progress=False,
+    ... )
+    >>> paths = write_outputs(results, "compare-run")
+    >>> sorted(paths), all(path.exists() for path in paths.values())
+    (['elbo', 'json', 'log_variance', 'markdown'], True)
+    """
     from lvmkit.inference.plots import plot_grad_variance, plot_loss
 
     out = Path(out_dir)

@@ -56,6 +56,15 @@ class DistributedContext:
     :ivar device: the device this rank computes on.
     :ivar owns_group: whether :func:`setup` created the process group (and
         :func:`teardown` should destroy it).
+
+    Example:
+
+    >>> from lvmkit.inference.distributed import DistributedContext, setup
+    >>> context = setup()  # not under torchrun: one rank
+    >>> context == DistributedContext(rank=0, world_size=1)
+    True
+    >>> context.enabled, context.is_main
+    (False, True)
     """
 
     rank: int = 0
@@ -74,7 +83,18 @@ class DistributedContext:
 
 
 def launched_by_torchrun(env: dict[str, str] | None = None) -> bool:
-    """Whether the environment holds torchrun's variables for a job of more than one rank."""
+    """Whether the environment holds torchrun's variables for a job of more than one rank.
+
+    Example:
+
+    >>> from lvmkit.inference.distributed import launched_by_torchrun
+    >>> env = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0",
+    ...        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    >>> launched_by_torchrun(env), launched_by_torchrun({**env, "WORLD_SIZE": "1"})
+    (True, False)
+    >>> launched_by_torchrun({})
+    False
+    """
     env = os.environ if env is None else env
     return all(key in env for key in TORCHRUN_ENV) and int(env["WORLD_SIZE"]) > 1
 
@@ -90,6 +110,14 @@ def setup(device: str | torch.device = "cpu", timeout_s: float | None = None
 
     :param timeout_s: how long a collective waits for the others before it fails (default
         ``LVMKIT_DIST_TIMEOUT`` or 300 s), so that a rank that died cannot hang the job.
+
+    Example: the same script runs alone and under ``torchrun``.
+
+    >>> from lvmkit.inference.distributed import setup, teardown
+    >>> context = setup("cpu")
+    >>> context.rank, context.world_size, context.owns_group
+    (0, 1, False)
+    >>> teardown(context)  # nothing to destroy here
     """
     device = torch.device(device)
     initialised = dist.is_available() and dist.is_initialized()
@@ -113,7 +141,21 @@ def setup(device: str | torch.device = "cpu", timeout_s: float | None = None
 
 
 def teardown(context: DistributedContext) -> None:
-    """Destroy the process group if :func:`setup` created it."""
+    """Destroy the process group if :func:`setup` created it.
+
+    Example: a process group initialised by the caller is left to the caller.
+
+    >>> import torch.distributed as dist
+    >>> from lvmkit.inference.distributed import setup, teardown
+    >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    >>> context = setup()
+    >>> context.owns_group
+    False
+    >>> teardown(context)
+    >>> dist.is_initialized()
+    True
+    >>> dist.destroy_process_group()
+    """
     if context.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -128,6 +170,16 @@ def shard(indices: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
 
     The shards of ranks 0..W-1, concatenated, are ``indices`` in order. Sizes differ by at
     most one; a global batch smaller than W leaves some ranks an empty shard.
+
+    Example:
+
+    >>> import torch
+    >>> from lvmkit.inference.distributed import shard
+    >>> batch = torch.tensor([7, 3, 9, 1, 4])
+    >>> [shard(batch, rank, world_size=2).tolist() for rank in range(2)]
+    [[7, 3, 9], [1, 4]]
+    >>> shard(torch.tensor([5]), rank=1, world_size=2)
+    tensor([], dtype=torch.int64)
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
@@ -136,7 +188,15 @@ def shard(indices: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
 
 def check_same_everywhere(context: DistributedContext, **values: int) -> None:
     """Refuse a job whose ranks disagree on settings that must be shared (N, batch size,
-    steps, seed): their batches would not partition one global batch."""
+    steps, seed): their batches would not partition one global batch.
+
+    Example: in one process there is nothing to disagree with.
+
+    >>> from lvmkit.inference.distributed import DistributedContext
+    >>> one = DistributedContext()  # a single process: rank 0 of 1
+    >>> from lvmkit.inference.distributed import check_same_everywhere
+    >>> check_same_everywhere(one, n=100, batch_size=10, seed=0)
+    """
     if not context.enabled:
         return
     names = sorted(values)
@@ -153,13 +213,38 @@ def check_same_everywhere(context: DistributedContext, **values: int) -> None:
 
 
 def all_reduce_sum_(tensors: Sequence[torch.Tensor], context: DistributedContext) -> None:
-    """Sum each tensor over the ranks, in place, in one collective call."""
+    """Sum each tensor over the ranks, in place, in one collective call.
+
+    Example: in one process the sum is the tensor itself (with W ranks, each would hold
+    the sum of the W values).
+
+    >>> import torch
+    >>> from lvmkit.inference.distributed import DistributedContext
+    >>> one = DistributedContext()  # a single process: rank 0 of 1
+    >>> from lvmkit.inference.distributed import all_reduce_sum_
+    >>> grads = [torch.tensor([1.0, 2.0]), torch.tensor(3.0)]
+    >>> all_reduce_sum_(grads, one)
+    >>> grads
+    [tensor([1., 2.]), tensor(3.)]
+    """
     _all_reduce_(tensors, context, average=False)
 
 
 def all_reduce_mean_(tensors: Sequence[torch.Tensor], context: DistributedContext) -> None:
     """Average each floating tensor over the ranks, in place (integer ones are left alone:
-    step counters agree already)."""
+    step counters agree already).
+
+    Example:
+
+    >>> import torch
+    >>> from lvmkit.inference.distributed import DistributedContext
+    >>> one = DistributedContext()  # a single process: rank 0 of 1
+    >>> from lvmkit.inference.distributed import all_reduce_mean_
+    >>> moments = [torch.tensor([0.5]), torch.tensor(7)]
+    >>> all_reduce_mean_(moments, one)
+    >>> moments
+    [tensor([0.5000]), tensor(7)]
+    """
     _all_reduce_([t for t in tensors if t.is_floating_point()], context, average=True)
 
 
@@ -185,6 +270,18 @@ def sum_gradients_(params: Iterable[torch.Tensor], context: DistributedContext) 
     Every rank must pass the same parameters in the same order; a parameter whose gradient
     is missing on this rank (unused by its shard) counts as zero, so that the collective's
     layout agrees everywhere.
+
+    Example:
+
+    >>> import torch
+    >>> from lvmkit.inference.distributed import DistributedContext
+    >>> one = DistributedContext()  # a single process: rank 0 of 1
+    >>> from lvmkit.inference.distributed import sum_gradients_
+    >>> weight = torch.nn.Parameter(torch.ones(2))
+    >>> (3 * weight).sum().backward()
+    >>> sum_gradients_([weight], one)
+    >>> weight.grad
+    tensor([3., 3.])
     """
     params = list(params)
     if not context.enabled or not params:
@@ -197,7 +294,19 @@ def sum_gradients_(params: Iterable[torch.Tensor], context: DistributedContext) 
 
 def broadcast_(tensors: Sequence[torch.Tensor], context: DistributedContext,
                source: int = 0) -> None:
-    """Overwrite each tensor with rank ``source``'s value (the initial parameters)."""
+    """Overwrite each tensor with rank ``source``'s value (the initial parameters).
+
+    Example:
+
+    >>> import torch
+    >>> from lvmkit.inference.distributed import DistributedContext
+    >>> one = DistributedContext()  # a single process: rank 0 of 1
+    >>> from lvmkit.inference.distributed import broadcast_
+    >>> params = [torch.zeros(3)]
+    >>> broadcast_(params, one)  # rank 0 is the source: unchanged
+    >>> params
+    [tensor([0., 0., 0.])]
+    """
     if not context.enabled or not tensors:
         return
     with torch.no_grad():
@@ -211,7 +320,16 @@ def broadcast_(tensors: Sequence[torch.Tensor], context: DistributedContext,
 
 
 def sum_scalar(value: float, context: DistributedContext) -> float:
-    """The sum over the ranks of one float (the ranks' shares of the loss)."""
+    """The sum over the ranks of one float (the ranks' shares of the loss).
+
+    Example:
+
+    >>> from lvmkit.inference.distributed import DistributedContext
+    >>> one = DistributedContext()  # a single process: rank 0 of 1
+    >>> from lvmkit.inference.distributed import sum_scalar
+    >>> sum_scalar(2.5, one)
+    2.5
+    """
     if not context.enabled:
         return value
     tensor = _to_backend(torch.tensor([value], dtype=torch.float64), context)
@@ -220,6 +338,15 @@ def sum_scalar(value: float, context: DistributedContext) -> float:
 
 
 def barrier(context: DistributedContext) -> None:
+    """Wait until every rank gets here (nothing to wait for in one process).
+
+    Example:
+
+    >>> from lvmkit.inference.distributed import DistributedContext
+    >>> one = DistributedContext()  # a single process: rank 0 of 1
+    >>> from lvmkit.inference.distributed import barrier
+    >>> barrier(one)
+    """
     if context.enabled:
         dist.barrier()
 
@@ -233,7 +360,16 @@ def _to_backend(tensor: torch.Tensor, context: DistributedContext) -> torch.Tens
 
 
 def gather_objects(obj: Any, context: DistributedContext) -> list[Any]:
-    """Every rank's ``obj``, in rank order (``[obj]`` in a single process)."""
+    """Every rank's ``obj``, in rank order (``[obj]`` in a single process).
+
+    Example:
+
+    >>> from lvmkit.inference.distributed import DistributedContext
+    >>> one = DistributedContext()  # a single process: rank 0 of 1
+    >>> from lvmkit.inference.distributed import gather_objects
+    >>> gather_objects({"rank": 0, "loss": 1.5}, one)
+    [{'rank': 0, 'loss': 1.5}]
+    """
     if not context.enabled:
         return [obj]
     out: list[Any] = [None] * context.world_size
@@ -258,6 +394,24 @@ class RankSync:
     variance-objective gradients in ``.grad``; these are summed the same way and stepped by
     the estimator's ``step_controls()``. Floating buffers of the estimator's modules
     (NVIL's running moments) are averaged after each step.
+
+    Example: :func:`~lvmkit.inference.fit` builds one under ``torchrun``; here a process
+    group of one rank stands in for the job (with one rank the step is an ordinary step).
+
+    >>> import pyro
+    >>> import torch
+    >>> import torch.distributed as dist
+    >>> from lvmkit.inference.distributed import RankSync, setup
+    >>> from lvmkit.models import build
+    >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    >>> model, guide = build("vae", x_dim=4, z_dim=2, hidden=(8,))
+    >>> x = torch.bernoulli(torch.full((6, 4), 0.5))
+    >>> sync = RankSync(setup())
+    >>> loss = sync.step(pyro.infer.Trace_ELBO(), pyro.optim.Adam({"lr": 1e-2}), model,
+    ...                  guide, x, {}, share=1.0, use_differentiable_loss=False)
+    >>> isinstance(loss, float), len(sync.names)  # the parameters every rank steps
+    (True, 8)
+    >>> dist.destroy_process_group()
     """
 
     def __init__(self, context: DistributedContext) -> None:

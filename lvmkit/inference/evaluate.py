@@ -72,6 +72,17 @@ def log_likelihood(
         or observed values that broadcast against their distribution; naming the sites, for
         model latents the guide does not sample (they would be drawn from the prior with no
         log q term: no estimate of log p(x)).
+
+    Example:
+
+    >>> import torch
+    >>> from lvmkit.inference import log_likelihood
+    >>> from lvmkit.models import build
+    >>> model, guide = build("vae", x_dim=4, z_dim=2, hidden=(8,))
+    >>> x = torch.bernoulli(torch.full((5, 4), 0.5))
+    >>> ll = log_likelihood(model, guide, x, num_samples=20)
+    >>> ll.shape, bool((ll < 0).all())
+    (torch.Size([5]), True)
     """
     num_samples, chunk_size, batch_size = _check_counts(num_samples, chunk_size, batch_size)
     _check_callables(model, guide)
@@ -97,6 +108,20 @@ def elbo_per_datum(
     """Per-datum ELBO estimate: the mean of ``num_samples`` log weights, shape (N,).
 
     Arguments and errors as for :func:`log_likelihood`.
+
+    Example: the ELBO is a lower bound of the importance-weighted estimate (in expectation;
+    here, with many samples, also in this draw).
+
+    >>> import torch
+    >>> from lvmkit.inference import elbo_per_datum, log_likelihood
+    >>> from lvmkit.models import build
+    >>> model, guide = build("vae", x_dim=4, z_dim=2, hidden=(8,))
+    >>> x = torch.bernoulli(torch.full((5, 4), 0.5))
+    >>> elbo = elbo_per_datum(model, guide, x, num_samples=200)
+    >>> elbo.shape
+    torch.Size([5])
+    >>> bool((elbo < log_likelihood(model, guide, x, num_samples=200)).all())
+    True
     """
     num_samples, chunk_size, batch_size = _check_counts(num_samples, chunk_size, batch_size)
     _check_callables(model, guide)
@@ -122,6 +147,16 @@ def log_weights(
     Keeps all K x B weights in memory (e.g. for Pareto-smoothed diagnostics); use
     :func:`log_likelihood` for large K. Arguments and errors as for :func:`log_likelihood`
     (``x`` must be a tensor).
+
+    Example:
+
+    >>> import torch
+    >>> from lvmkit.inference import log_weights
+    >>> from lvmkit.models import build
+    >>> model, guide = build("sbn-linear", x_dim=4, layers=(3,))
+    >>> x = torch.bernoulli(torch.full((5, 4), 0.5))
+    >>> log_weights(model, guide, x, num_samples=7).shape
+    torch.Size([7, 5])
     """
     num_samples, chunk_size, _ = _check_counts(num_samples, chunk_size, 1)
     _check_callables(model, guide)

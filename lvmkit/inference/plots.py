@@ -101,7 +101,15 @@ def _is_single_history(history: Any) -> bool:
 
 def ema(values: np.ndarray, smoothing: float) -> np.ndarray:
     """Debiased exponential moving average (weight ``smoothing`` on the past); NaNs are
-    skipped, keeping the previous average."""
+    skipped, keeping the previous average.
+
+    Example:
+
+    >>> import numpy as np
+    >>> from lvmkit.inference.plots import ema
+    >>> ema(np.array([1.0, np.nan, 3.0]), smoothing=0.5)
+    array([1.        , 1.        , 2.33333333])
+    """
     if not 0.0 <= smoothing < 1.0:
         raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
     out = np.empty_like(values, dtype=float)
@@ -147,6 +155,13 @@ def plot_loss(
     :param num_data: divide the losses by this (for totals over a dataset).
 
     Several runs (or a named one) get a legend right of the axes.
+
+    Example:
+
+    >>> from lvmkit.inference.plots import plot_loss
+    >>> runs = {"REBAR": [3.0, 2.5, 2.2, 2.1], "NVIL": [3.0, 2.8, 2.6, 2.5]}
+    >>> plot_loss(runs, "loss.png", smoothing=0.5).name
+    'loss.png'
     """
     runs = {"": history} if _is_single_history(history) else dict(history)
     if not runs:
@@ -192,6 +207,13 @@ def plot_grad_variance(
     :param records: ``{estimator name: [(step, log variance), ...]}``, e.g. from
         :func:`~lvmkit.inference.check.gradient_variance` (the log of the per-coordinate
         variance of the guide's gradient, averaged over coordinates).
+
+    Example:
+
+    >>> from lvmkit.inference.plots import plot_grad_variance
+    >>> records = {"score": [(1, 2.0), (100, 1.5)], "REBAR": [(1, 0.5), (100, -0.5)]}
+    >>> plot_grad_variance(records, "variance.png").exists()
+    True
     """
     if not isinstance(records, Mapping) or not records:
         raise ValueError("records is empty: expected {estimator: [(step, log variance), ...]}")
@@ -228,7 +250,16 @@ _LOG_SCALE_TRACES = ("variance_objective",)
 
 def trace_labels(key: str) -> tuple[str, str]:
     """``(panel title, y-axis label)`` of a trace key (see :data:`TRACE_LABELS`); an unknown
-    key is its own title, with the label ``"value"``."""
+    key is its own title, with the label ``"value"``.
+
+    Example:
+
+    >>> from lvmkit.inference.plots import trace_labels
+    >>> trace_labels("eta/b1")
+    ('control-variate weight η, b1', 'η')
+    >>> trace_labels("my_metric")
+    ('my_metric', 'value')
+    """
     if key in TRACE_LABELS:
         return TRACE_LABELS[key]
     for prefix, (title, ylabel) in TRACE_LABELS.items():
@@ -259,6 +290,13 @@ def plot_traces(
     :param keys: which traces, in order (default: all).
     :param title: the figure's title.
     :param include_loss: with a History, add its per-datum loss as the first panel.
+
+    Example:
+
+    >>> from lvmkit.inference.plots import plot_traces
+    >>> extras = {"temperature": [0.5, 0.48, 0.47], "eta/b1": [1.0, 0.9, 0.85]}
+    >>> plot_traces(extras, "traces.png").exists()
+    True
     """
     steps = None
     loss = None
@@ -354,7 +392,15 @@ def grid_pixels(
     scale: int | None = None,
     title: bool = False,
 ) -> tuple[int, int]:
-    """``(height, width)`` in pixels of the PNG that :func:`plot_image_grid` writes."""
+    """``(height, width)`` in pixels of the PNG that :func:`plot_image_grid` writes.
+
+    Example: 8 x 8 digits, eight per row, are drawn large enough to read.
+
+    >>> from lvmkit.inference.plots import MIN_GRID_PIXELS, grid_pixels
+    >>> height, width = grid_pixels(16, (8, 8), nrow=8)
+    >>> width >= MIN_GRID_PIXELS
+    True
+    """
     height, width = image_shape
     columns = min(nrow, num_images)
     rows = math.ceil(num_images / columns)
@@ -410,6 +456,15 @@ def plot_image_grid(
         whole number that makes the PNG at least :data:`MIN_GRID_PIXELS` wide. The PNG is
         exactly :func:`grid_pixels` ``(n, image_shape, nrow, pad=pad, scale=scale,
         title=...)``.
+
+    Example: sixteen random 8 x 8 images, eight per row.
+
+    >>> import torch
+    >>> from matplotlib.image import imread
+    >>> from lvmkit.inference.plots import grid_pixels, plot_image_grid
+    >>> path = plot_image_grid(torch.rand(16, 64), (8, 8), "grid.png", nrow=8)
+    >>> imread(path).shape[:2] == grid_pixels(16, (8, 8), 8)
+    True
     """
     if nrow < 1 or pad < 0 or (scale is not None and scale < 1):
         raise ValueError(f"need nrow >= 1, pad >= 0, scale >= 1; got {nrow}, {pad}, {scale}")
@@ -433,6 +488,16 @@ def plot_reconstructions(
 
     :param scale: as for :func:`plot_image_grid` (by default at least
         :data:`MIN_GRID_PIXELS` wide).
+
+    Example:
+
+    >>> import torch
+    >>> from lvmkit.models import build
+    >>> from lvmkit.inference.plots import plot_reconstructions
+    >>> model, guide = build("vae", x_dim=64, z_dim=2, hidden=(16,))
+    >>> x = torch.bernoulli(torch.full((4, 64), 0.5))
+    >>> plot_reconstructions(x, model.reconstruct(x, guide), (8, 8), "recon.png").exists()
+    True
     """
     if pad < 0 or (scale is not None and scale < 1):
         raise ValueError(f"need pad >= 0, scale >= 1; got {pad}, {scale}")
@@ -487,6 +552,17 @@ def plot_density_2d(
     :param samples: optional ``(n, 2)`` guide samples, drawn as dots.
     :param bounds: ``((x_min, x_max), (y_min, y_max))``; by default the range of the
         samples plus 10%. Needed when ``target`` is a function and there are no samples.
+
+    Example: a standard normal target and a narrower guide's samples.
+
+    >>> import torch
+    >>> from lvmkit.inference.plots import plot_density_2d
+    >>> def log_density(z):
+    ...     return -0.5 * (z ** 2).sum(-1)
+    >>> samples = 0.5 * torch.randn(200, 2)
+    >>> plot_density_2d(log_density, "density.png", samples=samples,
+    ...                 bounds=((-3, 3), (-3, 3)), grid_size=30).exists()
+    True
     """
     if grid_size < 2:
         raise ValueError(f"grid_size must be at least 2, got {grid_size}")
@@ -596,6 +672,17 @@ def plot_forest(
     :param backend: ``"matplotlib"`` (from ``table``) or ``"arviz"`` (the installed ArviZ's
         ``plot_forest`` of ``posteriors``; falls back to matplotlib with a warning if it
         fails).
+
+    Example: a table shaped as :attr:`~lvmkit.inference.nuts.NutsComparison.table`.
+
+    >>> import pandas as pd
+    >>> from lvmkit.inference.plots import plot_forest
+    >>> columns = pd.MultiIndex.from_tuples(
+    ...     [("guide", "mean"), ("guide", "sd"), ("nuts", "mean"), ("nuts", "sd")])
+    >>> table = pd.DataFrame([[0.7, 0.5, 0.75, 0.5], [-1.0, 0.2, -1.1, 0.3]],
+    ...                      index=["mu", "tau"], columns=columns)
+    >>> plot_forest(table, "forest.png").exists()
+    True
     """
     if backend not in ("arviz", "matplotlib"):
         raise ValueError(f"backend must be 'arviz' or 'matplotlib', got {backend!r}")

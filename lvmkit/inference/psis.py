@@ -32,6 +32,28 @@ class KhatResult:
     the posterior up to normalization, e.g. an exact guide): there is no tail to fit, so
     ``khat`` is reported as 0 rather than fitted, the weights are uniform, and ``str()``
     says so.
+
+    Example: the exact posterior as the guide gives constant ratios, each ``log p(y)``.
+
+    >>> import pyro
+    >>> import pyro.distributions as dist
+    >>> import torch
+    >>> def model(y):
+    ...     mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    ...     with pyro.plate("data", len(y)):
+    ...         pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+    >>> y = torch.tensor([0.5, 1.0, 1.5])
+    >>> def exact(y):  # the posterior N(sum y / (n + 1), 1 / (n + 1))
+    ...     pyro.sample("mu", dist.Normal(y.sum() / (len(y) + 1), (len(y) + 1) ** -0.5))
+    >>> import warnings
+    >>> from lvmkit.inference import psis_khat
+    >>> with warnings.catch_warnings():
+    ...     warnings.simplefilter("ignore")  # the warning that the ratios are constant
+    ...     result = psis_khat(model, exact, y, num_samples=100)
+    >>> result.khat, result.constant_weights, result.verdict, round(result.ess)
+    (0.0, True, 'good', 100)
+    >>> round(result.log_evidence, 3)
+    -4.075
     """
 
     khat: float
@@ -137,6 +159,25 @@ def psis_khat(
 
     :param args: positional arguments of the model and the guide (usually ``x``).
     :param kwargs: keyword arguments of the model and the guide (e.g. ``labels``).
+
+    Example: the prior, wider than the posterior, is a good proposal.
+
+    >>> import pyro
+    >>> import pyro.distributions as dist
+    >>> import torch
+    >>> def model(y):
+    ...     mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    ...     with pyro.plate("data", len(y)):
+    ...         pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+    >>> y = torch.tensor([0.5, 1.0, 1.5])
+    >>> def prior(y):
+    ...     pyro.sample("mu", dist.Normal(0.0, 1.0))
+    >>> from lvmkit.inference import psis_khat
+    >>> result = psis_khat(model, prior, y, num_samples=500)
+    >>> result.verdict, result.log_ratios.shape
+    ('good', (500,))
+    >>> print(result)
+    PSIS k-hat = ... (good; good < 0.5, poor > 0.7) from 500 draws, ESS ...
     """
     draws = draw(model, guide, args, kwargs, num_samples, vectorize=vectorize, collect=False)
     return khat_from(draws.log_p, draws.log_q)

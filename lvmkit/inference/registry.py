@@ -35,6 +35,15 @@ class EstimatorSpec:
         baseline needs two); a smaller request is raised to it.
     :ivar comparable: keyword arguments that put its gradient on the scale of the others'
         when gradient variances are compared (``make_estimator(..., comparable=True)``).
+
+    Example:
+
+    >>> from lvmkit.inference.registry import ESTIMATORS, EstimatorSpec
+    >>> ESTIMATORS["vimco"].cls, ESTIMATORS["vimco"].min_particles
+    ('VIMCOELBO', 2)
+    >>> spec = EstimatorSpec("pyro.infer", "RenyiELBO", "Renyi divergence", {"alpha": 0.5})
+    >>> spec.defaults
+    {'alpha': 0.5}
     """
 
     module: str
@@ -117,7 +126,18 @@ ESTIMATOR_NAMES: tuple[str, ...] = tuple(ESTIMATORS)
 
 
 def estimator_spec(name: str) -> EstimatorSpec:
-    """The :class:`EstimatorSpec` of ``name``; a ``ValueError`` listing the names if unknown."""
+    """The :class:`EstimatorSpec` of ``name``; a ``ValueError`` listing the names if unknown.
+
+    Example:
+
+    >>> from lvmkit.inference.registry import estimator_spec
+    >>> estimator_spec("nvil-norm").defaults
+    {'normalize': True}
+    >>> estimator_spec("reinforce")
+    Traceback (most recent call last):
+    ...
+    ValueError: unknown estimator 'reinforce'; choose one of trace, tracegraph, rebar, ...
+    """
     try:
         return ESTIMATORS[name]
     except (KeyError, TypeError):
@@ -140,6 +160,17 @@ def make_estimator(
         ``comparable`` ones).
     :raises ValueError: for an unknown name or a ``num_particles`` that is not a positive int.
     :raises ImportError: if the estimator's module cannot be imported.
+
+    Example:
+
+    >>> from lvmkit.inference import ESTIMATOR_NAMES, make_estimator
+    >>> "rebar" in ESTIMATOR_NAMES
+    True
+    >>> elbo = make_estimator("vimco")  # raised to VIMCO's two particles
+    >>> type(elbo).__name__, elbo.num_particles
+    ('VIMCOELBO', 2)
+    >>> make_estimator("nvil-norm", comparable=False).normalize
+    True
     """
     spec = estimator_spec(name)
     if (

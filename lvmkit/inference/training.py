@@ -123,11 +123,52 @@ _CHECKPOINT_KEYS = ("step", "n", "batch_size", "params", "optim", "rng", "batche
 
 
 class CheckpointError(RuntimeError):
-    """No checkpoint in ``checkpoint_dir`` can be read; the message names every file tried."""
+    """No checkpoint in ``checkpoint_dir`` can be read; the message names every file tried.
+
+    Example:
+
+    >>> import os
+    >>> import torch
+    >>> from lvmkit.inference import fit
+    >>> from lvmkit.inference.training import CheckpointError
+    >>> from lvmkit.models import build
+    >>> model, guide = build("vae", x_dim=4, z_dim=2, hidden=(8,))
+    >>> os.makedirs("broken")
+    >>> with open("broken/checkpoint.pt", "w") as handle:
+    ...     _ = handle.write("not a checkpoint")
+    >>> x = torch.bernoulli(torch.full((8, 4), 0.5))
+    >>> fit(model, guide, x, steps=2, batch_size=4, checkpoint_dir="broken", progress=False)
+    Traceback (most recent call last):
+    ...
+    lvmkit.inference.training.CheckpointError: no checkpoint in 'broken' can be read: ...
+    """
 
 
 class SaturatedLogitsWarning(RuntimeWarning):
-    """A discrete guide site's logits are so large that its gradient is exactly zero."""
+    """A discrete guide site's logits are so large that its gradient is exactly zero.
+
+    Example: a guide whose logit starts at 200.
+
+    >>> import warnings
+    >>> import pyro
+    >>> import pyro.distributions as dist
+    >>> import torch
+    >>> from lvmkit.inference import fit
+    >>> from lvmkit.inference.training import SaturatedLogitsWarning
+    >>> def model(x):
+    ...     with pyro.plate("data", len(x)):
+    ...         z = pyro.sample("z", dist.Bernoulli(0.5))
+    ...         pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+    >>> def guide(x):
+    ...     logit = pyro.param("logit", torch.tensor(200.0))
+    ...     with pyro.plate("data", len(x)):
+    ...         pyro.sample("z", dist.Bernoulli(logits=logit))
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     history = fit(model, guide, torch.zeros(4), steps=1, batch_size=4, progress=False)
+    >>> [str(w.message)[:43] for w in caught if w.category is SaturatedLogitsWarning]
+    ["guide site 'z': 4 of 4 logits are saturated"]
+    """
 
 
 @dataclass
@@ -140,6 +181,19 @@ class History:
     :ivar epoch: the 0-based epoch the step's batch came from.
     :ivar extras: other per-step scalars, e.g. an estimator's ``diagnostics()`` or what the
         callback returns; a key first seen at a later step is padded with NaN before it.
+
+    Example:
+
+    >>> import torch
+    >>> from lvmkit.inference import fit
+    >>> from lvmkit.models import build
+    >>> model, guide = build("vae", x_dim=4, z_dim=2, hidden=(8,))
+    >>> x = torch.bernoulli(torch.full((8, 4), 0.5))
+    >>> history = fit(model, guide, x, steps=5, batch_size=4, progress=False)
+    >>> history.step, history.epoch
+    ([1, 2, 3, 4, 5], [0, 0, 1, 1, 2])
+    >>> len(history.loss), len(history.wall_time)
+    (5, 5)
     """
 
     loss: list[float] = field(default_factory=list)
@@ -403,6 +457,26 @@ def fit(
     Any exception raised while training (a non-finite loss, an error in the model, an
     interrupt) carries the :class:`History` of the steps done as ``exc.history``; with a
     ``checkpoint_dir`` it is also written to ``checkpoint_dir/history.json``.
+
+    Example: a sigmoid belief net trained with REBAR for 10 steps, then 5 more steps
+    resumed from its checkpoint.
+
+    >>> import pyro
+    >>> import torch
+    >>> from lvmkit.inference import RebarELBO, fit
+    >>> from lvmkit.models import build
+    >>> x = torch.bernoulli(torch.full((20, 4), 0.5))
+    >>> model, guide = build("sbn-linear", x_dim=4, layers=(3,), init_data=x)
+    >>> history = fit(model, guide, x, elbo=RebarELBO(), steps=10, batch_size=5,
+    ...               optim=pyro.optim.Adam({"lr": 1e-2}), checkpoint_dir="run",
+    ...               progress=False)
+    >>> len(history.loss), sorted(history.extras)
+    (10, ['eta/b1', 'log_grad_variance', 'temperature', 'variance_objective'])
+    >>> history = fit(model, guide, x, elbo=RebarELBO(), steps=15, batch_size=5,
+    ...               optim=pyro.optim.Adam({"lr": 1e-2}), checkpoint_dir="run",
+    ...               progress=False)
+    >>> history.step[-1], len(history.loss)
+    (15, 15)
     """
     x_all, y_all = _unpack(data, labels)
     n = x_all.shape[0]

@@ -27,6 +27,17 @@ class CategoricalVAE(BernoulliImageModel):
     :param hidden: tanh hidden layers of the decoder (the default guide mirrors them).
     :param learn_prior: learn the prior logits instead of keeping them uniform.
     :param name: prefix of the parameter names in Pyro's param store.
+
+    Example:
+
+    >>> import pyro
+    >>> import torch
+    >>> from lvmkit.models import CategoricalVAE
+    >>> model = CategoricalVAE(x_dim=4, num_latents=2, num_categories=3, hidden=(8,))
+    >>> x = torch.tensor([[0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    >>> z = pyro.poutine.trace(model).get_trace(x).nodes["z"]["value"]
+    >>> z.shape, bool((z.sum(-1) == 1).all())
+    (torch.Size([2, 2, 3]), True)
     """
 
     def __init__(

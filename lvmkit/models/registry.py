@@ -42,6 +42,15 @@ def build(
     ``init_data`` (training images) goes to the model's ``init_output_bias`` where it has
     one: SBNs collapse to their prior without it (see
     :meth:`~lvmkit.models.SigmoidBeliefNet.init_output_bias`).
+
+    Example:
+
+    >>> from lvmkit.models import MODEL_NAMES, build
+    >>> MODEL_NAMES
+    ('vae', 'sbn-linear', 'sbn-linear2', 'sbn-nonlinear', 'categorical-vae', 'two-layer-vae')
+    >>> model, guide = build("sbn-linear", x_dim=64, layers=(10,))
+    >>> type(model).__name__, type(guide).__name__, model.layers
+    ('SigmoidBeliefNet', 'BernoulliEncoder', (10,))
     """
     try:
         factory, defaults = _FACTORIES[name]
@@ -102,6 +111,14 @@ def default_guide(model: BernoulliImageModel) -> PyroModule:
     ``{model name}_guide``.
 
     :raises TypeError: for a model this package does not know.
+
+    Example:
+
+    >>> from lvmkit.models import VAE
+    >>> from lvmkit.models.registry import default_guide
+    >>> guide = default_guide(VAE(x_dim=64, z_dim=5, name="my_vae"))
+    >>> type(guide).__name__, guide.z_dim, guide._pyro_name
+    ('GaussianEncoder', 5, 'my_vae_guide')
     """
     for cls in type(model).__mro__:
         if cls in _GUIDES:

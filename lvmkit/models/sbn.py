@@ -39,6 +39,17 @@ class SigmoidBeliefNet(BernoulliImageModel):
     :param name: prefix of the parameter names in Pyro's param store.
     :param init_data: training images ``(N, D)``; if given, :meth:`init_output_bias` is
         applied to them. Strongly recommended for training: see that method.
+
+    Example:
+
+    >>> import pyro
+    >>> import torch
+    >>> from lvmkit.models import SigmoidBeliefNet
+    >>> x = torch.tensor([[0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    >>> model = SigmoidBeliefNet(x_dim=4, layers=(3, 2), init_data=x)
+    >>> trace = pyro.poutine.trace(model).get_trace(x)
+    >>> trace.nodes["b1"]["value"].shape, trace.nodes["b2"]["value"].shape
+    (torch.Size([2, 3]), torch.Size([2, 2]))
     """
 
     def __init__(
@@ -84,6 +95,17 @@ class SigmoidBeliefNet(BernoulliImageModel):
         :param x: training images ``(N, D)`` with pixels in [0, 1].
         :param eps: the mean is clipped to ``[eps, 1 - eps]`` so that always-off pixels get
             a finite bias.
+
+        Example: with no use of ``b`` yet, samples are the mean training image (clipped).
+
+        >>> import torch
+        >>> from lvmkit.models import SigmoidBeliefNet
+        >>> model = SigmoidBeliefNet(x_dim=3, layers=(2,))
+        >>> model.init_output_bias(torch.tensor([[1.0, 0.0, 1.0], [1.0, 0.0, 0.0]]))
+        >>> torch.nn.init.zeros_(model.decoders[0][-1].weight)
+        Parameter containing: ...
+        >>> model.sample(1)
+        tensor([[0.9990, 0.0010, 0.5000]])
         """
         check_observations(x, site="x", event_shape=(self.x_dim,), support="unit")
         mean = x.detach().reshape(-1, self.x_dim).float().mean(0).clamp(eps, 1 - eps)

@@ -136,6 +136,18 @@ class M2(_SemiSupervised):
     :param hidden: tanh hidden layers of every MLP.
     :param alpha: weight of the classification term per labelled datum.
     :param name: prefix of the parameter names in Pyro's param store.
+
+    Example: one labelled datum (class 1) and one unlabelled (``-1``) in the same batch.
+
+    >>> import torch
+    >>> from pyro.infer import TraceEnum_ELBO
+    >>> from lvmkit.models import M2
+    >>> model = M2(x_dim=4, num_classes=3, z_dim=2, hidden=(8,))
+    >>> x = torch.tensor([[0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    >>> elbo = TraceEnum_ELBO(max_plate_nesting=1)
+    >>> loss = elbo.loss(model, model.guide, x, labels=torch.tensor([1, -1]))
+    >>> model.classify(x).shape
+    torch.Size([2, 3])
     """
 
     def __init__(
@@ -185,6 +197,19 @@ class ADGM(_SemiSupervised):
     Other parameters as :class:`M2`.
 
     :param a_dim: auxiliary dimensions.
+
+    Example:
+
+    >>> import torch
+    >>> from pyro.infer import TraceEnum_ELBO
+    >>> from lvmkit.models import ADGM
+    >>> model = ADGM(x_dim=4, num_classes=3, z_dim=2, a_dim=2, hidden=(8,))
+    >>> x = torch.tensor([[0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    >>> elbo = TraceEnum_ELBO(max_plate_nesting=1)
+    >>> loss = elbo.loss(model, model.guide, x, labels=torch.tensor([1, -1]))
+    >>> probs = model.classify(x)
+    >>> probs.shape, torch.allclose(probs.sum(-1), torch.ones(2))
+    (torch.Size([2, 3]), True)
     """
 
     generative_auxiliary = False
@@ -253,6 +278,17 @@ class SDGM(ADGM):
     """Skip deep generative model (Maaløe et al. 2016): ``a`` is a stochastic layer of the
     generative path, ``p(z) p(y) p(a | y, z) p(x | a, y, z)``; the guide is ADGM's.
     Parameters as :class:`ADGM`.
+
+    Example:
+
+    >>> import torch
+    >>> from pyro.infer import TraceEnum_ELBO
+    >>> from lvmkit.models import SDGM
+    >>> model = SDGM(x_dim=4, num_classes=3, z_dim=2, a_dim=2, hidden=(8,))
+    >>> x = torch.tensor([[0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    >>> loss = TraceEnum_ELBO(max_plate_nesting=1).loss(model, model.guide, x)
+    >>> isinstance(loss, float)
+    True
     """
 
     generative_auxiliary = True

@@ -26,6 +26,17 @@ class TwoLayerVAE(BernoulliImageModel):
     :param z_dims: units per stochastic layer, ``z_dims[0]`` nearest the data.
     :param hidden: one tuple of tanh layer sizes per stochastic layer.
     :param name: prefix of the parameter names in Pyro's param store.
+
+    Example:
+
+    >>> import pyro
+    >>> import torch
+    >>> from lvmkit.models import TwoLayerVAE
+    >>> model = TwoLayerVAE(x_dim=4, z_dims=(3, 2), hidden=((8,), (8,)))
+    >>> x = torch.tensor([[0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    >>> trace = pyro.poutine.trace(model).get_trace(x)
+    >>> trace.nodes["z1"]["value"].shape, trace.nodes["z2"]["value"].shape
+    (torch.Size([2, 3]), torch.Size([2, 2]))
     """
 
     def __init__(

@@ -19,6 +19,14 @@ def bernoulli_pixels(logits: torch.Tensor) -> dist.Distribution:
 
     Built without argument validation so that grey levels in [0, 1] (the ``"unit"``
     support that :func:`check_observations` admits) score as a cross-entropy.
+
+    Example:
+
+    >>> import torch
+    >>> from lvmkit.models.vae import bernoulli_pixels
+    >>> likelihood = bernoulli_pixels(torch.zeros(2, 3))
+    >>> likelihood.log_prob(torch.tensor([[0.0, 1.0, 1.0], [0.5, 0.5, 0.5]]))
+    tensor([-2.0794, -2.0794])
     """
     return dist.Bernoulli(logits=logits, validate_args=False).to_event(1)
 
@@ -29,6 +37,22 @@ class BernoulliImageModel(PyroModule):
     Subclasses implement :meth:`generate`, the generative program for ``num`` data points
     inside ``pyro.plate("data", num)``, observing ``x`` when it is given. A model knows
     nothing of its guide: :func:`lvmkit.models.build` pairs the two.
+
+    Example: a subclass writes the generative program once, inside the ``"data"`` plate.
+
+    >>> import pyro
+    >>> import pyro.distributions as dist
+    >>> import torch
+    >>> from lvmkit.models.vae import BernoulliImageModel, bernoulli_pixels
+    >>> class Coins(BernoulliImageModel):
+    ...     def __init__(self, x_dim):
+    ...         super().__init__(x_dim, name="coins")
+    ...         self.logits = torch.nn.Parameter(torch.zeros(x_dim))
+    ...     def generate(self, num, x=None):
+    ...         with pyro.plate("data", num):
+    ...             pyro.sample("x", bernoulli_pixels(self.logits.expand(num, -1)), obs=x)
+    >>> Coins(3).sample(2).shape
+    torch.Size([2, 3])
     """
 
     x_dim: int
@@ -82,6 +106,18 @@ class VAE(BernoulliImageModel):
     :param z_dim: number of latent dimensions.
     :param hidden: tanh hidden layers of the decoder (the default guide mirrors them).
     :param name: prefix of the parameter names in Pyro's param store.
+
+    Example:
+
+    >>> import torch
+    >>> from lvmkit.models import VAE
+    >>> model = VAE(x_dim=4, z_dim=2, hidden=(8,))
+    >>> guide = model.default_guide()
+    >>> x = torch.tensor([[0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    >>> model.reconstruct(x, guide).shape
+    torch.Size([2, 4])
+    >>> model.sample(3).shape
+    torch.Size([3, 4])
     """
 
     def __init__(

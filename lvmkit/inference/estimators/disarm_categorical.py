@@ -128,6 +128,19 @@ class CategoricalDisARMELBO(Trace_ELBO):
     broken in their natural order.
 
     To be folded into :class:`~lvmkit.inference.estimators.arm.DisARMELBO`.
+
+    Example: one SVI step on a VAE with categorical latents.
+
+    >>> import pyro
+    >>> import torch
+    >>> from lvmkit.inference import CategoricalDisARMELBO
+    >>> from lvmkit.models import build
+    >>> model, guide = build("categorical-vae", x_dim=4, num_latents=2, num_categories=3)
+    >>> x = torch.tensor([[0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    >>> elbo = CategoricalDisARMELBO()
+    >>> svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), loss=elbo)
+    >>> isinstance(svi.step(x), float)
+    True
     """
 
     estimator_name = "CategoricalDisARMELBO"

@@ -171,6 +171,21 @@ class NVILELBO(Trace_ELBO, nn.Module):
     :param hidden: tanh units of the baseline MLP (100 in the paper).
     :param x_dim: input size of the baseline; inferred from the first call if ``None``.
     :param module_name: param-store name of the baseline net (unique per instance).
+
+    Example: one SVI step on a small sigmoid belief net.
+
+    >>> import pyro
+    >>> import torch
+    >>> from lvmkit.inference import NVILELBO
+    >>> from lvmkit.models import build
+    >>> model, guide = build("sbn-linear", x_dim=4, layers=(3,))
+    >>> x = torch.tensor([[0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    >>> elbo = NVILELBO(x_dim=4)  # the baseline net exists now, before the first step
+    >>> sum(p.numel() for p in elbo.parameters())
+    601
+    >>> svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), loss=elbo)
+    >>> isinstance(svi.step(x), float)
+    True
     """
 
     objective = "elbo"  # unbiased for the ELBO's gradient with normalize=False

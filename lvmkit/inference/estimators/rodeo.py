@@ -77,6 +77,19 @@ class RodeoELBO(DoubleCVELBO):
     :param num_particles: ``K >= 2`` draws (model evaluations) per datum.
     :param hidden: hidden units of the surrogate net (100 in the paper's code).
     :param module_name: param-store name of the controls (unique per instance).
+
+    Example: one SVI step on a small sigmoid belief net.
+
+    >>> import pyro
+    >>> import torch
+    >>> from lvmkit.inference import RodeoELBO
+    >>> from lvmkit.models import build
+    >>> model, guide = build("sbn-linear", x_dim=4, layers=(3,))
+    >>> x = torch.tensor([[0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    >>> elbo = RodeoELBO(num_particles=2, hidden=8)
+    >>> svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), loss=elbo)
+    >>> isinstance(svi.step(x), float)
+    True
     """
 
     estimator_name = "RodeoELBO"

@@ -22,14 +22,35 @@ _WRAPPERS = (
 
 
 def innermost(fn: dist.Distribution) -> dist.Distribution:
-    """The distribution under any ``.to_event`` / ``.expand`` / ``.mask`` wrappers."""
+    """The distribution under any ``.to_event`` / ``.expand`` / ``.mask`` wrappers.
+
+    Example:
+
+    >>> import pyro.distributions as dist
+    >>> import torch
+    >>> from lvmkit.inference.estimators.sites import innermost
+    >>> fn = dist.Bernoulli(logits=torch.zeros(3)).expand([2, 3]).to_event(1)
+    >>> type(innermost(fn)).__name__
+    'Bernoulli'
+    """
     while isinstance(fn, _WRAPPERS):
         fn = fn.base_dist
     return fn
 
 
 def discrete_kind(fn: dist.Distribution) -> str | None:
-    """``"bernoulli"``, ``"onehot"``, ``"categorical"``, or ``None`` (not discrete)."""
+    """``"bernoulli"``, ``"onehot"``, ``"categorical"``, or ``None`` (not discrete).
+
+    Example:
+
+    >>> import pyro.distributions as dist
+    >>> import torch
+    >>> from lvmkit.inference.estimators.sites import discrete_kind
+    >>> discrete_kind(dist.OneHotCategorical(logits=torch.zeros(2, 4)).to_event(1))
+    'onehot'
+    >>> discrete_kind(dist.Normal(0.0, 1.0)) is None
+    True
+    """
     base = innermost(fn)
     if isinstance(base, torch.distributions.Bernoulli):
         return BERNOULLI
@@ -41,7 +62,19 @@ def discrete_kind(fn: dist.Distribution) -> str | None:
 
 
 def plate_nesting(*traces) -> int:
-    """How many batch dimensions the plates of ``traces`` use (Pyro's max_plate_nesting)."""
+    """How many batch dimensions the plates of ``traces`` use (Pyro's max_plate_nesting).
+
+    Example:
+
+    >>> import pyro
+    >>> import pyro.distributions as dist
+    >>> from lvmkit.inference.estimators.sites import plate_nesting
+    >>> def model():
+    ...     with pyro.plate("groups", 2, dim=-2), pyro.plate("data", 3):
+    ...         pyro.sample("z", dist.Normal(0.0, 1.0))
+    >>> plate_nesting(pyro.poutine.trace(model).get_trace())
+    2
+    """
     dims = [
         frame.dim
         for trace in traces
