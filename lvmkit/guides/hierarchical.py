@@ -377,6 +377,20 @@ class AutoHVM(AutoContinuous):
     :param init_search: model evaluations spent at setup choosing ``u0`` and the initial
         component means among prior draws and draws around ``u0``
         (:meth:`_searched_inits`); ``0`` uses ``component_spread`` alone.
+
+    Example: a drop-in for ``AutoNormal`` on a target with four modes.
+
+    >>> import pyro
+    >>> from pyro.infer import SVI, Trace_ELBO
+    >>> from lvmkit.guides import AutoHVM
+    >>> from lvmkit.models.targets import RingOfModes
+    >>> target = RingOfModes()
+    >>> guide = AutoHVM(target.model)
+    >>> elbo = Trace_ELBO(num_particles=8, vectorize_particles=True, max_plate_nesting=0)
+    >>> svi = SVI(target.model, guide, pyro.optim.Adam({"lr": 5e-3}), elbo)
+    >>> losses = [svi.step() for _ in range(5)]
+    >>> guide().keys()
+    dict_keys(['z'])
     """
 
     def __init__(
@@ -702,6 +716,19 @@ class AuxiliaryEncoder(PyroModule):
     :param hidden: tanh hidden layers of each of the three MLPs.
     :param num_aux_samples: reverse draws K for the IWHVI bound.
     :param name: prefix of the parameter names in Pyro's param store.
+
+    Example:
+
+    >>> import torch
+    >>> from lvmkit.guides import AuxiliaryEncoder
+    >>> from lvmkit.inference import fit, log_likelihood
+    >>> from lvmkit.models import VAE
+    >>> x = torch.bernoulli(torch.full((30, 16), 0.3))
+    >>> model = VAE(16, z_dim=2, hidden=(8,))
+    >>> guide = AuxiliaryEncoder(16, z_dim=2, a_dim=2, hidden=(8,))
+    >>> history = fit(model, guide, x, steps=5, batch_size=10, progress=False)
+    >>> log_likelihood(model, guide, x[:4], num_samples=10).shape
+    torch.Size([4])
     """
 
     def __init__(

@@ -402,6 +402,15 @@ def draw_targets(seed: int, n: int = 20) -> list[_SuiteTarget]:
 
     :param seed: seed of the numpy generator that draws every parameter.
     :param n: number of targets, at least ``len(FAMILIES)``.
+
+    Example:
+
+    >>> from lvmkit.models.target_suite import FAMILIES, draw_targets
+    >>> targets = draw_targets(seed=1, n=len(FAMILIES))
+    >>> len(targets), all(isinstance(t.log_Z, float) for t in targets)
+    (6, True)
+    >>> draw_targets(1, 6)[0].name == targets[0].name   # the same seed, the same targets
+    True
     """
     if not isinstance(n, int) or n < len(FAMILIES):
         raise ValueError(f"n must be an integer >= {len(FAMILIES)} (one per family), got {n!r}")

@@ -101,6 +101,14 @@ class RingOfModes(SyntheticTarget):
 
     ``f(z) = Σ_k exp(-|z - μ_k|^2 / (2 scale^2))`` (no normalisers), so
     ``Z = K · 2π scale^2``.
+
+    Example:
+
+    >>> import math
+    >>> from lvmkit.models.targets import RingOfModes
+    >>> target = RingOfModes(num_modes=4, scale=0.5)
+    >>> math.isclose(target.log_Z, math.log(4 * 2 * math.pi * 0.25))
+    True
     """
 
     name = "ring"
