@@ -76,6 +76,26 @@ class _BernoulliNoise(Messenger):
             self.order.append(msg["name"])
 
 
+def antithetic_loss_particle(model_trace, guide_trace, key: str, site_surrogate):
+    """``(loss, surrogate loss)`` of one particle for an estimator that pairs each marked
+    guide site with an antithetic draw: Trace_ELBO's ELBO and pathwise terms, plus
+    ``site_surrogate(site, log_r)`` for every guide site whose ``infer`` holds ``key``
+    (the antithetic learning signal recorded by the estimator's ``_get_trace``)."""
+    elbo_particle, surrogate = model_terms(model_trace)
+    log_r = None
+    for _, site in latent_guide_sites(guide_trace):
+        elbo_particle = elbo_particle - torch_item(site["log_prob_sum"])
+        entropy_term = site["score_parts"].entropy_term
+        if not is_identically_zero(entropy_term):
+            surrogate = surrogate - entropy_term.sum()
+        if key not in site["infer"]:
+            continue
+        if log_r is None:
+            log_r = _compute_log_r(model_trace, guide_trace)
+        surrogate = surrogate + site_surrogate(site, log_r)
+    return -elbo_particle, -surrogate
+
+
 class ARMELBO(Trace_ELBO):
     """ELBO gradient with the augment-REINFORCE-merge estimator (Yin & Zhou, 2019).
 
@@ -167,19 +187,8 @@ class ARMELBO(Trace_ELBO):
         return model_trace, guide_trace
 
     def _differentiable_loss_particle(self, model_trace, guide_trace):
-        elbo_particle, surrogate = model_terms(model_trace)
-        log_r = None
-        for _, site in latent_guide_sites(guide_trace):
-            elbo_particle = elbo_particle - torch_item(site["log_prob_sum"])
-            entropy_term = site["score_parts"].entropy_term
-            if not is_identically_zero(entropy_term):
-                surrogate = surrogate - entropy_term.sum()
-            if _ANTITHETIC not in site["infer"]:
-                continue
-            if log_r is None:
-                log_r = _compute_log_r(model_trace, guide_trace)
-            surrogate = surrogate + self._site_surrogate(site, log_r)
-        return -elbo_particle, -surrogate
+        return antithetic_loss_particle(model_trace, guide_trace, _ANTITHETIC,
+                                        self._site_surrogate)
 
     def _site_surrogate(self, site: dict, log_r) -> torch.Tensor:
         value = site["value"]

@@ -7,20 +7,18 @@ untouched while it is being reworked; the two should be folded into one class.
 from __future__ import annotations
 
 import torch
-from pyro.distributions.util import is_identically_zero
 from pyro.infer import Trace_ELBO
 from pyro.infer.enum import get_importance_trace
 from pyro.infer.trace_elbo import _compute_log_r
-from pyro.infer.util import torch_item
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
 from lvmkit.inference.estimators._score import BERNOULLI, ONEHOT, element_mask
+from lvmkit.inference.estimators.arm import antithetic_loss_particle
 from lvmkit.inference.estimators.nvil import (
     discrete_kind,
     innermost,
     latent_guide_sites,
-    model_terms,
     refuse_enumerated,
 )
 
@@ -185,19 +183,8 @@ class CategoricalDisARMELBO(Trace_ELBO):
         return model_trace, guide_trace
 
     def _differentiable_loss_particle(self, model_trace, guide_trace):
-        elbo_particle, surrogate = model_terms(model_trace)
-        log_r = None
-        for _, site in latent_guide_sites(guide_trace):
-            elbo_particle = elbo_particle - torch_item(site["log_prob_sum"])
-            entropy_term = site["score_parts"].entropy_term
-            if not is_identically_zero(entropy_term):
-                surrogate = surrogate - entropy_term.sum()
-            if _ANTITHETIC not in site["infer"]:
-                continue
-            if log_r is None:
-                log_r = _compute_log_r(model_trace, guide_trace)
-            surrogate = surrogate + self._site_surrogate(site, log_r)
-        return -elbo_particle, -surrogate
+        return antithetic_loss_particle(model_trace, guide_trace, _ANTITHETIC,
+                                        self._site_surrogate)
 
     def _pair_weight(self, probs: torch.Tensor) -> torch.Tensor:
         """``sigma(|phi|) = q(b) q(b~) / P(b, b~)`` for ``b != b~`` under the antithetic
