@@ -149,8 +149,9 @@ class ARMELBO(Trace_ELBO):
         kind = type(innermost(site["fn"])).__name__
         raise EstimatorError(
             f"site {name!r}: {self.estimator_name} supports Bernoulli sites (and "
-            f"reparameterized continuous ones) only, got {kind}; use NVILELBO or RebarELBO "
-            "for categorical sites"
+            f"reparameterized continuous ones) only, got {kind}; for one-hot sites use "
+            "CategoricalDisARMELBO (DisARM's stick-breaking extension), or RLOOELBO, "
+            "NVILELBO or RebarELBO"
         )
 
     def _get_trace(self, model, guide, args, kwargs):
