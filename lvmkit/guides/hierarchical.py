@@ -79,6 +79,16 @@ class EqualMixtureNormal(dist.TorchDistribution):
     :meth:`_stratified_index`), then ``a = loc_k + scale_k ε``. The component's law does not
     depend on the parameters, so the pathwise gradient given ``k`` is unbiased: the site is
     ``has_rsample=True`` and Pyro uses no score-function term for it.
+
+    Example:
+
+    >>> import torch
+    >>> from lvmkit.guides.hierarchical import EqualMixtureNormal
+    >>> q = EqualMixtureNormal(torch.zeros(3, 2), torch.ones(3, 2))  # 3 components in 2-D
+    >>> q.rsample().shape, q.event_shape
+    (torch.Size([2]), torch.Size([2]))
+    >>> round(float(q.log_prob(torch.zeros(2))), 4)  # log N(0; 0, I) in 2-D
+    -1.8379
     """
 
     arg_constraints = {"locs": constraints.real, "scales": constraints.positive}
@@ -136,6 +146,18 @@ def reverse_factor(name: str, log_correction: torch.Tensor, reverse_for: Sequenc
     a single auxiliary draw pass ``-log r(a | x, z)``. Equivalent to ``pyro.factor(name,
     log_correction, has_rsample=True)`` plus the ``reverse_for`` mark that
     :func:`check_auxiliary_guide` looks for.
+
+    Example: the factor is an observed guide site whose log density is the correction
+    (see :func:`check_auxiliary_guide` for a whole guide).
+
+    >>> import torch
+    >>> from pyro import poutine
+    >>> from lvmkit.guides.hierarchical import reverse_factor
+    >>> def guide():
+    ...     reverse_factor("a_reverse", torch.tensor(0.25), ["a"])
+    >>> site = poutine.trace(guide).get_trace().nodes["a_reverse"]
+    >>> site["infer"]["reverse_for"], site["is_observed"], float(site["fn"].log_prob(site["value"]))
+    (('a',), True, 0.25)
     """
     if not am_i_wrapped():
         return  # outside inference a factor has no effect (and Pyro would warn)
@@ -161,6 +183,14 @@ def iw_hierarchical_correction(
     draw that generated ``z`` and ``a_1..a_K ~ r(a | z)`` (Sobolev & Vetrov 2019, eq. 7). The
     ``*_extra`` tensors hold ``log q(a_k) + log q(z | a_k)`` and ``log r(a_k | z)`` for the
     extra draws, stacked on dim 0. With none it reduces to ``-log r(a_0 | z)``.
+
+    Example: with no extra draws the correction is ``-log r(a_0)`` plus what cancels.
+
+    >>> import torch
+    >>> from lvmkit.guides.hierarchical import iw_hierarchical_correction
+    >>> float(iw_hierarchical_correction(torch.tensor(-1.0), torch.tensor(-2.0),
+    ...                                  torch.tensor(-0.5)))
+    0.5
     """
     log_joint_0 = log_q_a0 + log_q_z_given_a0
     if log_q_extra is None:
@@ -177,6 +207,27 @@ def check_auxiliary_guide(model: Callable, guide: Callable, *args, **kwargs) -> 
     Such a site (e.g. one marked only ``infer={"is_auxiliary": True}``) makes every Pyro ELBO
     subtract ``log q(a)`` with no ``log r(a | x, z)``: not a lower bound on ``log p(x)``.
     Mark the correcting factor with :func:`reverse_factor`.
+
+    Example: an auxiliary ``a`` needs a reverse density, written with :func:`reverse_factor`.
+
+    >>> import pyro
+    >>> import pyro.distributions as dist
+    >>> from lvmkit.guides.hierarchical import check_auxiliary_guide, reverse_factor
+    >>> def model():
+    ...     pyro.sample("z", dist.Normal(0.0, 1.0))
+    >>> def guide():
+    ...     a = pyro.sample("a", dist.Normal(0.0, 1.0), infer={"is_auxiliary": True})
+    ...     z = pyro.sample("z", dist.Normal(a, 1.0))
+    ...     # -log r(a | z), r the exact conditional N(z / 2, 1 / 2)
+    ...     reverse_factor("a_reverse", -dist.Normal(z / 2, 0.5 ** 0.5).log_prob(a), ["a"])
+    >>> check_auxiliary_guide(model, guide)  # passes: returns None
+    >>> def unchecked_guide():
+    ...     a = pyro.sample("a", dist.Normal(0.0, 1.0), infer={"is_auxiliary": True})
+    ...     pyro.sample("z", dist.Normal(a, 1.0))
+    >>> check_auxiliary_guide(model, unchecked_guide)
+    Traceback (most recent call last):
+    ...
+    ValueError: guide site 'a' is not in the model and no reverse density r(a | x, z) corrects it...
     """
     guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
     model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)

@@ -98,6 +98,15 @@ class GaussianMixtureTarget(_SuiteTarget):
     :param scales: component standard deviations, shape ``(K, D)``, positive.
     :param weights: component weights, shape ``(K,)``, positive, summing to 1.
     :param log_constant: ``log C``.
+
+    Example: a normalised mixture has ``log Z = log_constant``.
+
+    >>> import torch
+    >>> from lvmkit.models.target_suite import GaussianMixtureTarget
+    >>> target = GaussianMixtureTarget(torch.tensor([[-2.0, 0.0], [2.0, 0.0]]),
+    ...                                torch.ones(2, 2), torch.tensor([0.5, 0.5]))
+    >>> target.log_Z
+    0.0
     """
 
     family = "mixture"
@@ -147,6 +156,13 @@ class BananaTarget(_SuiteTarget):
     :param rotation: orthogonal ``(D, D)`` matrix ``R``; default identity.
     :param shift: ``c``; default 0.
     :param dim: ``2 * len(curvatures)`` (default) or one more (a Gaussian coordinate).
+
+    Example: one 2-D banana block; its log Z is that of the unbent Gaussian.
+
+    >>> from lvmkit.models.target_suite import BananaTarget
+    >>> target = BananaTarget([1.0], [1.0], [0.5])
+    >>> target.dim, round(target.log_Z, 4)
+    (2, 1.1447)
     """
 
     family = "banana"
@@ -204,6 +220,13 @@ class FunnelTarget(_SuiteTarget):
 
     Integrating the ``x`` first gives ``(2π e^v)^{(D-1)/2}``, then ``v`` a Gaussian
     integral: ``log Z = (D/2) log 2π + log s + s^2 (D-1)^2 / 8``.
+
+    Example:
+
+    >>> from lvmkit.models.target_suite import FunnelTarget
+    >>> target = FunnelTarget(dim=3, scale=1.5)
+    >>> target.dim, round(target.log_Z, 4)
+    (3, 4.2873)
     """
 
     family = "funnel"
@@ -227,7 +250,16 @@ class FunnelTarget(_SuiteTarget):
 
 
 class CorrelatedGaussianTarget(_SuiteTarget):
-    """``f(z) = exp(-(z - m)^T Σ^{-1} (z - m) / 2)``, ``log Z = (D/2) log 2π + log|Σ|/2``."""
+    """``f(z) = exp(-(z - m)^T Σ^{-1} (z - m) / 2)``, ``log Z = (D/2) log 2π + log|Σ|/2``.
+
+    Example: ``exp(-|z|^2 / 2)`` in 2-D has ``Z = 2 pi``.
+
+    >>> import math, torch
+    >>> from lvmkit.models.target_suite import CorrelatedGaussianTarget
+    >>> target = CorrelatedGaussianTarget(torch.zeros(2), torch.eye(2))
+    >>> math.isclose(target.log_Z, math.log(2 * math.pi))
+    True
+    """
 
     family = "gaussian"
 
@@ -260,7 +292,16 @@ class CorrelatedGaussianTarget(_SuiteTarget):
 
 class StudentTTarget(CorrelatedGaussianTarget):
     """Multivariate t kernel ``f(z) = (1 + δ(z) / ν)^{-(ν + D)/2}``, ``δ`` the Mahalanobis
-    distance under ``Σ``; ``Z = Γ(ν/2) (νπ)^{D/2} |Σ|^{1/2} / Γ((ν + D)/2)``."""
+    distance under ``Σ``; ``Z = Γ(ν/2) (νπ)^{D/2} |Σ|^{1/2} / Γ((ν + D)/2)``.
+
+    Example:
+
+    >>> import torch
+    >>> from lvmkit.models.target_suite import StudentTTarget
+    >>> target = StudentTTarget(torch.zeros(2), torch.eye(2), df=5.0)
+    >>> target.dim, isinstance(target.log_Z, float)
+    (2, True)
+    """
 
     family = "student_t"
 
@@ -293,6 +334,14 @@ class SquaredObservationTarget(_SuiteTarget):
     ``f(z) = Π_i N(z_i; 0, 1) N(y_i; z_i^2, s_i^2)`` (normalised factors), so
     ``Z = Π_i p(y_i)``; each ``log p(y_i)`` is a 1-D trapezoid quadrature, which converges
     geometrically for this smooth, Gaussian-tailed integrand.
+
+    Example: each coordinate is seen only through its square, so every sign pattern is a mode.
+
+    >>> import torch
+    >>> from lvmkit.models.target_suite import SquaredObservationTarget
+    >>> target = SquaredObservationTarget(torch.tensor([1.0, 2.0]), torch.tensor([0.5, 0.5]))
+    >>> target.dim, isinstance(target.log_Z, float)
+    (2, True)
     """
 
     family = "square"

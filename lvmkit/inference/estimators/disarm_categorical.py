@@ -33,7 +33,16 @@ def stick_logits(logits: torch.Tensor) -> torch.Tensor:
     """Logits of the stick-breaking decisions of a categorical with ``logits`` (last dim C):
     ``phi_k = log pi_k - log sum_{i > k} pi_i`` for ``k < C - 1``, so that ``c = min{k :
     d_k = 1}`` (``C - 1`` if none) with independent ``d_k ~ Bernoulli(sigmoid(phi_k))`` has
-    probabilities ``pi``."""
+    probabilities ``pi``.
+
+    Example: probabilities (1/2, 1/4, 1/4) stop at the first category with probability 1/2,
+    then at the second with probability 1/2.
+
+    >>> import torch
+    >>> from lvmkit.inference.estimators.disarm_categorical import stick_logits
+    >>> stick_logits(torch.tensor([0.5, 0.25, 0.25]).log()).shape
+    torch.Size([2])
+    """
     log_pi = torch.log_softmax(logits, -1)
     # log sum_{i >= k} pi_i, by a reversed cumulative logsumexp
     tail = torch.logcumsumexp(log_pi.flip(-1), -1).flip(-1)
