@@ -508,7 +508,7 @@ def fit(
         checkpoints.check_writable()
 
     # Each rank draws its own latents (the batch order comes from the shared seed below).
-    pyro.set_rng_seed(seed + RANK_SEED_STRIDE * context.rank)
+    pyro.set_rng_seed((seed + RANK_SEED_STRIDE * context.rank) % 2**32)  # numpy takes < 2**32
     model_handler = _FitHandler(data_plate or DATA_PLATE, n)
     guide_handler = _FitHandler(data_plate or DATA_PLATE, n)
     plan = _first_trace(model, guide, data, x_all, y_all, batch_size, data_plate,
