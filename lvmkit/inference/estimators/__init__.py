@@ -18,7 +18,8 @@ class EstimatorError(ValueError):
     ... except EstimatorError as error:
     ...     print(error)
     site 'z': ARMELBO supports Bernoulli sites (and reparameterized continuous ones) only,
-    got OneHotCategorical; use NVILELBO or RebarELBO for categorical sites
+    got OneHotCategorical; for one-hot sites use CategoricalDisARMELBO (DisARM's
+    stick-breaking extension), or RLOOELBO, NVILELBO or RebarELBO
     >>> issubclass(EstimatorError, ValueError)
     True
     """
