@@ -10,11 +10,10 @@ import torch
 from pyro.infer import Trace_ELBO
 from pyro.infer.enum import get_importance_trace
 from pyro.infer.trace_elbo import _compute_log_r
-from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
 from lvmkit.inference.estimators._score import BERNOULLI, ONEHOT, element_mask
-from lvmkit.inference.estimators.arm import antithetic_loss_particle
+from lvmkit.inference.estimators.arm import _BernoulliNoise, antithetic_loss_particle
 from lvmkit.inference.estimators.nvil import (
     discrete_kind,
     innermost,
@@ -55,17 +54,11 @@ def _stick_category(u: torch.Tensor, stick_probs: torch.Tensor) -> torch.Tensor:
     return stops.to(torch.uint8).argmax(-1)
 
 
-class _CoupledNoise(Messenger):
+class _CoupledNoise(_BernoulliNoise):
     """Draws Bernoulli sites as ``1[u < p]`` and one-hot sites by stick-breaking from
     recorded uniforms (reused where given, for common random numbers); ``fixed`` values
-    are replayed."""
-
-    def __init__(self, uniforms: dict | None = None, fixed: dict | None = None) -> None:
-        super().__init__()
-        self.uniforms = uniforms or {}
-        self.fixed = fixed or {}
-        self.values: dict[str, torch.Tensor] = {}
-        self.order: list[str] = []
+    are replayed. ARM's noise handler with one-hot sites added: the same uniforms, fixed
+    values and record of the values drawn."""
 
     def _pyro_sample(self, msg) -> None:
         if msg["is_observed"] or msg["value"] is not None:
@@ -95,11 +88,6 @@ class _CoupledNoise(Messenger):
             value = torch.nn.functional.one_hot(category, shape[-1]).to(probs.dtype)
         msg["value"] = value
         msg["infer"] = {**msg["infer"], _UNIFORM: u}
-
-    def _pyro_post_sample(self, msg) -> None:
-        if not msg["is_observed"]:
-            self.values[msg["name"]] = msg["value"]
-            self.order.append(msg["name"])
 
 
 class CategoricalDisARMELBO(Trace_ELBO):
