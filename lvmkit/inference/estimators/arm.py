@@ -76,6 +76,23 @@ class _BernoulliNoise(Messenger):
             self.order.append(msg["name"])
 
 
+def check_antithetic_site(name: str, site: dict, estimator: str, kinds: tuple[str, ...],
+                          supported: str, advice: str) -> bool:
+    """Whether a guide site is one the estimator pairs with an antithetic draw (its
+    :func:`discrete_kind` is in ``kinds``); ``False`` for a reparameterized continuous site.
+    Any other site is refused with an :class:`EstimatorError` naming it and ``advice``."""
+    refuse_enumerated(name, site, estimator)
+    if discrete_kind(site["fn"]) in kinds:
+        return True
+    if site["fn"].has_rsample:
+        return False
+    kind = type(innermost(site["fn"])).__name__
+    raise EstimatorError(
+        f"site {name!r}: {estimator} supports {supported} (and reparameterized continuous "
+        f"ones) only, got {kind}; {advice}"
+    )
+
+
 def antithetic_loss_particle(model_trace, guide_trace, key: str, site_surrogate):
     """``(loss, surrogate loss)`` of one particle for an estimator that pairs each marked
     guide site with an antithetic draw: Trace_ELBO's ELBO and pathwise terms, plus
@@ -141,17 +158,10 @@ class ARMELBO(Trace_ELBO):
 
     def _check_site(self, name: str, site: dict) -> bool:
         """Return whether the site is a Bernoulli site; refuse unsupported ones."""
-        refuse_enumerated(name, site, self.estimator_name)
-        if discrete_kind(site["fn"]) == "bernoulli":
-            return True
-        if site["fn"].has_rsample:
-            return False
-        kind = type(innermost(site["fn"])).__name__
-        raise EstimatorError(
-            f"site {name!r}: {self.estimator_name} supports Bernoulli sites (and "
-            f"reparameterized continuous ones) only, got {kind}; for one-hot sites use "
-            "CategoricalDisARMELBO (DisARM's stick-breaking extension), or RLOOELBO, "
-            "NVILELBO or RebarELBO"
+        return check_antithetic_site(
+            name, site, self.estimator_name, ("bernoulli",), "Bernoulli sites",
+            "for one-hot sites use CategoricalDisARMELBO (DisARM's stick-breaking "
+            "extension), or RLOOELBO, NVILELBO or RebarELBO",
         )
 
     def _get_trace(self, model, guide, args, kwargs):

@@ -13,12 +13,15 @@ from pyro.infer.trace_elbo import _compute_log_r
 from pyro.poutine.util import site_is_subsample
 
 from lvmkit.inference.estimators._score import BERNOULLI, ONEHOT, element_mask
-from lvmkit.inference.estimators.arm import _BernoulliNoise, antithetic_loss_particle
+from lvmkit.inference.estimators.arm import (
+    _BernoulliNoise,
+    antithetic_loss_particle,
+    check_antithetic_site,
+)
 from lvmkit.inference.estimators.nvil import (
     discrete_kind,
     innermost,
     latent_guide_sites,
-    refuse_enumerated,
 )
 
 __all__ = ["CategoricalDisARMELBO", "stick_logits"]
@@ -141,16 +144,10 @@ class CategoricalDisARMELBO(Trace_ELBO):
     estimator_name = "CategoricalDisARMELBO"
 
     def _check_site(self, name: str, site: dict) -> bool:
-        refuse_enumerated(name, site, self.estimator_name)
-        if discrete_kind(site["fn"]) in (BERNOULLI, ONEHOT):
-            return True
-        if site["fn"].has_rsample:
-            return False
-        kind = type(innermost(site["fn"])).__name__
-        raise ValueError(
-            f"site {name!r}: {self.estimator_name} supports Bernoulli and OneHotCategorical "
-            f"sites (and reparameterized continuous ones) only, got {kind}; use RLOOELBO for "
-            "other discrete distributions"
+        return check_antithetic_site(
+            name, site, self.estimator_name, (BERNOULLI, ONEHOT),
+            "Bernoulli and OneHotCategorical sites",
+            "use RLOOELBO for other discrete distributions",
         )
 
     def _get_trace(self, model, guide, args, kwargs):
