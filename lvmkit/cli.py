@@ -12,8 +12,9 @@ import json
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from lvmkit.inference.registry import ESTIMATOR_NAMES as ELBO_NAMES
 
@@ -27,65 +28,46 @@ SEED_LIMIT = 2**32
 # (or, for --num-particles 0, a run that trains nothing and exits 0).
 
 
-def _integer(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+def checked(convert: Callable[[str], Any], expected: str, ok: Callable[[Any], bool],
+            requirement: str) -> Callable[[str], Any]:
+    """An argparse type: ``convert(text)``, refused unless ``ok`` accepts the value."""
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{requirement}, got {text!r}")
+        return value
+
+    return parse
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    value = _integer(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
-def seed_int(text: str) -> int:
-    """argparse type: an integer in [0, 2**32)."""
-    value = _integer(text)
-    if not 0 <= value < SEED_LIMIT:
-        raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {text!r}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite float > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
-    return value
-
-
-def existing_file(text: str) -> str:
-    """argparse type: the path of an existing file."""
-    if not Path(text).is_file():
-        raise argparse.ArgumentTypeError(f"no such file: {text!r}")
-    return text
+positive_int = checked(int, "an integer", lambda v: v >= 1, "must be a positive integer")
+seed_int = checked(int, "an integer", lambda v: 0 <= v < SEED_LIMIT, "must be in [0, 2**32)")
+positive_float = checked(float, "a number", lambda v: math.isfinite(v) and v > 0,
+                         "must be a finite number > 0")
+existing_file = checked(str, "a path", lambda text: Path(text).is_file(), "no such file")
 
 
 def run_folder(text: str) -> str:
     """argparse type: an output folder of ``lvmkit train`` (it holds run.json and weights.pt)."""
-    for name in ("run.json", "weights.pt"):
-        if not (Path(text) / name).is_file():
-            raise argparse.ArgumentTypeError(
-                f"{text!r} is not a folder written by `lvmkit train` (no {name})"
-            )
+    from lvmkit.workflow import check_run_dir
+
+    try:
+        check_run_dir(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
     return text
 
 
 def estimator_list(text: str) -> list[str]:
     """argparse type: a comma-separated list of distinct names from ``ELBO_NAMES``."""
     names = [name.strip() for name in text.split(",")]
-    unknown = [name for name in names if name not in ELBO_NAMES]
+    unknown = ", ".join(repr(name) for name in names if name not in ELBO_NAMES)
     if unknown:
         raise argparse.ArgumentTypeError(
-            f"unknown estimator(s) {', '.join(map(repr, unknown))} in {text!r}; "
-            f"choose from {','.join(ELBO_NAMES)}"
+            f"unknown estimator(s) {unknown} in {text!r}; choose from {','.join(ELBO_NAMES)}"
         )
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
@@ -93,22 +75,19 @@ def estimator_list(text: str) -> list[str]:
     return names
 
 
+def binarize_option(value: str | None) -> str | None:
+    """``--binarize`` for the library: ``"none"`` is ``None`` (grey values)."""
+    return None if value == "none" else value
+
 
 def load_data(args: argparse.Namespace, split: str):
-    """Load the dataset named on the command line (``idx`` reads user files)."""
-    from lvmkit import data
+    """:func:`lvmkit.data.load_dataset` of the dataset named by the options."""
+    from lvmkit.data import load_dataset
 
-    binarize = None if args.binarize == "none" else args.binarize
-    if args.dataset == "idx":
-        if not (args.idx_images and args.idx_labels):
-            # reached by `evaluate` of an idx run; train and compare refuse it in main
-            raise SystemExit("lvmkit: --dataset idx needs --idx-images PATH and --idx-labels PATH")
-        return data.load_idx_dataset(
-            args.idx_images, args.idx_labels, split=split, binarize=binarize, seed=args.seed
-        )
     try:
-        return data.load_dataset(args.dataset, split=split, binarize=binarize, seed=args.seed)
-    except FileNotFoundError as error:  # fashion-mnist without Debian's package: how to fix
+        return load_dataset(args.dataset, split, binarize_option(args.binarize), args.seed,
+                            images=args.idx_images, labels=args.idx_labels)
+    except (ValueError, FileNotFoundError) as error:  # fashion-mnist's package, a bad IDX file
         raise SystemExit(f"lvmkit: {error}") from None
 
 
@@ -127,19 +106,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     train = load_data(args, "train")
     check_batch_size(args, train)
     result = train_and_evaluate(
-        args.model,
-        train,
-        load_data(args, "test"),
-        estimator=args.elbo,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        out=args.out,
-        num_particles=args.num_particles,
-        eval_samples=args.eval_samples,
-        progress=not args.no_progress,
-        checkpoint_dir=args.checkpoint_dir,
+        args.model, train, load_data(args, "test"), estimator=args.elbo, steps=args.steps,
+        batch_size=args.batch_size, lr=args.lr, seed=args.seed, out=args.out,
+        num_particles=args.num_particles, eval_samples=args.eval_samples,
+        progress=not args.no_progress, checkpoint_dir=args.checkpoint_dir,
     )
     if result.files:  # rank 0 of a torchrun job, or a single process
         print(format_table([result.metrics]))
@@ -148,35 +118,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from lvmkit.workflow import evaluate_run
+    from lvmkit.workflow import evaluate_run, format_evaluation, load_run_data
 
-    run = json.loads((Path(args.run) / "run.json").read_text())
-    args.dataset = args.dataset or run["dataset"]
-    if args.binarize is None:
-        args.binarize = run["binarize"] or "none"
-    if args.dataset != "idx" and (args.idx_images or args.idx_labels):
-        raise SystemExit(
-            f"lvmkit: --idx-images/--idx-labels need --dataset idx; the run used {args.dataset!r}"
-        )
-    data = load_data(args, args.split)
+    # --binarize not given: as the run was trained
+    binarize = "run" if args.binarize is None else binarize_option(args.binarize)
     try:
+        data = load_run_data(args.run, args.split, dataset=args.dataset, binarize=binarize,
+                             seed=args.seed, images=args.idx_images, labels=args.idx_labels)
         result = evaluate_run(
-            args.run,
-            data,
-            split=args.split,
-            num_samples=args.num_samples,
-            chunk_size=args.chunk_size,
-            limit=args.limit,
-            seed=args.seed,
+            args.run, data, split=args.split, num_samples=args.num_samples,
+            chunk_size=args.chunk_size, limit=args.limit, seed=args.seed,
             progress=not args.no_progress,
         )
-    except ValueError as err:
+    except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"lvmkit: {err}") from err
-    print(
-        f"{run['model']} on {args.dataset}/{args.split}: log p(x) >= "
-        f"{result['log_likelihood_mean']:.3f} ± {result['log_likelihood_sem']:.3f} "
-        f"(IWAE, K={args.num_samples}, {result['points']} points)"
-    )
+    print(format_evaluation(result))
     return 0
 
 
@@ -190,15 +146,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.estimators:
         estimators = {name: make_estimator(name, comparable=True) for name in args.estimators}
     result = compare_estimators(
-        args.model,
-        data,
-        estimators=estimators,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        out_dir=Path(args.out),
-        progress=not args.no_progress,
+        args.model, data, estimators=estimators, steps=args.steps, batch_size=args.batch_size,
+        lr=args.lr, seed=args.seed, out_dir=Path(args.out), progress=not args.no_progress,
     )
     table = Path(args.out) / "compare.md"
     print(table.read_text() if table.exists() else json.dumps(result, indent=2, default=str))

@@ -31,10 +31,13 @@ from lvmkit._io import atomic_save
 
 __all__ = [
     "RunResult",
+    "check_run_dir",
     "evaluate_run",
     "fixed_batch",
+    "format_evaluation",
     "format_table",
     "load_run",
+    "load_run_data",
     "load_weights",
     "save_weights",
     "train_and_evaluate",
@@ -403,6 +406,80 @@ def _plot_images(model: Any, guide: Any, test_set: Any, out: Path, name: str) ->
     }
 
 
+def check_run_dir(run_dir: PathLike) -> Path:
+    """``run_dir`` as a :class:`~pathlib.Path`, if it is a run folder (it holds ``run.json``
+    and ``weights.pt``, as :func:`train_and_evaluate` writes them).
+
+    :raises ValueError: naming the folder and the file it lacks.
+
+    Example:
+
+    >>> from lvmkit.workflow import check_run_dir
+    >>> check_run_dir("nowhere")
+    Traceback (most recent call last):
+    ...
+    ValueError: 'nowhere' is not a run folder written by `lvmkit train` (no run.json)
+    """
+    for name in ("run.json", "weights.pt"):
+        if not (Path(run_dir) / name).is_file():
+            raise ValueError(
+                f"{str(run_dir)!r} is not a run folder written by `lvmkit train` (no {name})"
+            )
+    return Path(run_dir)
+
+
+def load_run_data(
+    run_dir: PathLike,
+    split: str = "test",
+    *,
+    dataset: str | None = None,
+    binarize: str | None = "run",
+    seed: int = 0,
+    images: PathLike | None = None,
+    labels: PathLike | None = None,
+) -> Any:
+    """The data to evaluate a run folder on: by default the run's own dataset and
+    binarization (from its ``run.json``), through :func:`lvmkit.data.load_dataset`.
+
+    :param run_dir: a folder written by :func:`train_and_evaluate`.
+    :param split: ``"train"``, ``"test"`` or ``"all"``.
+    :param dataset: a dataset name (default: the run's).
+    :param binarize: ``"static"``, ``"dynamic"``, ``None`` (grey values) or ``"run"``
+        (default: as the run was trained).
+    :param seed: seed of a static binarization.
+    :param images: IDX image file, for dataset ``"idx"`` only (so is ``labels``).
+    :raises ValueError: for a folder that is not a run folder, IDX paths with another
+        dataset, or as :func:`~lvmkit.data.load_dataset`.
+
+    Example:
+
+    >>> from lvmkit.data import load_dataset
+    >>> from lvmkit.workflow import load_run_data, train_and_evaluate
+    >>> train = load_dataset("digits", split="train", binarize="dynamic")
+    >>> _ = train_and_evaluate("vae", train, train, steps=1, eval_samples=1, eval_points=2,
+    ...                        out="run", progress=False, model_kwargs={"z_dim": 2})
+    >>> data = load_run_data("run")
+    >>> data.name, data.binarize, len(data)
+    ('digits', 'dynamic', 359)
+    >>> load_run_data("run", "all", binarize=None).binarize is None
+    True
+    """
+    from lvmkit.data import load_dataset
+
+    run = json.loads((check_run_dir(run_dir) / "run.json").read_text())
+    dataset = dataset or run["dataset"]
+    if dataset != "idx" and (images is not None or labels is not None):
+        raise ValueError(f"IDX image and label files are for dataset 'idx', not {dataset!r}")
+    return load_dataset(
+        dataset,
+        split,
+        run["binarize"] if binarize == "run" else binarize,
+        seed,
+        images=images,
+        labels=labels,
+    )
+
+
 def load_run(
     run_dir: PathLike, x_dim: int, data_name: str | None = None
 ) -> tuple[dict[str, Any], Any, Any]:
@@ -434,7 +511,7 @@ def load_run(
 
     from lvmkit.models import build
 
-    run_dir = Path(run_dir)
+    run_dir = check_run_dir(run_dir)
     run = json.loads((run_dir / "run.json").read_text())
     pyro.clear_param_store()
     model, guide = build(run["model"], x_dim, **run.get("model_kwargs", {}))
@@ -466,8 +543,9 @@ def evaluate_run(
     :param data: a :class:`~lvmkit.data.Dataset` with the run's image size.
     :param split: the name recorded for ``data`` (and in the file name).
     :param limit: evaluate only the first this many points.
-    :returns: ``{"run", "split", "num_samples", "points", "log_likelihood_mean",
-        "log_likelihood_sem"}`` (``sem``: standard error of the mean over points).
+    :returns: ``{"run", "model", "dataset", "split", "num_samples", "points",
+        "log_likelihood_mean", "log_likelihood_sem"}`` (``sem``: standard error of the mean
+        over points; ``dataset``: the name of ``data``).
     :raises ValueError: as :func:`load_run`.
 
     Example:
@@ -488,7 +566,8 @@ def evaluate_run(
     from lvmkit.inference import log_likelihood
 
     run_dir = Path(run_dir)
-    _, model, guide = load_run(run_dir, data.x.shape[1], getattr(data, "name", None))
+    name = getattr(data, "name", None)
+    run, model, guide = load_run(run_dir, data.x.shape[1], name)
     x = fixed_batch(data, limit, seed)
     pyro.set_rng_seed(seed)
     with torch.no_grad():
@@ -497,6 +576,8 @@ def evaluate_run(
         )
     result = {
         "run": str(run_dir),
+        "model": run["model"],
+        "dataset": name,
         "split": split,
         "num_samples": num_samples,
         "points": int(x.shape[0]),
@@ -505,6 +586,24 @@ def evaluate_run(
     }
     write_json(run_dir / f"evaluate_{split}.json", result)
     return result
+
+
+def format_evaluation(result: dict[str, Any]) -> str:
+    """One line that reports what :func:`evaluate_run` returned.
+
+    Example:
+
+    >>> from lvmkit.workflow import format_evaluation
+    >>> print(format_evaluation({"model": "vae", "dataset": "digits", "split": "test",
+    ...                          "num_samples": 5000, "points": 359,
+    ...                          "log_likelihood_mean": -24.2081, "log_likelihood_sem": 0.31}))
+    vae on digits/test: log p(x) >= -24.208 ± 0.310 (IWAE, K=5000, 359 points)
+    """
+    return (
+        f"{result['model']} on {result['dataset']}/{result['split']}: log p(x) >= "
+        f"{result['log_likelihood_mean']:.3f} ± {result['log_likelihood_sem']:.3f} "
+        f"(IWAE, K={result['num_samples']}, {result['points']} points)"
+    )
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:

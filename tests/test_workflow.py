@@ -12,10 +12,13 @@ from lvmkit._io import atomic_save, atomic_write_bytes
 from lvmkit.data import load_dataset
 from lvmkit.inference.registry import ESTIMATOR_NAMES, ESTIMATORS, make_estimator
 from lvmkit.workflow import (
+    check_run_dir,
     evaluate_run,
     fixed_batch,
+    format_evaluation,
     format_table,
     load_run,
+    load_run_data,
     train_and_evaluate,
     train_several,
 )
@@ -160,6 +163,30 @@ def test_load_run_refuses_weights_of_other_data(digits, tmp_path):
     pyro.clear_param_store()
     with pytest.raises(ValueError, match="do not fit dataset 'other' \\(100 pixels"):
         load_run(tmp_path, 100, "other")
+
+
+def test_run_data_defaults_to_the_runs_dataset_and_refuses_what_does_not_fit(tmp_path):
+    train = load_dataset("digits", split="train", binarize=None)
+    with pytest.raises(ValueError, match="is not a run folder .* \\(no run.json\\)"):
+        load_run_data(tmp_path)
+    (tmp_path / "run.json").write_text("{}")
+    with pytest.raises(ValueError, match="\\(no weights.pt\\)"):
+        check_run_dir(tmp_path)
+    train_and_evaluate("vae", train, train, steps=1, batch_size=20, eval_samples=1,
+                       eval_points=2, progress=False, out=tmp_path,
+                       model_kwargs={"z_dim": 2, "hidden": (8,)})
+    assert check_run_dir(str(tmp_path)) == tmp_path
+    test = load_run_data(tmp_path)  # the run's grey digits, not the default binarization
+    assert (test.name, test.binarize, len(test)) == ("digits", None, 359)
+    assert not torch.isin(test.x, torch.tensor([0.0, 1.0])).all()
+    assert load_run_data(tmp_path, "train", binarize="static").binarize == "static"
+    with pytest.raises(ValueError, match="IDX image and label files are for dataset 'idx', "
+                                         "not 'digits'"):
+        load_run_data(tmp_path, images=tmp_path / "run.json")
+    result = evaluate_run(tmp_path, test, num_samples=2, limit=3)
+    assert (result["model"], result["dataset"], result["split"]) == ("vae", "digits", "test")
+    assert format_evaluation(result).startswith("vae on digits/test: log p(x) >= ")
+    assert "(IWAE, K=2, 3 points)" in format_evaluation(result)
 
 
 def test_fixed_batch_is_the_first_points_binarized_once(digits):
