@@ -30,6 +30,7 @@ MODULES = [
     "lvmkit.models.target_suite",
     "lvmkit.inference.training",
     "lvmkit.inference.evaluate",
+    "lvmkit.inference.arviz_compat",
     "lvmkit.inference.arviz_export",
     "lvmkit.inference.psis",
     "lvmkit.inference.nuts",

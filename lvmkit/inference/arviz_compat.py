@@ -29,7 +29,15 @@ _UNSAMPLED_GROUPS = ("observed_data", "constant_data")
 
 def arviz() -> ModuleType:
     """``import arviz``, without the legacy line's import-time FutureWarning (a notice about
-    the 1.x refactor that the user can do nothing about from here)."""
+    the 1.x refactor that the user can do nothing about from here).
+
+    Example:
+
+    >>> from lvmkit.inference.arviz_compat import arviz
+    >>> az = arviz()
+    >>> callable(az.from_dict) and callable(az.summary)
+    True
+    """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*ArviZ is undergoing a major refactor")
         import arviz as az
@@ -37,7 +45,17 @@ def arviz() -> ModuleType:
 
 
 def is_legacy(az: ModuleType | None = None) -> bool:
-    """``True`` for ArviZ 0.x (``InferenceData``), ``False`` for 1.x (``DataTree``)."""
+    """``True`` for ArviZ 0.x (``InferenceData``), ``False`` for 1.x (``DataTree``).
+
+    :param az: the ``arviz`` module (default: the installed one).
+
+    Example: decided by the major version alone.
+
+    >>> from types import SimpleNamespace
+    >>> from lvmkit.inference.arviz_compat import is_legacy
+    >>> [is_legacy(SimpleNamespace(__version__=v)) for v in ("0.23.4", "1.0.0")]
+    [True, False]
+    """
     az = arviz() if az is None else az
     return int(az.__version__.split(".")[0]) < 1
 
@@ -74,6 +92,22 @@ def check_layout(
         ``(chain, draw)``.
     :param dims: names of each variable's dims after the sample dims.
     :param coords: coordinate values by dim name.
+    :raises ValueError: naming the group, the variable and the dim at fault.
+
+    Example: a site named like its own dim, and a dim of two sizes.
+
+    >>> import numpy as np
+    >>> from lvmkit.inference.arviz_compat import check_layout
+    >>> check_layout({"posterior": {"z": np.zeros((1, 4, 3))}}, {"z": ["obs"]}, {})
+    >>> check_layout({"log_likelihood": {"obs": np.zeros((1, 4, 3))}}, {"obs": ["obs"]}, {})
+    Traceback (most recent call last):
+    ...
+    ValueError: log_likelihood variable(s) ['obs'] share their name with a dimension ...
+    >>> check_layout({"posterior": {"a": np.zeros((1, 4, 3)), "b": np.zeros((1, 4, 2))}},
+    ...              {"a": ["obs"], "b": ["obs"]}, {})
+    Traceback (most recent call last):
+    ...
+    ValueError: dim 'obs' has size 2 in posterior variable 'b' but size 3 in 'a'
     """
     for group, variables in groups.items():
         sample_dims = () if group in _UNSAMPLED_GROUPS else ("chain", "draw")
@@ -125,6 +159,19 @@ def from_groups(
     :param attrs: attributes of the whole object (``InferenceData.attrs`` on ArviZ 0.x, the
         root node's attrs of the ``DataTree`` on 1.x).
     :returns: an ``arviz.InferenceData`` (0.x) or an ``xarray.DataTree`` (1.x).
+    :raises ValueError: as :func:`check_layout`.
+
+    Example: two chains of 50 draws of a 3-vector, with named coordinates.
+
+    >>> import numpy as np
+    >>> from lvmkit.inference.arviz_compat import from_groups, group_names
+    >>> rng = np.random.default_rng(0)
+    >>> data = from_groups({"posterior": {"z": rng.normal(size=(2, 50, 3))}, "sample_stats": {}},
+    ...                    dims={"z": ["latent"]}, coords={"latent": ["a", "b", "c"]})
+    >>> sorted(group_names(data))  # the empty group is dropped
+    ['posterior']
+    >>> dict(data["posterior"]["z"].sizes)
+    {'chain': 2, 'draw': 50, 'latent': 3}
     """
     groups = {group: dict(values) for group, values in groups.items() if values}
     dims = {name: list(names) for name, names in (dims or {}).items()}
@@ -137,7 +184,17 @@ def from_groups(
 
 
 def group_names(data: Any) -> set[str]:
-    """The groups of an ``InferenceData`` or ``DataTree``."""
+    """The groups of an ``InferenceData`` or ``DataTree``.
+
+    Example:
+
+    >>> import numpy as np
+    >>> from lvmkit.inference.arviz_compat import from_groups, group_names
+    >>> data = from_groups({"posterior": {"mu": np.zeros((1, 5))},
+    ...                     "observed_data": {"x": np.ones(3)}})
+    >>> sorted(group_names(data))
+    ['observed_data', 'posterior']
+    """
     if hasattr(data, "groups") and callable(data.groups):  # InferenceData
         return set(data.groups())
     return set(data.children)
@@ -149,6 +206,19 @@ def psislw(log_ratios: np.ndarray) -> tuple[np.ndarray, float]:
 
     ArviZ 0.x's ``psislw`` takes the log ratios; ``arviz_stats`` (ArviZ 1.x) takes them
     negated, as ``loo`` passes it the log-likelihood whose negation is the log ratio.
+
+    :param log_ratios: log importance ratios, shape ``(S,)``.
+    :returns: ``(log_weights, khat)``: the smoothed log weights (``logsumexp`` 0) and the
+        Pareto shape estimate (reliable below 0.7).
+
+    Example: ratios of a proposal close to the target, so a small k-hat.
+
+    >>> import numpy as np
+    >>> from lvmkit.inference.arviz_compat import psislw
+    >>> log_ratios = np.random.default_rng(0).normal(scale=0.3, size=1000)
+    >>> log_weights, khat = psislw(log_ratios)
+    >>> log_weights.shape, round(float(np.exp(log_weights).sum()), 6), khat < 0.7
+    ((1000,), 1.0, True)
     """
     log_ratios = np.asarray(log_ratios, dtype=np.float64)
     az = arviz()
@@ -164,7 +234,24 @@ def psislw(log_ratios: np.ndarray) -> tuple[np.ndarray, float]:
 def summary(data: Any, var_names: Sequence[str]) -> Any:
     """``az.summary`` unrounded; both lines give ``mean``, ``sd``, ``mcse_mean``, ``mcse_sd``,
     ``ess_bulk``, ``ess_tail``, ``r_hat`` (interval columns differ: HDI 94% on 0.x, ETI 89%
-    on 1.x). The legacy line logs a warning for fewer than 2 chains; R-hat is NaN then."""
+    on 1.x). The legacy line logs a warning for fewer than 2 chains; R-hat is NaN then.
+
+    :param data: what :func:`from_groups` returned (or ArviZ's own object).
+    :param var_names: the posterior variables to summarise.
+    :returns: a ``pandas.DataFrame``, one row per variable (per element for vectors).
+
+    Example:
+
+    >>> import numpy as np
+    >>> from lvmkit.inference.arviz_compat import from_groups, summary
+    >>> rng = np.random.default_rng(0)
+    >>> data = from_groups({"posterior": {"mu": 3 + rng.normal(size=(2, 200))}})
+    >>> table = summary(data, ["mu"])
+    >>> list(table.index), {"mean", "sd", "ess_bulk", "r_hat"} <= set(table.columns)
+    (['mu'], True)
+    >>> bool(abs(table.loc["mu", "mean"] - 3) < 0.2), bool(table.loc["mu", "r_hat"] < 1.05)
+    (True, True)
+    """
     return arviz().summary(data, var_names=list(var_names), round_to="none")
 
 
@@ -181,7 +268,24 @@ def _single_chain(tree: Any, num_draws: int) -> Any:
 
 def plot_forest(posteriors: Mapping[str, Any], var_names: Sequence[str], path: str) -> None:
     """Forest plot of several posteriors (one row per variable, one colour per entry) saved
-    at ``path``, through the installed ArviZ and matplotlib; closes its own figure only."""
+    at ``path``, through the installed ArviZ and matplotlib; closes its own figure only.
+
+    :param posteriors: ``{label: InferenceData or DataTree}`` with a ``posterior`` group.
+    :param var_names: the variables to plot.
+    :param path: the image file to write.
+
+    Example:
+
+    >>> import os
+    >>> import numpy as np
+    >>> from lvmkit.inference.arviz_compat import from_groups, plot_forest
+    >>> rng = np.random.default_rng(0)
+    >>> fits = {name: from_groups({"posterior": {"mu": shift + rng.normal(size=(2, 100))}})
+    ...         for name, shift in [("NUTS", 0.0), ("guide", 0.5)]}
+    >>> plot_forest(fits, ["mu"], "forest.png")
+    >>> os.path.getsize("forest.png") > 0
+    True
+    """
     import matplotlib.pyplot as plt
 
     az = arviz()
