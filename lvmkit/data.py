@@ -40,6 +40,18 @@ import torch
 
 from lvmkit._validation import check_data, check_observations
 
+__all__ = [
+    "BINARIZATIONS",
+    "DATASETS",
+    "SPLITS",
+    "Dataset",
+    "check_dataset",
+    "load_dataset",
+    "load_fashion_mnist",
+    "load_idx",
+    "load_idx_dataset",
+]
+
 DATASETS = ("digits", "mnist5k", "idx", "fashion-mnist")
 SPLITS = ("train", "test", "all")
 BINARIZATIONS = ("static", "threshold", "dynamic", None)

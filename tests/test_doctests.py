@@ -7,6 +7,7 @@ fixed seed (examples of one module share the param store, as a reader's session 
 
 import doctest
 import importlib
+import inspect
 
 import pyro
 import pytest
@@ -73,3 +74,26 @@ def test_docstring_examples(name, tmp_path, monkeypatch):
             dist.destroy_process_group()
     assert result.attempted > 0, f"{name} has no docstring examples"
     assert result.failed == 0, f"{result.failed} of {result.attempted} examples failed in {name}"
+
+
+PACKAGES = ["lvmkit.models", "lvmkit.guides", "lvmkit.inference", "lvmkit.data", "lvmkit.workflow"]
+
+
+def public_objects(package: str) -> list[tuple[str, object]]:
+    """The classes and functions a package exports (its ``__all__``)."""
+    module = importlib.import_module(package)
+    objects = [(name, getattr(module, name)) for name in module.__all__]
+    return [(n, o) for n, o in objects if inspect.isclass(o) or inspect.isfunction(o)]
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_every_exported_class_and_function_has_an_example_that_runs_here(package):
+    """An example that runs: one in the docstring, in a module that the test above runs."""
+    objects = public_objects(package)
+    assert objects, package
+    lacking = [
+        f"{name} ({obj.__module__})"
+        for name, obj in objects
+        if ">>>" not in (obj.__doc__ or "") or obj.__module__ not in MODULES
+    ]
+    assert not lacking, f"{package} exports these without a doctested Example: {lacking}"
