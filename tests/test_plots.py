@@ -261,6 +261,17 @@ def test_plot_density_2d_function_and_samples(tmp_path):
     assert read_png(path).shape[:2] == (200, 200)
 
 
+def test_plot_density_2d_legend_sits_below_the_axes(tmp_path, saved_figures):
+    """Inside the axes, the legend covered the samples in its corner."""
+    plots.plot_density_2d(standard_normal_log_density, tmp_path / "d.png",
+                          samples=torch.randn(50, 2) + 2.0, grid_size=10)
+    (figure,) = saved_figures
+    (axes,) = [a for a in figure.axes if a.get_label() != "<colorbar>"]
+    assert axes.get_legend() is None and len(figure.legends) == 1
+    figure.canvas.draw()
+    assert figure.legends[0].get_window_extent().y1 <= axes.get_window_extent().y0
+
+
 def test_plot_density_2d_errors(tmp_path):
     with pytest.raises(ValueError, match="bounds are needed"):
         plots.plot_density_2d(standard_normal_log_density, tmp_path / "d.png")

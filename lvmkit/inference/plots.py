@@ -576,7 +576,7 @@ def plot_density_2d(
     (x_min, x_max), (y_min, y_max) = bounds
     if not (x_min < x_max and y_min < y_max):
         raise ValueError(f"bounds must be ((x_min, x_max), (y_min, y_max)), got {bounds}")
-    figure = Figure(figsize=figsize, dpi=dpi)
+    figure = Figure(figsize=figsize, dpi=dpi, layout="constrained")
     axes = figure.add_subplot()
     if target_points is None:
         xs, ys = np.linspace(x_min, x_max, grid_size), np.linspace(y_min, y_max, grid_size)
@@ -618,10 +618,10 @@ def plot_density_2d(
         )
     axes.set_xlim(x_min, x_max)
     axes.set_ylim(y_min, y_max)
-    axes.legend(handles=handles, loc="upper right")
+    # below the axes: inside, it would cover the density wherever it put itself
+    figure.legend(handles=handles, loc="outside lower center", ncols=len(handles))
     if title:
         axes.set_title(title)
-    figure.tight_layout()
     return _save(figure, path)
 
 
