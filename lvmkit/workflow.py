@@ -449,7 +449,8 @@ def load_run_data(
     :param seed: seed of a static binarization.
     :param images: IDX image file, for dataset ``"idx"`` only (so is ``labels``).
     :raises ValueError: for a folder that is not a run folder, IDX paths with another
-        dataset, or as :func:`~lvmkit.data.load_dataset`.
+        dataset, dataset ``"idx"`` without both paths (a run folder does not keep them), or
+        as :func:`~lvmkit.data.load_dataset`.
 
     Example:
 
@@ -469,7 +470,15 @@ def load_run_data(
     run = json.loads((check_run_dir(run_dir) / "run.json").read_text())
     dataset = dataset or run["dataset"]
     if dataset != "idx" and (images is not None or labels is not None):
-        raise ValueError(f"IDX image and label files are for dataset 'idx', not {dataset!r}")
+        raise ValueError(
+            f"IDX image and label files (--idx-images, --idx-labels) are for dataset 'idx',"
+            f" not {dataset!r}"
+        )
+    if dataset == "idx" and (images is None or labels is None):
+        raise ValueError(
+            f"dataset 'idx' needs the paths of its IDX image and label files (images= and"
+            f" labels=, or --idx-images and --idx-labels); {str(run_dir)!r} does not keep them"
+        )
     return load_dataset(
         dataset,
         split,

@@ -2,6 +2,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lvmkit.cli import ELBO_NAMES, build_parser, main
@@ -222,3 +223,29 @@ def test_compare_builds_nvil_on_the_others_gradient_scale(tmp_path, monkeypatch,
     assert main(["compare", "--estimators", "nvil,rebar", "--out", str(tmp_path),
                  "--no-progress"]) == 0
     assert seen["nvil"].normalize is False and type(seen["rebar"]).__name__ == "RebarELBO"
+
+
+def test_train_and_evaluate_on_idx_files(tmp_path, capsys):
+    """An IDX run evaluates with its files named again (run.json does not keep the paths)."""
+    from test_data import write_idx
+
+    rng = np.random.default_rng(0)
+    write_idx(tmp_path / "img.idx", rng.integers(0, 256, (40, 3, 3), dtype=np.uint8), 0x08)
+    write_idx(tmp_path / "lab.idx", np.arange(40, dtype=np.uint8) % 2, 0x08)
+    files = ["--dataset", "idx", "--idx-images", str(tmp_path / "img.idx"),
+             "--idx-labels", str(tmp_path / "lab.idx")]
+    out = str(tmp_path / "run")
+    assert main(["train", "--steps", "2", "--batch-size", "8", "--eval-samples", "2",
+                 "--out", out, "--no-progress", *files]) == 0
+    with pytest.raises(SystemExit, match="lvmkit: dataset 'idx' needs the paths .*--idx-images"):
+        main(["evaluate", "--run", out, "--num-samples", "2", "--no-progress"])
+    capsys.readouterr()
+    assert main(["evaluate", "--run", out, "--num-samples", "2", "--no-progress",
+                 *files[2:]]) == 0
+    assert "vae on idx/test: log p(x) >= " in capsys.readouterr().out
+    digits_run = tmp_path / "digits-run"  # evaluate refuses the files before reading weights
+    digits_run.mkdir()
+    (digits_run / "run.json").write_text(json.dumps({"dataset": "digits", "binarize": "static"}))
+    (digits_run / "weights.pt").write_bytes(b"")
+    with pytest.raises(SystemExit, match="are for dataset 'idx', not 'digits'"):
+        main(["evaluate", "--run", str(digits_run), "--no-progress", *files[2:]])

@@ -180,9 +180,10 @@ def test_run_data_defaults_to_the_runs_dataset_and_refuses_what_does_not_fit(tmp
     assert (test.name, test.binarize, len(test)) == ("digits", None, 359)
     assert not torch.isin(test.x, torch.tensor([0.0, 1.0])).all()
     assert load_run_data(tmp_path, "train", binarize="static").binarize == "static"
-    with pytest.raises(ValueError, match="IDX image and label files are for dataset 'idx', "
-                                         "not 'digits'"):
+    with pytest.raises(ValueError, match="are for dataset 'idx', not 'digits'"):
         load_run_data(tmp_path, images=tmp_path / "run.json")
+    with pytest.raises(ValueError, match="dataset 'idx' needs the paths .* does not keep them"):
+        load_run_data(tmp_path, dataset="idx", labels=tmp_path / "run.json")
     result = evaluate_run(tmp_path, test, num_samples=2, limit=3)
     assert (result["model"], result["dataset"], result["split"]) == ("vae", "digits", "test")
     assert format_evaluation(result).startswith("vae on digits/test: log p(x) >= ")
