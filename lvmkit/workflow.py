@@ -210,6 +210,8 @@ def train_and_evaluate(
     :param checkpoint_dir: passed to :func:`~lvmkit.inference.fit` (resumes from it).
     :param model_kwargs: constructor arguments of the model (recorded in ``run.json``).
     :returns: a :class:`RunResult`.
+    :raises ValueError: for a ``batch_size`` larger than ``train_set``, before anything is
+        written; as :func:`~lvmkit.inference.fit` for other bad arguments.
 
     Example: a small VAE trained for 5 steps with NVIL, into the run folder ``run``.
 
@@ -233,6 +235,10 @@ def train_and_evaluate(
 
     # Under torchrun every rank trains (fit is data-parallel); rank 0 alone evaluates and
     # writes the run folder, and the other ranks return the training metrics only.
+    if isinstance(batch_size, int) and batch_size > len(train_set):
+        # fit refuses it too, but only after the run folder was begun
+        raise ValueError(f"batch_size={batch_size} exceeds the {len(train_set)} images of "
+                         f"train_set ({train_set.name})")
     main_rank = distributed.setup().is_main
     out = None if out is None or not main_rank else Path(out)
     if out is not None:

@@ -155,6 +155,15 @@ def test_train_and_evaluate_is_reproducible_and_its_run_reloads(digits, tmp_path
     assert "| sbn-linear | tracegraph | 3 |" in format_table([first.metrics])
 
 
+def test_a_batch_larger_than_the_data_is_refused_before_the_run_folder_is_begun(digits,
+                                                                              tmp_path):
+    train, test = digits
+    with pytest.raises(ValueError, match=r"batch_size=5000 exceeds the 1438 images of "
+                                         r"train_set \(digits\)"):
+        train_and_evaluate("vae", train, test, steps=1, batch_size=5000, out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_load_run_refuses_weights_of_other_data(digits, tmp_path):
     train, test = digits
     train_and_evaluate("vae", train, test, steps=1, batch_size=20, eval_samples=1,
