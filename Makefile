@@ -26,6 +26,7 @@ test: $(STAMP)
 
 # The ArviZ-line-specific layer against ArviZ 1.x, which needs Python >= 3.12 (the project's
 # venv runs 3.11 with ArviZ 0.23). It imports neither torch nor Pyro, so this venv is small.
+# Its docstring examples run there too, from a scratch folder (one writes a PNG).
 AZ1_VENV ?= .venv-arviz1
 PYTHON312 ?= python3.12
 test-arviz1:
@@ -33,7 +34,10 @@ test-arviz1:
 		echo "test-arviz1: skipped, no Python >= 3.12 ($(PYTHON312))"; exit 0; fi; \
 	test -x $(AZ1_VENV)/bin/python || PYENV_VERSION=3.12 $(PYTHON312) -m venv $(AZ1_VENV); \
 	$(AZ1_VENV)/bin/pip install -q 'arviz>=1,<2' matplotlib pytest && \
-	MPLBACKEND=Agg $(AZ1_VENV)/bin/python -m pytest --noconftest -p no:cacheprovider -q tests/test_arviz_convert.py
+	MPLBACKEND=Agg $(AZ1_VENV)/bin/python -m pytest --noconftest -p no:cacheprovider -q tests/test_arviz_convert.py && \
+	cd "$$(mktemp -d)" && MPLBACKEND=Agg $(abspath $(AZ1_VENV))/bin/python -m pytest --noconftest \
+		-p no:cacheprovider -q --doctest-modules -o doctest_optionflags="ELLIPSIS NORMALIZE_WHITESPACE" \
+		$(CURDIR)/lvmkit/inference/arviz_compat.py
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -n 2 -q -m slow
