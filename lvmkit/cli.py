@@ -47,7 +47,13 @@ positive_int = checked(int, "an integer", lambda v: v >= 1, "must be a positive 
 seed_int = checked(int, "an integer", lambda v: 0 <= v < SEED_LIMIT, "must be in [0, 2**32)")
 positive_float = checked(float, "a number", lambda v: math.isfinite(v) and v > 0,
                          "must be a finite number > 0")
-existing_file = checked(str, "a path", lambda text: Path(text).is_file(), "no such file")
+
+
+def existing_file(text: str) -> str:
+    """argparse type: the path of an existing file."""
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text!r}")
+    return text
 
 
 def run_folder(text: str) -> str:
