@@ -97,25 +97,30 @@ def load_data(args: argparse.Namespace, split: str):
         raise SystemExit(f"lvmkit: {error}") from None
 
 
-def check_batch_size(args: argparse.Namespace, dataset) -> None:
-    """A usage error if ``--batch-size`` exceeds the training split."""
-    if args.batch_size > len(dataset):
+def training_data(args: argparse.Namespace):
+    """The training split; a usage error if ``--batch-size`` exceeds it."""
+    train = load_data(args, "train")
+    if args.batch_size > len(train):
         args.subparser.error(
-            f"argument --batch-size: {args.batch_size} exceeds the {len(dataset)} images of "
-            f"the {dataset.name} training split"
+            f"argument --batch-size: {args.batch_size} exceeds the {len(train)} images of "
+            f"the {train.name} training split"
         )
+    return train
+
+
+def train_options(args: argparse.Namespace) -> dict[str, Any]:
+    """What every training command passes on from ``add_train_options``."""
+    return {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+            "seed": args.seed, "progress": not args.no_progress}
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from lvmkit.workflow import format_table, train_and_evaluate
 
-    train = load_data(args, "train")
-    check_batch_size(args, train)
     result = train_and_evaluate(
-        args.model, train, load_data(args, "test"), estimator=args.elbo, steps=args.steps,
-        batch_size=args.batch_size, lr=args.lr, seed=args.seed, out=args.out,
-        num_particles=args.num_particles, eval_samples=args.eval_samples,
-        progress=not args.no_progress, checkpoint_dir=args.checkpoint_dir,
+        args.model, training_data(args), load_data(args, "test"), estimator=args.elbo,
+        out=args.out, num_particles=args.num_particles, eval_samples=args.eval_samples,
+        checkpoint_dir=args.checkpoint_dir, **train_options(args),
     )
     if result.files:  # rank 0 of a torchrun job, or a single process
         print(format_table([result.metrics]))
@@ -146,32 +151,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from lvmkit.inference import compare_estimators
     from lvmkit.inference.registry import make_estimator
 
-    data = load_data(args, "train")
-    check_batch_size(args, data)
     estimators = None
     if args.estimators:
         estimators = {name: make_estimator(name, comparable=True) for name in args.estimators}
-    result = compare_estimators(
-        args.model, data, estimators=estimators, steps=args.steps, batch_size=args.batch_size,
-        lr=args.lr, seed=args.seed, out_dir=Path(args.out), progress=not args.no_progress,
-    )
+    result = compare_estimators(args.model, training_data(args), estimators=estimators,
+                                out_dir=Path(args.out), **train_options(args))
     table = Path(args.out) / "compare.md"
     print(table.read_text() if table.exists() else json.dumps(result, indent=2, default=str))
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from lvmkit import data
     from lvmkit.workflow import format_table, train_several
 
-    train = data.load_dataset("digits", split="train", binarize="static", seed=args.seed)
-    check_batch_size(args, train)
-    test = data.load_dataset("digits", split="test", binarize="static", seed=args.seed)
     start = time.perf_counter()
     results = train_several(
-        [("vae", "trace"), ("sbn-nonlinear", args.sbn_elbo)], train, test, args.out,
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-        eval_samples=args.eval_samples, progress=not args.no_progress,
+        [("vae", "trace"), ("sbn-nonlinear", args.sbn_elbo)], training_data(args),
+        load_data(args, "test"), args.out, eval_samples=args.eval_samples,
+        **train_options(args),
     )
     print(format_table([result.metrics for result in results]))
     print(f"total {time.perf_counter() - start:.0f} s; plots and tables in {args.out}/")
@@ -267,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     option(p, "--sbn-elbo", "estimator for the SBN", choices=ELBO_NAMES, default="rebar")
     option(p, "--eval-samples", eval_samples, type=positive_int, default=1000)
     add_train_options(p, steps=2000)
-    p.set_defaults(func=cmd_demo, subparser=p)
+    p.set_defaults(func=cmd_demo, subparser=p, dataset="digits", binarize="static",
+                   idx_images=None, idx_labels=None)
     return parser
 
 
