@@ -16,8 +16,9 @@ Three kinds of guide passes are needed:
 
 REBAR and RELAX run the three as one *fused* evaluation where they can
 (:func:`fused_traces`: a size-3 plate left of the model's plates, each site sampling all
-three passes at once), else a hard pass plus stacked or separate relaxed passes, decided
-once per model and guide (``RebarELBO._first_passes``). All noise comes from one keyed
+three passes at once, the fast path), else a hard pass and the relaxed passes one after
+the other (the reference path), decided once per model and guide
+(``RebarELBO._first_passes``). All noise comes from one keyed
 source per step (:class:`StepNoise`), so every path sees the same numbers.
 
 Numerics: uniforms are clamped to ``[tiny, 1 - eps]`` and every formula is written with
@@ -68,7 +69,7 @@ def uniform_like(shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
 class StepNoise:
     """The keyed noise source of one step (one particle): the uniforms of every
     ``(site, role)`` come from a generator seeded by ``(key, site, role)``, so every path
-    (fused, stacked, sequential, ``loss()``) sees the same numbers whatever order it draws
+    (fused, reference, ``loss()``) sees the same numbers whatever order it draws
     them in. ``key`` is drawn from torch's RNG at the first discrete site, so a guide whose
     continuous sites come first draws exactly what ``Trace_ELBO`` draws for them."""
 
@@ -106,49 +107,6 @@ def draw_uniform(shape: torch.Size, like: torch.Tensor, site: str, role: str) ->
     if _STEPS:
         return _STEPS[-1].uniform(shape, like, site, role)
     return uniform_like(shape, like)
-
-
-class NoiseTape:
-    """Records the uniforms that :func:`site_uniform` draws, by ``(site, role)``, or, with
-    ``replay``, hands out recorded ones instead of drawing: the fast path of a step can then
-    be checked against the reference path on identical noise (and draws nothing itself)."""
-
-    def __init__(self, replay: dict | None = None) -> None:
-        self.drawn: dict[tuple[str, str], torch.Tensor] = {}
-        self.replay = replay
-
-    def __enter__(self) -> NoiseTape:
-        _TAPES.append(self)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        _TAPES.remove(self)
-
-
-_TAPES: list[NoiseTape] = []
-
-
-def site_uniform(shape: torch.Size, like: torch.Tensor, site: str, role: str) -> torch.Tensor:
-    """The uniforms of one site and role, through the innermost active :class:`NoiseTape`
-    (drawn by :func:`draw_uniform` where none replays)."""
-    tape = _TAPES[-1] if _TAPES else None
-    if tape is not None and tape.replay is not None:
-        u = tape.replay.get((site, role))
-        # The fused pass's plate may add leading singleton dimensions (a global site).
-        if u is None or _strip_leading_ones(u.shape) != _strip_leading_ones(shape):
-            raise NotFusable(f"site {site!r}: no recorded {role} noise of shape {tuple(shape)}")
-        return u.reshape(shape)
-    u = draw_uniform(shape, like, site, role)
-    if tape is not None:
-        tape.drawn[(site, role)] = u
-    return u
-
-
-def _strip_leading_ones(shape: torch.Size) -> tuple[int, ...]:
-    shape = tuple(shape)
-    while shape and shape[0] == 1:
-        shape = shape[1:]
-    return shape
 
 
 def logistic_noise(u: torch.Tensor) -> torch.Tensor:
@@ -392,7 +350,7 @@ class HardSampler(Messenger):
             )
         if kind is not None:
             logits = full_logits(fn)
-            u = site_uniform(logits.shape, logits, name, "hard")
+            u = draw_uniform(logits.shape, logits, name, "hard")
             noise = logistic_noise(u) if kind == BERNOULLI else gumbel_noise(u)
             value = harden(kind, logits.detach(), noise)
             msg["value"] = value
@@ -590,18 +548,6 @@ def detach_safe(logits: torch.Tensor, sampled_nodes: list) -> bool:
     return not any(node in targets for node in autograd_nodes([logits.grad_fn]))
 
 
-class FixSubsamples(Messenger):
-    """Give the subsampling plates the indices ``subsamples`` (by plate name)."""
-
-    def __init__(self, subsamples: dict[str, torch.Tensor]) -> None:
-        super().__init__()
-        self.subsamples = subsamples
-
-    def _pyro_sample(self, msg) -> None:
-        if site_is_subsample(msg) and msg["name"] in self.subsamples:
-            msg["value"] = self.subsamples[msg["name"]]
-
-
 class RelaxedScores(Messenger):
     """In the model, score the relaxed sites with the continuous extension of log p."""
 
@@ -699,61 +645,6 @@ def _relaxed_traces(
     return model_trace, guide_trace, replay.relaxed_values
 
 
-def stacked_relaxed_traces(
-    model: Callable,
-    guide: Callable,
-    args: tuple,
-    kwargs: dict,
-    hard: HardPass,
-    noises: list[dict[str, torch.Tensor]],
-    temperature,
-    estimator: str,
-    hard_model_trace,
-    hard_guide_trace,
-    detach_scores: bool = False,
-) -> list[tuple] | None:
-    """Several relaxed passes in one evaluation of the model and guide, or ``None``.
-
-    The noises are stacked along a new leftmost dimension, so one (vectorized) replay
-    computes every pass; this saves a model and guide evaluation per extra pass and runs
-    the nets on a bigger batch. Returns, per noise, ``(model_trace, guide_trace,
-    relaxed_values)`` like :func:`relaxed_traces`, where the traces are views that carry
-    that pass's slice of each site's ``log_prob`` (and ``log_prob_sum``); other fields are
-    the stacked pass's.
-
-    Returns ``None`` when the stacked pass cannot be trusted: a reparameterized continuous
-    site (its recorded noise has the unstacked shape), or a site whose log-probability does
-    not come out as ``(len(noises),) + hard shape``; what the model or guide raise on the
-    stacked values propagates (the caller decides once per model and guide whether to
-    stack, see ``RebarELBO``). A site
-    that does not depend on the relaxed values (same shape as in the hard pass) is shared
-    by all passes, except that observed and relaxed sites must always carry the stacked
-    dimension: a model that reduces over it would lose it there. Not detected: a model
-    that mixes data across the batch but keeps the shapes (e.g. adds a mean over all
-    latent values to every datum's logits); such a model does not vectorize over Pyro's
-    particle dimension either.
-    """
-    if any(r.seed is not None for r in hard.records.values()):
-        return None
-    if not _stack_dim_is_leftmost(hard, hard_model_trace, hard_guide_trace):
-        return None
-    count = len(noises)
-    stacked = {name: torch.stack([n[name] for n in noises]) for name in noises[0]}
-    model_trace, guide_trace, values = _relaxed_traces(
-        model, guide, args, kwargs, hard, stacked, temperature, False, detach_scores,
-        estimator,
-    )
-    relaxed_names = {r.name for r in hard.relaxed}
-    passes = []
-    for i in range(count):
-        model_view = _pass_view(model_trace, hard_model_trace, i, count, relaxed_names)
-        guide_view = _pass_view(guide_trace, hard_guide_trace, i, count, relaxed_names)
-        if model_view is None or guide_view is None:
-            return None
-        passes.append((model_view, guide_view, {n: v[i] for n, v in values.items()}))
-    return passes
-
-
 # --------------------------------------------------------------------------------------
 # The hard pass and two relaxed passes fused into one evaluation
 # --------------------------------------------------------------------------------------
@@ -817,7 +708,7 @@ class FusedSampler(Messenger):
         if logits.dim() < -axis or logits.shape[axis] != FUSED_PASSES:
             raise NotFusable(name)
         hard_logits = logits.select(axis, 0)
-        u = site_uniform(hard_logits.shape, hard_logits, name, "hard")
+        u = draw_uniform(hard_logits.shape, hard_logits, name, "hard")
         noise = logistic_noise(u) if kind == BERNOULLI else gumbel_noise(u)
         b = harden(kind, hard_logits.detach(), noise)
         record = SiteRecord(name, kind, True, b, hard_logits, noise)
@@ -862,8 +753,8 @@ def fused_traces(
     relaxed_values)] * 2)`` where every trace is a view of one pass (its slice of each
     site's log-probability, the pass plate removed from the plate stacks), with the same
     fields as :func:`hard_traces` and :func:`relaxed_traces` give, so callers use them
-    alike. This saves one model and guide evaluation per step over ``hard_traces`` plus
-    ``stacked_relaxed_traces``.
+    alike. This saves two model and guide evaluations per step over ``hard_traces`` plus two
+    :func:`relaxed_traces`.
 
     ``temperature(logits)`` gives lambda at a site (on the logits' device and dtype).
 
@@ -940,38 +831,6 @@ def _select_pass(value, axis: int, index: int):
     if torch.is_tensor(value) and value.dim() >= -axis and value.shape[axis] == FUSED_PASSES:
         return value.select(axis, index)
     return value
-
-
-def _stack_dim_is_leftmost(hard: HardPass, model_trace, guide_trace) -> bool:
-    """Whether a new leftmost dimension on the relaxed values stays left of every plate.
-
-    A relaxed site with fewer batch dimensions than the deepest plate (a global latent
-    beside a data plate, say) would get the stacked dimension where the data dimension is:
-    broadcasting then pairs pass k with datum k, silently (measured: a global Bernoulli
-    beside a plate of 2 data points, REBAR's mean gradient 30 standard errors off)."""
-    nesting = plate_nesting(model_trace, guide_trace)
-    return all(
-        len(guide_trace.nodes[r.name]["fn"].batch_shape) >= nesting for r in hard.relaxed
-    )
-
-
-def _pass_view(trace, hard_trace, index: int, count: int, must_stack: set[str]):
-    """A copy of ``trace`` whose sample sites hold pass ``index``'s log-probabilities."""
-    view = poutine.Trace(graph_type=trace.graph_type)
-    for name, site in trace.nodes.items():
-        if site["type"] == "sample" and name in hard_trace.nodes:
-            log_prob = site["log_prob"]
-            hard_shape = hard_trace.nodes[name]["log_prob"].shape
-            if log_prob.shape == (count, *hard_shape):
-                log_prob = log_prob[index]
-            elif (log_prob.shape != hard_shape or site["is_observed"]
-                  or name in must_stack):
-                return None
-            site = dict(site, log_prob=log_prob, log_prob_sum=log_prob.sum())
-        elif site["type"] == "sample":
-            return None
-        view.nodes[name] = site
-    return view
 
 
 def _find_culprit(model, guide, args, kwargs, hard, noise, temperature) -> str:
