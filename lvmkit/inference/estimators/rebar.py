@@ -782,14 +782,32 @@ def _grads(
                                                                            strict=True)]
 
 
+class _GivenGradients(torch.autograd.Function):
+    """A zero whose backward hands each input tensor a given gradient (times the incoming
+    one): the estimate, computed by ``torch.autograd.grad`` beforehand, reaches ``.grad``
+    through an ordinary ``backward`` without the products and sums a linear surrogate
+    ``sum(g * leaf)`` would compute and differentiate."""
+
+    @staticmethod
+    def forward(ctx, grads, *tensors):
+        ctx.grads = grads
+        return tensors[0].new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return (None, *(g * grad_output for g in ctx.grads))
+
+
 def _linear_surrogate(grads: list[tuple[torch.Tensor, torch.Tensor]],
                       control_grads: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """Zero-valued loss whose gradient is minus the given ELBO gradient for each leaf and
     the given variance-objective gradient for each control."""
-    total = -sum((g.detach() * leaf).sum() for leaf, g in grads)
-    if control_grads:
-        total = total + sum((g.detach() * p).sum() for p, g in control_grads)
-    return total - total.detach()
+    pairs = [(leaf, -g.detach()) for leaf, g in grads]
+    pairs += [(p, g.detach()) for p, g in control_grads]
+    if not pairs:
+        return torch.zeros(())
+    tensors, given = zip(*pairs, strict=True)
+    return _GivenGradients.apply(list(given), *tensors)
 
 
 def _leaf_names(leaves: list[torch.Tensor], model, guide) -> list[str]:
