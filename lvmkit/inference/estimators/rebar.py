@@ -418,11 +418,7 @@ class RebarELBO(Trace_ELBO):
     def initialize(self, model: Callable, guide: Callable, *args, **kwargs) -> None:
         """Create the control parameters (eta per group, control net) without a step, e.g.
         before handing ``elbo(model, guide).parameters()`` to a torch optimizer."""
-        with torch.no_grad():
-            self.loss(model, guide, *args, **kwargs)
-        self.differentiable_loss(model, guide, *args, **kwargs)
-        for p in self.controls.parameters():
-            p.grad = None
+        self.differentiable_loss(model, guide, *args, **kwargs)  # no backward: no .grad
 
     def _register_controls(self) -> None:
         """Put the learnable controls in Pyro's param store under ``module_name`` (these
@@ -784,30 +780,33 @@ def _grads(
 
 class _GivenGradients(torch.autograd.Function):
     """A zero whose backward hands each input tensor a given gradient (times the incoming
-    one): the estimate, computed by ``torch.autograd.grad`` beforehand, reaches ``.grad``
-    through an ordinary ``backward`` without the products and sums a linear surrogate
-    ``sum(g * leaf)`` would compute and differentiate."""
+    one; the first ``negated`` of them negated): the estimate, computed by
+    ``torch.autograd.grad`` beforehand, reaches ``.grad`` through an ordinary ``backward``
+    without the products and sums a linear surrogate ``sum(g * leaf)`` would compute and
+    differentiate."""
 
     @staticmethod
-    def forward(ctx, grads, *tensors):
-        ctx.grads = grads
+    def forward(ctx, grads, negated, *tensors):
+        ctx.grads, ctx.negated = grads, negated
         return tensors[0].new_zeros(())
 
     @staticmethod
     def backward(ctx, grad_output):
-        return (None, *(g * grad_output for g in ctx.grads))
+        minus = -grad_output
+        return (None, None, *(g * (minus if i < ctx.negated else grad_output)
+                              for i, g in enumerate(ctx.grads)))
 
 
 def _linear_surrogate(grads: list[tuple[torch.Tensor, torch.Tensor]],
                       control_grads: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """Zero-valued loss whose gradient is minus the given ELBO gradient for each leaf and
     the given variance-objective gradient for each control."""
-    pairs = [(leaf, -g.detach()) for leaf, g in grads]
-    pairs += [(p, g.detach()) for p, g in control_grads]
+    pairs = grads + control_grads
     if not pairs:
         return torch.zeros(())
-    tensors, given = zip(*pairs, strict=True)
-    return _GivenGradients.apply(list(given), *tensors)
+    tensors = [t for t, _ in pairs]
+    given = [g.detach() for _, g in pairs]
+    return _GivenGradients.apply(given, len(grads), *tensors)
 
 
 def _leaf_names(leaves: list[torch.Tensor], model, guide) -> list[str]:
