@@ -657,7 +657,7 @@ def test_slow_toy_variances_to_ten_percent():
 
 
 # ----------------------------------------------------------------------------------------
-# The fused pass (hard + both relaxed passes in one evaluation)
+# The fused pass (both relaxed passes in one evaluation)
 # ----------------------------------------------------------------------------------------
 
 

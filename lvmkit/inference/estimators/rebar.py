@@ -220,15 +220,16 @@ class RebarELBO(Trace_ELBO):
     ``pyro.optim.Adam(elbo.optim_args({"lr": 1e-3}))`` to give them ``variance_optim_lr``
     (:func:`lvmkit.inference.fit` does this itself).
 
-    **Passes.** Each particle runs a hard pass and two relaxed passes. The fast path runs
-    all three as one model and guide evaluation inside a plate of size 3 left of the
-    model's plates (like Pyro's vectorized particles); the reference path runs them one
-    after the other. All noise comes from one keyed source, ``(site, role) -> uniform``
+    **Passes.** Each particle runs a hard pass (Pyro's importance trace, guide sampled
+    through its noise) and two relaxed passes. The fast path runs the two relaxed passes as
+    one model and guide evaluation inside a plate of size 2 left of the model's plates
+    (like Pyro's vectorized particles); the reference path runs them one after the other.
+    All noise comes from one keyed source, ``(site, role) -> uniform``
     (:class:`~lvmkit.inference.estimators._relax.StepNoise`), so both paths see the same
     numbers. The path is decided once per model and guide, on their first call: the
     reference path runs, and if every guide latent is a relaxable discrete site and
     ``fuse_passes``, the fast path runs once on the same noise and mini-batch and is kept
-    only if it gives every site of every pass the reference's log-probability (a model
+    only if it gives every site of both passes the reference's log-probability (a model
     that asserts its own shapes, reduces over the extra dimension or mixes it into its
     data is not run fused). A decided fast path that fails later raises
     :class:`~lvmkit.inference.estimators.EstimatorError`.
@@ -494,7 +495,7 @@ class RebarELBO(Trace_ELBO):
             for r in hard.relaxed
         }
         estimate = self._combine(-surrogate_loss, cv_f, cv_r, scores, particle.model,
-                                 particle.guide, hard.graph_stops)
+                                 particle.guide)
         if estimate is None:
             # No learnable parameter behind any relaxed site's distribution (fixed probs,
             # say): the control variate has nothing to act on, and the estimate is the
@@ -528,67 +529,65 @@ class RebarELBO(Trace_ELBO):
         """``(model_trace, guide_trace, hard, passes)``: the hard pass and, if it relaxed
         any site, both relaxed passes (``None`` otherwise), along the path decided for this
         model/guide pair on its first call (see :meth:`_first_passes`)."""
-        path = self._paths.get(*self._pair)
-        if path is None:
-            return self._first_passes(model, guide, args, kwargs)
-        if path == _REFERENCE:
-            return self._reference_passes(model, guide, args, kwargs)
-        try:
-            return self._fused_passes(model, guide, args, kwargs, path)
-        except NotFusable as error:
-            raise EstimatorError(
-                f"{self.estimator_name}: the fused pass ran for this model and guide on"
-                f" their first call but not now ({error}); a model whose sites change"
-                " from call to call needs fuse_passes=False"
-            ) from error
-
-    def _first_passes(self, model, guide, args, kwargs):
-        """The reference path, and the decision for this pair: if the first trace has only
-        relaxable discrete guide latents (and ``fuse_passes``), the fused pass runs on the
-        same keyed noise and mini-batch and is chosen only if it reproduces every site's
-        log-probability in every pass. This one check run is the only place where an
-        exception of the model or guide (a shape assertion, a reshape that does not
-        broadcast) is taken as an answer rather than raised: it means "not fusable"."""
-        result = self._reference_passes(model, guide, args, kwargs)
-        model_trace, guide_trace, hard, reference = result
-        decision = _REFERENCE
-        if self.fuse_passes and hard.relaxed and all(r.relaxed for r in hard.records.values()):
-            nesting = (plate_nesting(model_trace, guide_trace)
-                       if self.max_plate_nesting == float("inf")
-                       else int(self.max_plate_nesting))
-            expected = [(model_trace, guide_trace), *((m, g) for m, g, _ in reference)]
-            try:
-                fused = self._fused_passes(model, guide, args, kwargs, -nesting - 1,
-                                           hard.subsamples)
-            except Exception:  # noqa: BLE001 - see the docstring
-                fused = None
-            if fused is not None and _all_match(expected, fused):
-                decision = -nesting - 1
-        self._paths.set(*self._pair, decision)
-        return result
-
-    def _reference_passes(self, model, guide, args, kwargs):
         model_trace, guide_trace, hard = self._hard_traces(model, guide, args, kwargs)
+        path = self._paths.get(*self._pair)
         if not hard.relaxed:
+            # nothing to relax (every discrete site opted out, say): no relaxed pass
+            if path is None:
+                self._paths.set(*self._pair, _REFERENCE)
             return model_trace, guide_trace, hard, None
         temperature = self._temperature_like(hard.relaxed[0].logits)
         noises = [
             {r.name: r.noise for r in hard.relaxed},
             {r.name: self._conditional_noise(r) for r in hard.relaxed},
         ]
-        passes = [
+        relaxed = (model, guide, args, kwargs, hard, noises, temperature)
+        if path is None:
+            passes = self._first_passes(model_trace, guide_trace, *relaxed)
+        elif path == _REFERENCE:
+            passes = self._reference_passes(*relaxed)
+        else:
+            try:
+                passes = fused_traces(*relaxed, path, self.estimator_name)
+            except NotFusable as error:
+                raise EstimatorError(
+                    f"{self.estimator_name}: the fused pass ran for this model and guide on"
+                    f" their first call but not now ({error}); a model whose sites change"
+                    " from call to call needs fuse_passes=False"
+                ) from error
+        return model_trace, guide_trace, hard, passes
+
+    def _first_passes(self, model_trace, guide_trace, model, guide, args, kwargs, hard,
+                      noises, temperature) -> list:
+        """The reference passes, and the decision for this pair: if the first trace has
+        only relaxable discrete guide latents (and ``fuse_passes``), the fused pass runs on
+        the same noise and mini-batch and is chosen only if it reproduces every site's
+        log-probability in both passes. This one check run is the only place where an
+        exception of the model or guide (a shape assertion, a reshape that does not
+        broadcast) is taken as an answer rather than raised: it means "not fusable"."""
+        relaxed = (model, guide, args, kwargs, hard, noises, temperature)
+        reference = self._reference_passes(*relaxed)
+        decision = _REFERENCE
+        if self.fuse_passes and all(r.relaxed for r in hard.records.values()):
+            nesting = (plate_nesting(model_trace, guide_trace)
+                       if self.max_plate_nesting == float("inf")
+                       else int(self.max_plate_nesting))
+            try:
+                fused = fused_traces(*relaxed, -nesting - 1, self.estimator_name)
+            except Exception:  # noqa: BLE001 - see the docstring
+                fused = None
+            if fused is not None and _all_match(reference, fused):
+                decision = -nesting - 1
+        self._paths.set(*self._pair, decision)
+        return reference
+
+    def _reference_passes(self, model, guide, args, kwargs, hard, noises, temperature
+                          ) -> list:
+        return [
             relaxed_traces(model, guide, args, kwargs, hard, noise, temperature,
                            self.estimator_name, detach_scores=True)
             for noise in noises
         ]
-        return model_trace, guide_trace, hard, passes
-
-    def _fused_passes(self, model, guide, args, kwargs, pass_dim: int, subsamples=None):
-        return fused_traces(
-            model, guide, args, kwargs, pass_dim, self._temperature_like,
-            self.estimator_name, self.opt_out_key, self._conditional_noise,
-            self.max_plate_nesting, subsamples,
-        )
 
     def _hard_traces(self, model, guide, args, kwargs):
         return hard_traces(model, guide, args, kwargs, self.max_plate_nesting,
@@ -645,20 +644,20 @@ class RebarELBO(Trace_ELBO):
         return []
 
     def _combine(
-        self, surrogate_elbo, cv_f, cv_r, scores, model, guide, stops=()
+        self, surrogate_elbo, cv_f, cv_r, scores, model, guide
     ) -> _Estimate | None:
         """The estimate as (leaf, ELBO gradient) pairs and the variance objective's
         gradients of the controls; ``None`` if no learnable leaf is behind the relaxed
         sites' distributions."""
         controls = self._control_ids()
-        leaves, keys = self._leaves_and_keys(scores, model, guide, stops, controls)
+        leaves, keys = self._leaves_and_keys(scores, model, guide, controls)
         if not leaves:
             return None
         learn = self._learnables_requested()
         etas = {key: self._eta_tensor(key, leaves[0]) for key in dict.fromkeys(keys)}
         has_extra = torch.is_tensor(cv_r) and cv_r.requires_grad  # RELAX's learned control
         skip = {id(leaf) for leaf in leaves} | controls
-        others = [t for t in graph_leaves([surrogate_elbo], stops) if id(t) not in skip]
+        others = [t for t in graph_leaves([surrogate_elbo]) if id(t) not in skip]
         retain = learn or bool(self.retain_graph)
         if len(etas) == 1:
             # One eta for every guide leaf (the usual case): the guide's estimate is the
@@ -705,14 +704,13 @@ class RebarELBO(Trace_ELBO):
         return _Estimate(grads, control_grads)
 
     def _leaves_and_keys(
-        self, scores, model, guide, stops=(), controls: set[int] = frozenset()
+        self, scores, model, guide, controls: set[int] = frozenset()
     ) -> tuple[list[torch.Tensor], list[str]]:
         sites_of: dict[int, list[str]] = {}
         leaves: dict[int, torch.Tensor] = {}
-        # In a fused pass the hard slice shares a graph with the relaxed ones, which reach
-        # the temperature: the estimator's own parameters (``controls``) are never leaves.
+        # The estimator's own parameters (``controls``) are never leaves of the estimate.
         for name, tensors in scores.items():
-            for leaf in graph_leaves(tensors, stops):
+            for leaf in graph_leaves(tensors):
                 if id(leaf) in controls:
                     continue
                 leaves.setdefault(id(leaf), leaf)
@@ -753,12 +751,10 @@ class RebarELBO(Trace_ELBO):
         return out
 
 
-def _all_match(expected: list, fused) -> bool:
-    """Whether the fused pass's traces match the reference ones pass for pass."""
-    model_trace, guide_trace, _, passes = fused
-    got = [(model_trace, guide_trace), *((m, g) for m, g, _ in passes)]
-    return all(_same_log_probs(a, b) for pair in zip(expected, got, strict=True)
-               for a, b in zip(*pair, strict=True))
+def _all_match(reference: list, fused: list) -> bool:
+    """Whether the fused passes' traces match the reference ones pass for pass."""
+    return all(_same_log_probs(a, b) for ref, got in zip(reference, fused, strict=True)
+               for a, b in zip(ref[:2], got[:2], strict=True))
 
 
 def _total(terms: MultiFrameTensor) -> torch.Tensor:
