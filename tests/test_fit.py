@@ -442,3 +442,22 @@ def test_fit_writes_lines_not_a_bar_when_stderr_is_not_a_terminal(capsys):
     lines = err.splitlines()
     assert len(lines) == 20 and lines[-1].startswith("fit: 40/40 (100%) loss=")
     assert "\r" not in err
+
+
+def test_fit_gives_the_estimators_controls_their_own_rate():
+    """The reference REBAR trains eta and lambda at 10x the model's rate: fit hands the
+    estimator's controls its ``variance_optim_lr`` through per-parameter optimizer
+    arguments, the model and guide keep ``optim``'s."""
+    from lvmkit.inference import RebarELBO
+
+    model, guide = sbn_pair()
+    elbo = RebarELBO(variance_optim_lr=0.02, module_name="rate_rebar")
+    optim = pyro.optim.Adam({"lr": 0.001})
+    fit(model, guide, binary_data(), elbo=elbo, steps=2, batch_size=10, progress=False,
+        optim=optim)
+    store = pyro.get_param_store()
+    rates = {store.param_name(p): o.param_groups[0]["lr"] for p, o in optim.optim_objs.items()}
+    controls = {n: r for n, r in rates.items() if n.startswith("rate_rebar$$$")}
+    assert set(controls) == {"rate_rebar$$$log_temperature", "rate_rebar$$$eta_logits.b1"}
+    assert set(controls.values()) == {0.02}
+    assert {r for n, r in rates.items() if n not in controls} == {0.001}
