@@ -116,12 +116,27 @@ def fixed_uniforms():
     was drawn), not on the order of the calls or the device: two code paths that draw the
     same noises in different orders, or on CPU and GPU, then see the same numbers (drawn on
     the CPU, then moved to the device asked for)."""
+    from lvmkit.inference.estimators import _relax
+
     counts: dict[tuple[str, str], int] = {}
+    # Within one step (one StepNoise: a particle's passes, fused or not) a (site, role)
+    # pair gets the same numbers however often it is drawn, as from StepNoise itself.
+    in_step: dict[tuple[int, str, str], int] = {}
+    steps = []  # alive, so that their ids are not reused
 
     def draw(shape, like, site, role):
         key = (site, role)
-        counts[key] = counts.get(key, 0) + 1
-        seed = zlib.crc32(f"{site}/{role}/{counts[key]}".encode())
+        step = _relax._STEPS[-1] if _relax._STEPS else None
+        tag = None if step is None else (id(step), site, role)
+        if tag is not None and tag in in_step:
+            count = in_step[tag]
+        else:
+            counts[key] = counts.get(key, 0) + 1
+            count = counts[key]
+            if tag is not None:
+                in_step[tag] = count
+                steps.append(step)
+        seed = zlib.crc32(f"{site}/{role}/{count}".encode())
         u = torch.rand(shape, generator=torch.Generator().manual_seed(seed), dtype=like.dtype)
         u = u.clamp(torch.finfo(like.dtype).tiny, 1 - torch.finfo(like.dtype).eps)
         return u.to(like.device)

@@ -87,11 +87,12 @@ def test_cuda_gradients_match_cpu_on_the_same_draws(estimator, fuse, monkeypatch
         pyro.clear_param_store()
         model = copy.deepcopy(cpu_model).to(device)
         guide = copy.deepcopy(cpu_guide).to(device)
-        elbo = estimator(fuse_passes=fuse)
+        elbo = estimator(fuse_passes=fuse, module_name="cuda_controls")
         elbo.loss_and_grads(model, guide, x.to(device))
         grads[device] = {k: v.grad.detach().cpu() for k, v in pyro.get_param_store().items()}
-        controls[device] = elbo.diagnostics()  # after one variance-optimizer step
+        controls[device] = elbo.diagnostics()
     assert grads["cpu"].keys() == grads["cuda"].keys()
+    assert any(k.startswith("cuda_controls$$$") for k in grads["cpu"])  # their gradients too
     for key, g in grads["cpu"].items():
         torch.testing.assert_close(grads["cuda"][key], g, rtol=1e-4, atol=1e-5, msg=key)
     for key, value in controls["cpu"].items():
@@ -101,7 +102,7 @@ def test_cuda_gradients_match_cpu_on_the_same_draws(estimator, fuse, monkeypatch
 def test_resume_on_cuda_matches_uninterrupted_run(tmp_path):
     def train(steps, **kwargs):
         model, guide = sbn()
-        elbo = RebarELBO()
+        elbo = RebarELBO(module_name="cuda_rebar")
         history = fit(model, guide, data(), elbo=elbo, steps=steps, batch_size=10,
                       device="cuda", progress=False, optim=pyro.optim.Adam({"lr": 0.05}),
                       **kwargs)

@@ -46,6 +46,7 @@ MODULES = [
     "lvmkit.inference.estimators.vimco",
     "lvmkit.inference.estimators.arm",
     "lvmkit.inference.estimators.rebar",
+    "lvmkit.inference.estimators.variance",
     "lvmkit.inference.estimators.relax",
     "lvmkit.inference.estimators.concrete",
     "lvmkit.inference.estimators.rloo",

@@ -354,9 +354,9 @@ def sbn_pair():
 def estimator(name):
     from lvmkit.inference import NVILELBO, RebarELBO, RelaxELBO
 
-    return {"rebar": lambda: RebarELBO(),
-            "relax": lambda: RelaxELBO(),
-            # a fixed name: a new process would number its first baseline alike
+    # fixed names (in the param store): a new process would number its first ones alike
+    return {"rebar": lambda: RebarELBO(module_name="ckpt_rebar"),
+            "relax": lambda: RelaxELBO(module_name="ckpt_relax"),
             "nvil": lambda: NVILELBO(module_name="ckpt_nvil")}[name]()
 
 
@@ -414,8 +414,8 @@ def test_resume_refuses_a_checkpoint_of_another_estimator(tmp_path):
 
 @pytest.mark.parametrize("name", ["rebar", "relax"])
 def test_differentiable_loss_path_trains_the_estimators_controls_as_svi_does(name):
-    """The estimator's own parameters live outside the param store: on fit's
-    differentiable_loss path they used to stay at their initial values."""
+    """Regression: on fit's differentiable_loss path the estimator's own parameters used
+    to stay at their initial values; now fit's optimizer steps them on both paths."""
     results = {}
     for differentiable in (False, True):
         pyro.clear_param_store()
@@ -442,3 +442,22 @@ def test_fit_writes_lines_not_a_bar_when_stderr_is_not_a_terminal(capsys):
     lines = err.splitlines()
     assert len(lines) == 20 and lines[-1].startswith("fit: 40/40 (100%) loss=")
     assert "\r" not in err
+
+
+def test_fit_gives_the_estimators_controls_their_own_rate():
+    """The reference REBAR trains eta and lambda at 10x the model's rate: fit hands the
+    estimator's controls its ``variance_optim_lr`` through per-parameter optimizer
+    arguments, the model and guide keep ``optim``'s."""
+    from lvmkit.inference import RebarELBO
+
+    model, guide = sbn_pair()
+    elbo = RebarELBO(variance_optim_lr=0.02, module_name="rate_rebar")
+    optim = pyro.optim.Adam({"lr": 0.001})
+    fit(model, guide, binary_data(), elbo=elbo, steps=2, batch_size=10, progress=False,
+        optim=optim)
+    store = pyro.get_param_store()
+    rates = {store.param_name(p): o.param_groups[0]["lr"] for p, o in optim.optim_objs.items()}
+    controls = {n: r for n, r in rates.items() if n.startswith("rate_rebar$$$")}
+    assert set(controls) == {"rate_rebar$$$log_temperature", "rate_rebar$$$eta_logits.b1"}
+    assert set(controls.values()) == {0.02}
+    assert {r for n, r in rates.items() if n not in controls} == {0.001}

@@ -108,3 +108,26 @@ def test_slow_relax_unbiased_on_every_model(name):
     train_controls(elbo, model, guide, x, steps=30)
     result = run_check(name, elbo, num_draws=200)
     assert result.passed, result.summary()
+
+
+def test_plain_svi_trains_the_control_networks():
+    """Regression (issue 14): RELAX's networks (one per plate group) are parameters of the
+    caller's optimizer, registered in the param store, and trained by plain SVI."""
+    import pyro
+    from pyro.infer import SVI
+    from pyro.optim import Adam
+    from test_rebar import global_guide, global_model
+
+    elbo = RelaxELBO()
+    optim = Adam({"lr": 0.05})
+    svi = SVI(global_model, global_guide, optim, elbo)
+    for _ in range(3):
+        svi.step(X2)
+    nets = [elbo.controls.net, *elbo.controls.group_nets.values()]
+    assert len(nets) == 2
+    store = pyro.get_param_store()
+    for net in nets:
+        for p in net.parameters():
+            assert p in optim.optim_objs
+            assert store.param_name(p).startswith(elbo.module_name + "$$$")
+        assert net[2].weight.abs().sum() > 0  # the zero-initialised output layer moved

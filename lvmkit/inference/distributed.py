@@ -391,9 +391,9 @@ class RankSync:
 
     The step goes through the ELBO's ``differentiable_loss`` where it has one, so that an
     estimator's own controls (REBAR's temperature and etas, RELAX's network) receive their
-    variance-objective gradients in ``.grad``; these are summed the same way and stepped by
-    the estimator's ``step_controls()``. Floating buffers of the estimator's modules
-    (NVIL's running moments) are averaged after each step.
+    variance-objective gradients in ``.grad``; they are read through the param store, so
+    they are summed and stepped with the model's parameters. Floating buffers of the
+    estimator's modules (NVIL's running moments) are averaged after each step.
 
     Example: :func:`~lvmkit.inference.fit` builds one under ``torchrun``; here a process
     group of one rank stands in for the job (with one rank the step is an ordinary step).
@@ -442,13 +442,9 @@ class RankSync:
         if share > 0 or self.names is None:
             self._agree_on(sorted(capture.trace.nodes))
         params = [store._params[name] for name in self.names]
-        controls = _control_parameters(elbo)
-        self._sum_weighted_grads(params + controls, share)
+        self._sum_weighted_grads(params, share)
         optim({p for p in params if p.grad is not None})
         pyro.infer.util.zero_grads(set(params))
-        step_controls = getattr(elbo, "step_controls", None)
-        if callable(step_controls):
-            step_controls()
         all_reduce_mean_(_estimator_buffers(elbo), self.context)
         return sum_scalar(share * loss, self.context)
 
@@ -491,15 +487,6 @@ class RankSync:
         for p, seen in zip(params, has_grad.tolist(), strict=True):
             if seen == 0:
                 p.grad = None
-
-
-def _control_parameters(elbo) -> list[torch.Tensor]:
-    """An estimator's own learned parameters outside Pyro's param store (REBAR's and
-    RELAX's ``controls`` module), in a fixed order."""
-    controls = getattr(elbo, "controls", None)
-    if isinstance(controls, torch.nn.Module):
-        return [p for _, p in sorted(controls.named_parameters())]
-    return []
 
 
 def _estimator_buffers(elbo) -> list[torch.Tensor]:

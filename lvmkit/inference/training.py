@@ -442,7 +442,9 @@ def fit(
     :param use_differentiable_loss: step through ``elbo.differentiable_loss`` + ``backward``
         instead of ``SVI.step`` (the path DDP and Lightning use); gradients are identical for
         ELBOs that implement both. An estimator's own parameters (REBAR's temperature and
-        etas, RELAX's network) are stepped by its ``step_controls()``, as on the SVI path.
+        etas, RELAX's network) sit in the param store and are stepped by ``optim`` on
+        either path; where the estimator has ``optim_args`` (REBAR, RELAX) and ``optim``'s
+        arguments are a dict, they get the estimator's rate (its ``variance_optim_lr``).
     :raises FloatingPointError: when a loss is NaN or infinite; no checkpoint is written for
         that step, so the last checkpoint on disk is the last good state.
     :raises OSError: when ``checkpoint_dir`` cannot be written, before any step.
@@ -486,6 +488,7 @@ def fit(
     optim = pyro.optim.Adam({"lr": 1e-3}) if optim is None else optim
     _check_options(model, guide, elbo, optim, seed, device, checkpoint_dir, callback,
                    use_differentiable_loss, resume=resume, progress=progress)
+    _give_controls_their_rate(elbo, optim)
     seed = int(seed)
     context = distributed.setup(device)
     if context.enabled:
@@ -1040,15 +1043,22 @@ def _differentiable_step(elbo, optim, model, guide, x, kwargs) -> float:
     with poutine.trace(param_only=True) as param_capture:
         loss = elbo.differentiable_loss(model, guide, x, **kwargs)
         loss.backward()
+    # An estimator's own parameters (REBAR's temperature and etas, ...) are read through
+    # the param store in the loss, so they are captured and stepped with the model's.
     params = {site["value"].unconstrained() for site in param_capture.trace.nodes.values()}
     optim(params)
     pyro.infer.util.zero_grads(params)
-    # An estimator's own parameters (REBAR's temperature and etas, ...) live outside the
-    # param store, and SVI's path leaves them to the estimator: so does this one.
-    step_controls = getattr(elbo, "step_controls", None)
-    if callable(step_controls):
-        step_controls()
     return loss.item()
+
+
+def _give_controls_their_rate(elbo, optim: pyro.optim.PyroOptim) -> None:
+    """Per-parameter arguments for an estimator that asks for them (REBAR's and RELAX's
+    controls train at ``variance_optim_lr``, as the reference code's faster rate); an
+    ``optim`` built with a callable already chooses per parameter and is left alone."""
+    optim_args = getattr(elbo, "optim_args", None)
+    if callable(optim_args) and isinstance(optim.pt_optim_args, dict):
+        optim.pt_optim_args = optim_args(optim.pt_optim_args)
+        optim.pt_optim_args_argc = 1
 
 
 def _diagnostics(elbo) -> dict[str, float] | None:

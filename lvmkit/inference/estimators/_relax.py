@@ -14,11 +14,12 @@ Three kinds of guide passes are needed:
 * the noise for the *conditional* relaxed pass, ``n~ ~ p(n | b)`` (Tucker et al. 2017,
   Appendix), computed from the hard-pass logits so that it stays differentiable in them.
 
-REBAR and RELAX run the three as one *fused* evaluation where they can
-(:func:`fused_traces`: a size-3 plate left of the model's plates, each site sampling all
-three passes at once), else a hard pass plus stacked or separate relaxed passes, decided
-once per model and guide (``RebarELBO._first_passes``). All noise comes from one keyed
-source per step (:class:`StepNoise`), so every path sees the same numbers.
+REBAR and RELAX run the hard pass, then the two relaxed passes as one *fused* evaluation
+where they can (:func:`fused_traces`: a size-2 plate left of the model's plates, each site
+sampling both relaxed passes at once; the fast path), else one after the other (the
+reference path), decided once per model and guide (``RebarELBO._first_passes``). All
+noise comes from one keyed source per step (:class:`StepNoise`), so every path sees the
+same numbers.
 
 Numerics: uniforms are clamped to ``[tiny, 1 - eps]`` and every formula is written with
 ``logsigmoid`` / ``logaddexp`` so that logits of +-50 give finite values and gradients.
@@ -36,12 +37,11 @@ import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
 import torch.nn.functional as F
-from pyro.distributions.score_parts import ScoreParts
 from pyro.infer.enum import get_importance_trace
 from pyro.infer.util import MultiFrameTensor, get_plate_stacks, is_validation_enabled
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
-from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape
+from pyro.util import check_if_enumerated
 
 from lvmkit.inference.estimators import EstimatorError
 from lvmkit.inference.estimators.sites import (  # noqa: F401  (re-exported for the estimators)
@@ -68,7 +68,7 @@ def uniform_like(shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
 class StepNoise:
     """The keyed noise source of one step (one particle): the uniforms of every
     ``(site, role)`` come from a generator seeded by ``(key, site, role)``, so every path
-    (fused, stacked, sequential, ``loss()``) sees the same numbers whatever order it draws
+    (fused, reference, ``loss()``) sees the same numbers whatever order it draws
     them in. ``key`` is drawn from torch's RNG at the first discrete site, so a guide whose
     continuous sites come first draws exactly what ``Trace_ELBO`` draws for them."""
 
@@ -106,49 +106,6 @@ def draw_uniform(shape: torch.Size, like: torch.Tensor, site: str, role: str) ->
     if _STEPS:
         return _STEPS[-1].uniform(shape, like, site, role)
     return uniform_like(shape, like)
-
-
-class NoiseTape:
-    """Records the uniforms that :func:`site_uniform` draws, by ``(site, role)``, or, with
-    ``replay``, hands out recorded ones instead of drawing: the fast path of a step can then
-    be checked against the reference path on identical noise (and draws nothing itself)."""
-
-    def __init__(self, replay: dict | None = None) -> None:
-        self.drawn: dict[tuple[str, str], torch.Tensor] = {}
-        self.replay = replay
-
-    def __enter__(self) -> NoiseTape:
-        _TAPES.append(self)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        _TAPES.remove(self)
-
-
-_TAPES: list[NoiseTape] = []
-
-
-def site_uniform(shape: torch.Size, like: torch.Tensor, site: str, role: str) -> torch.Tensor:
-    """The uniforms of one site and role, through the innermost active :class:`NoiseTape`
-    (drawn by :func:`draw_uniform` where none replays)."""
-    tape = _TAPES[-1] if _TAPES else None
-    if tape is not None and tape.replay is not None:
-        u = tape.replay.get((site, role))
-        # The fused pass's plate may add leading singleton dimensions (a global site).
-        if u is None or _strip_leading_ones(u.shape) != _strip_leading_ones(shape):
-            raise NotFusable(f"site {site!r}: no recorded {role} noise of shape {tuple(shape)}")
-        return u.reshape(shape)
-    u = draw_uniform(shape, like, site, role)
-    if tape is not None:
-        tape.drawn[(site, role)] = u
-    return u
-
-
-def _strip_leading_ones(shape: torch.Size) -> tuple[int, ...]:
-    shape = tuple(shape)
-    while shape and shape[0] == 1:
-        shape = shape[1:]
-    return shape
 
 
 def logistic_noise(u: torch.Tensor) -> torch.Tensor:
@@ -228,64 +185,46 @@ def full_logits(fn: dist.Distribution) -> torch.Tensor:
     return innermost(fn).logits.expand(fn.shape())
 
 
-def _keep_grad(logits: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    """``logits`` with the gradient kept where ``keep`` is 1 and cut where it is 0 (the
-    value is unchanged; ``keep`` broadcasts against ``logits``)."""
-    if keep is None:
-        return logits
-    frozen = logits.detach()
-    return frozen + keep * (logits - frozen)
-
-
 class _RelaxedBernoulliScore(dist.Bernoulli):
     """Bernoulli whose ``log_prob`` is the continuous extension ``v log p + (1-v) log(1-p)``."""
 
-    grad_keep: torch.Tensor | None = None
-
     def log_prob(self, value):
-        logits = _keep_grad(self.logits, self.grad_keep)
+        logits = self.logits
         return value * F.logsigmoid(logits) + (1 - value) * F.logsigmoid(-logits)
 
 
 class _RelaxedOneHotScore(dist.OneHotCategorical):
     """One-hot categorical whose ``log_prob`` is ``sum_i v_i log p_i`` for relaxed ``v``."""
 
-    grad_keep: torch.Tensor | None = None
-
     def log_prob(self, value):
-        return (value * _keep_grad(self.logits, self.grad_keep)).sum(-1)
+        return (value * self.logits).sum(-1)
 
 
-def with_relaxed_scores(
-    fn: dist.Distribution, detach: bool = False, grad_keep: torch.Tensor | None = None
-) -> dist.Distribution:
+def with_relaxed_scores(fn: dist.Distribution, detach: bool = False) -> dist.Distribution:
     """Rebuild ``fn`` (keeping ``.to_event``, ``.expand``, ``.mask``) to score relaxed values.
 
     Validation must be off for the rebuilt distribution: a ``Bernoulli`` with
     ``validate_args=True`` rejects values in (0, 1) even under ``validation_enabled(False)``.
-    With ``detach`` the logits are cut from the graph (the value keeps its gradient); with
-    ``grad_keep`` (0/1, broadcasting against the logits) only where it is 0.
+    With ``detach`` the logits are cut from the graph (the value keeps its gradient).
     """
     if isinstance(fn, dist.MaskedDistribution):
         return dist.MaskedDistribution(
-            with_relaxed_scores(fn.base_dist, detach, grad_keep), fn._mask
+            with_relaxed_scores(fn.base_dist, detach), fn._mask
         )
     if isinstance(fn, dist.Independent | torch.distributions.Independent):
         return dist.Independent(
-            with_relaxed_scores(fn.base_dist, detach, grad_keep),
+            with_relaxed_scores(fn.base_dist, detach),
             fn.reinterpreted_batch_ndims,
             validate_args=False,
         )
     if isinstance(fn, dist.ExpandedDistribution):
-        return with_relaxed_scores(fn.base_dist, detach, grad_keep).expand(fn.batch_shape)
+        return with_relaxed_scores(fn.base_dist, detach).expand(fn.batch_shape)
     kind = discrete_kind(fn)
     if kind not in (BERNOULLI, ONEHOT):
         return fn
     logits = fn.logits.detach() if detach else fn.logits
     cls = _RelaxedBernoulliScore if kind == BERNOULLI else _RelaxedOneHotScore
-    relaxed = cls(logits=logits, validate_args=False)
-    relaxed.grad_keep = grad_keep
-    return relaxed
+    return cls(logits=logits, validate_args=False)
 
 
 # --------------------------------------------------------------------------------------
@@ -312,10 +251,6 @@ class HardPass:
     """Records of every guide site in sampling order."""
 
     records: dict[str, SiteRecord] = field(default_factory=dict)
-    # Autograd nodes of fused stacked values (hard, relaxed, conditional): a hard-pass
-    # quantity gets no gradient through them (the hard slice is constant), so walks of
-    # its graph stop there (see ``graph_leaves``).
-    graph_stops: list = field(default_factory=list)
     # Subsample indices the hard pass drew, by plate name: every other pass of the same
     # step must see the same mini-batch (REBAR's coupling of b and z~ is per datum).
     subsamples: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -392,7 +327,7 @@ class HardSampler(Messenger):
             )
         if kind is not None:
             logits = full_logits(fn)
-            u = site_uniform(logits.shape, logits, name, "hard")
+            u = draw_uniform(logits.shape, logits, name, "hard")
             noise = logistic_noise(u) if kind == BERNOULLI else gumbel_noise(u)
             value = harden(kind, logits.detach(), noise)
             msg["value"] = value
@@ -590,18 +525,6 @@ def detach_safe(logits: torch.Tensor, sampled_nodes: list) -> bool:
     return not any(node in targets for node in autograd_nodes([logits.grad_fn]))
 
 
-class FixSubsamples(Messenger):
-    """Give the subsampling plates the indices ``subsamples`` (by plate name)."""
-
-    def __init__(self, subsamples: dict[str, torch.Tensor]) -> None:
-        super().__init__()
-        self.subsamples = subsamples
-
-    def _pyro_sample(self, msg) -> None:
-        if site_is_subsample(msg) and msg["name"] in self.subsamples:
-            msg["value"] = self.subsamples[msg["name"]]
-
-
 class RelaxedScores(Messenger):
     """In the model, score the relaxed sites with the continuous extension of log p."""
 
@@ -638,17 +561,6 @@ def hard_traces(
     if is_validation_enabled():
         check_if_enumerated(guide_trace)
     return model_trace, guide_trace, sampler.result
-
-
-def check_site_shapes(traces: Iterable, max_plate_nesting: float) -> None:
-    """Pyro's per-site shape check on every sample site of ``traces``, under validation
-    (as ``pyro.infer.enum.get_importance_trace`` does)."""
-    if not is_validation_enabled():
-        return
-    for trace in traces:
-        for site in trace.nodes.values():
-            if site["type"] == "sample":
-                check_site_shape(site, max_plate_nesting)
 
 
 def relaxed_traces(
@@ -699,145 +611,75 @@ def _relaxed_traces(
     return model_trace, guide_trace, replay.relaxed_values
 
 
-def stacked_relaxed_traces(
-    model: Callable,
-    guide: Callable,
-    args: tuple,
-    kwargs: dict,
-    hard: HardPass,
-    noises: list[dict[str, torch.Tensor]],
-    temperature,
-    estimator: str,
-    hard_model_trace,
-    hard_guide_trace,
-    detach_scores: bool = False,
-) -> list[tuple] | None:
-    """Several relaxed passes in one evaluation of the model and guide, or ``None``.
-
-    The noises are stacked along a new leftmost dimension, so one (vectorized) replay
-    computes every pass; this saves a model and guide evaluation per extra pass and runs
-    the nets on a bigger batch. Returns, per noise, ``(model_trace, guide_trace,
-    relaxed_values)`` like :func:`relaxed_traces`, where the traces are views that carry
-    that pass's slice of each site's ``log_prob`` (and ``log_prob_sum``); other fields are
-    the stacked pass's.
-
-    Returns ``None`` when the stacked pass cannot be trusted: a reparameterized continuous
-    site (its recorded noise has the unstacked shape), or a site whose log-probability does
-    not come out as ``(len(noises),) + hard shape``; what the model or guide raise on the
-    stacked values propagates (the caller decides once per model and guide whether to
-    stack, see ``RebarELBO``). A site
-    that does not depend on the relaxed values (same shape as in the hard pass) is shared
-    by all passes, except that observed and relaxed sites must always carry the stacked
-    dimension: a model that reduces over it would lose it there. Not detected: a model
-    that mixes data across the batch but keeps the shapes (e.g. adds a mean over all
-    latent values to every datum's logits); such a model does not vectorize over Pyro's
-    particle dimension either.
-    """
-    if any(r.seed is not None for r in hard.records.values()):
-        return None
-    if not _stack_dim_is_leftmost(hard, hard_model_trace, hard_guide_trace):
-        return None
-    count = len(noises)
-    stacked = {name: torch.stack([n[name] for n in noises]) for name in noises[0]}
-    model_trace, guide_trace, values = _relaxed_traces(
-        model, guide, args, kwargs, hard, stacked, temperature, False, detach_scores,
-        estimator,
-    )
-    relaxed_names = {r.name for r in hard.relaxed}
-    passes = []
-    for i in range(count):
-        model_view = _pass_view(model_trace, hard_model_trace, i, count, relaxed_names)
-        guide_view = _pass_view(guide_trace, hard_guide_trace, i, count, relaxed_names)
-        if model_view is None or guide_view is None:
-            return None
-        passes.append((model_view, guide_view, {n: v[i] for n, v in values.items()}))
-    return passes
-
-
 # --------------------------------------------------------------------------------------
-# The hard pass and two relaxed passes fused into one evaluation
+# The two relaxed passes fused into one evaluation (the fast path)
 # --------------------------------------------------------------------------------------
 
 PASS_PLATE = "_lvmkit_passes"
-FUSED_PASSES = 3  # hard, relaxed from the hard noise, relaxed from the conditional noise
+FUSED_PASSES = 2  # relaxed from the hard noise, relaxed from the conditional noise
 
 
 class NotFusable(Exception):
     """The fused pass cannot run this model and guide (a site it does not handle)."""
 
 
-class FusedSampler(Messenger):
-    """Sample every discrete guide site for three passes at once.
+class FusedRelaxedReplay(Messenger):
+    """Replay the guide for both relaxed passes at once.
 
-    Runs inside ``pyro.plate(PASS_PLATE, 3, dim=pass_dim)``, so each site's distribution
-    carries the pass dimension. At a discrete site with logits ``L`` (pass ``k`` is
-    ``L[k]``): the hard value ``b = H(L[0] + n)``, the relaxed ``sigma_lambda(L[1] + n)``
-    and the conditional relaxed ``sigma_lambda(L[2] + n~)`` with ``n~ ~ p(n | b)`` drawn
-    from the hard logits ``L[0]``; the value is the three stacked. Downstream sites see
-    pass ``k``'s upstream value, exactly as three separate passes would. The density is
-    scored by its continuous extension (exact on the binary ``b``) with the gradient of
-    ``L[1]`` and ``L[2]`` cut where :func:`detach_safe` allows, as
-    ``RelaxedReplay(detach_scores=True)`` does.
+    Runs inside ``pyro.plate(PASS_PLATE, 2, dim=pass_dim)``, so each site's distribution
+    carries the pass dimension. At a relaxed site with logits ``L`` (pass ``k`` is
+    ``L[k]``, recomputed by the guide from pass ``k``'s upstream values) the value is
+    ``sigma_lambda(L[k] + n_k)`` with ``n_0`` the hard pass's noise and ``n_1`` the
+    conditional noise ``n~ ~ p(n | b)``, exactly as two :class:`RelaxedReplay` passes
+    with ``detach_scores=True`` would give; subsample sites get the hard pass's indices.
 
     Raises :class:`NotFusable` at a site it does not handle (continuous or opted-out
-    latents, index-valued categoricals): the caller then runs the separate passes, which
-    also give the precise error messages.
+    latents, a site without the pass dimension): the reference path handles those.
     """
 
     def __init__(
         self,
-        estimator: str,
-        opt_out_key: str,
-        temperature: Callable[[torch.Tensor], torch.Tensor],
+        hard: HardPass,
+        noises: list[dict[str, torch.Tensor]],
+        temperature,
         pass_dim: int,
-        conditional_noise: Callable[[SiteRecord], torch.Tensor],
-        subsamples: dict[str, torch.Tensor] | None = None,
+        estimator: str,
     ) -> None:
         super().__init__()
-        self.estimator = estimator
-        self.opt_out_key = opt_out_key
+        self.hard = hard
+        self.noises = noises
         self.temperature = temperature
         self.pass_dim = pass_dim
-        self.conditional_noise = conditional_noise
-        self.result = HardPass()
-        self.relaxed_values: list[dict[str, torch.Tensor]] = [{}, {}]
-        self.subsamples = subsamples or {}
+        self.estimator = estimator
+        self.relaxed_values: list[dict[str, torch.Tensor]] = [{} for _ in noises]
+        self._sampled_nodes: list = []
 
     def _pyro_sample(self, msg) -> None:
-        if site_is_subsample(msg) and msg["name"] in self.subsamples:
-            msg["value"] = self.subsamples[msg["name"]]
-        if msg["is_observed"] or msg["value"] is not None or site_is_subsample(msg):
+        if site_is_subsample(msg):
+            if msg["name"] in self.hard.subsamples:
+                msg["value"] = self.hard.subsamples[msg["name"]]
+            return
+        record = self.hard.records.get(msg["name"])
+        if record is None or msg["is_observed"]:
             return
         name, fn = msg["name"], msg["fn"]
-        kind = discrete_kind(fn)
-        if kind not in (BERNOULLI, ONEHOT) or msg["infer"].get(self.opt_out_key, True) is False:
+        if not record.relaxed:
             raise NotFusable(name)
         logits = full_logits(fn)
         axis = self.pass_dim - fn.event_dim  # the pass dimension, counted from the right
         if logits.dim() < -axis or logits.shape[axis] != FUSED_PASSES:
             raise NotFusable(name)
-        hard_logits = logits.select(axis, 0)
-        u = site_uniform(hard_logits.shape, hard_logits, name, "hard")
-        noise = logistic_noise(u) if kind == BERNOULLI else gumbel_noise(u)
-        b = harden(kind, hard_logits.detach(), noise)
-        record = SiteRecord(name, kind, True, b, hard_logits, noise)
-        temperature = self.temperature(logits)
-        relaxed = relax(kind, logits.select(axis, 1), noise, temperature)
-        conditional = relax(kind, logits.select(axis, 2), self.conditional_noise(record),
-                            temperature)
-        self.result.records[name] = record
-        self.relaxed_values[0][name] = relaxed
-        self.relaxed_values[1][name] = conditional
-        value = torch.stack([b, relaxed, conditional], dim=axis)
-        keep = None
-        if detach_safe(logits, self.result.graph_stops):
-            keep = torch.zeros(FUSED_PASSES, dtype=logits.dtype, device=logits.device)
-            keep[0] = 1
-            keep = keep.reshape((-1,) + (1,) * (-axis - 1))
+        # A global site's rows may carry leading singleton dimensions the hard pass lacks.
+        row = logits.select(axis, 0).shape
+        noise = torch.stack([n[name].reshape(row) for n in self.noises], dim=axis)
+        value = relax(record.kind, logits, noise, self.temperature)
+        for k, values in enumerate(self.relaxed_values):
+            values[name] = value.select(axis, k)
+        detach = detach_safe(logits, self._sampled_nodes)
         if value.grad_fn is not None:
-            self.result.graph_stops.append(value.grad_fn)
+            self._sampled_nodes.append(value.grad_fn)
         msg["value"] = mark_relaxed(value, name, self.estimator)
-        msg["fn"] = with_relaxed_scores(fn, grad_keep=keep)
+        msg["fn"] = with_relaxed_scores(fn, detach=detach)
 
 
 def fused_traces(
@@ -845,67 +687,50 @@ def fused_traces(
     guide: Callable,
     args: tuple,
     kwargs: dict,
+    hard: HardPass,
+    noises: list[dict[str, torch.Tensor]],
+    temperature,
     pass_dim: int,
-    temperature: Callable[[torch.Tensor], torch.Tensor],
     estimator: str,
-    opt_out_key: str,
-    conditional_noise: Callable[[SiteRecord], torch.Tensor],
-    max_plate_nesting: float,
-    subsamples: dict[str, torch.Tensor] | None = None,
-):
-    """The hard pass and the two relaxed passes of REBAR in one model and guide evaluation.
+) -> list[tuple]:
+    """Both relaxed passes of REBAR in one model and guide evaluation.
 
-    Both run inside ``pyro.plate(PASS_PLATE, 3, dim=pass_dim)`` (left of every plate of
-    the model, as Pyro's vectorized particles are), with :class:`FusedSampler` on the guide
-    and relaxed sites scored by their continuous extension in the model. Returns
-    ``(hard_model_trace, hard_guide_trace, hard, [(model_trace, guide_trace,
-    relaxed_values)] * 2)`` where every trace is a view of one pass (its slice of each
-    site's log-probability, the pass plate removed from the plate stacks), with the same
-    fields as :func:`hard_traces` and :func:`relaxed_traces` give, so callers use them
-    alike. This saves one model and guide evaluation per step over ``hard_traces`` plus
-    ``stacked_relaxed_traces``.
+    Both run inside ``pyro.plate(PASS_PLATE, 2, dim=pass_dim)`` (left of every plate of
+    the model, as Pyro's vectorized particles are), with :class:`FusedRelaxedReplay` on
+    the guide and relaxed sites scored by their continuous extension in the model.
+    Returns ``[(model_trace, guide_trace, relaxed_values)] * 2`` like two calls of
+    :func:`relaxed_traces`, where every trace is a view of one pass (its slice of each
+    site's log-probability, the pass plate removed from the plate stacks). This saves one
+    model and guide evaluation per step and runs the networks on one bigger batch; the
+    hard pass stays separate, so the model's gradient and the score terms are computed on
+    its rows alone.
 
-    ``temperature(logits)`` gives lambda at a site (on the logits' device and dtype).
-
-    Raises :class:`NotFusable` when a site is not handled, the guide has no discrete
-    site, or a site's log-probability lacks the pass dimension; whatever the model or
-    guide raise on the stacked values propagates (the caller decides once per model and
-    guide whether to fuse, see ``RebarELBO``).
+    Raises :class:`NotFusable` when a site is not handled or a site's log-probability
+    lacks the pass dimension; whatever the model or guide raise on the stacked values
+    propagates (the caller decides once per model and guide whether to fuse, see
+    ``RebarELBO``).
     """
-    sampler = FusedSampler(estimator, opt_out_key, temperature, pass_dim, conditional_noise,
-                           subsamples)
+    replay = FusedRelaxedReplay(hard, noises, temperature, pass_dim, estimator)
     passes = pyro.plate(PASS_PLATE, FUSED_PASSES, dim=pass_dim)
-    # The sampler sits outside the plate so that it sees the broadcast distributions.
-    guide_trace = poutine.trace(sampler(passes(guide))).get_trace(*args, **kwargs)
-    if not sampler.result.records:
-        raise NotFusable("no discrete site")
-    names = list(sampler.result.records)
+    # The replay sits outside the plate so that it sees the broadcast distributions.
+    guide_trace = poutine.trace(replay(passes(guide))).get_trace(*args, **kwargs)
+    names = [r.name for r in hard.relaxed]
     model_trace = poutine.trace(
         # Replay outside the plate: it marks sites done, which stops broadcasting.
         RelaxedScores(names)(poutine.replay(passes(model), trace=guide_trace))
     ).get_trace(*args, **kwargs)
-    if is_validation_enabled():
-        check_model_guide_match(model_trace, guide_trace)
     guide_trace = prune_subsample_sites(guide_trace)
     model_trace = prune_subsample_sites(model_trace)
     # Only our relaxed-score distributions see the marked values here, so the guard
     # against non-arithmetic use (a Python call per torch op) can be off.
     with torch._C.DisableTorchFunctionSubclass():
         model_trace.compute_log_prob()
-        # Score parts as Pyro computes them: the score-function part is unscaled and
-        # unmasked (also by masks inside the distribution, which RELAX's control needs).
-        guide_trace.compute_score_parts()
-    with torch._C.DisableTorchFunctionSubclass():
-        views = [
-            (_fused_view(model_trace, pass_dim, k), _fused_view(guide_trace, pass_dim, k))
+        guide_trace.compute_log_prob()
+        return [
+            (_fused_view(model_trace, pass_dim, k), _fused_view(guide_trace, pass_dim, k),
+             replay.relaxed_values[k])
             for k in range(FUSED_PASSES)
         ]
-    hard_model, hard_guide = views[0]
-    check_site_shapes((hard_model, hard_guide), max_plate_nesting)
-    if is_validation_enabled():
-        check_if_enumerated(hard_guide)
-    relaxed = [(*views[k], sampler.relaxed_values[k - 1]) for k in (1, 2)]
-    return hard_model, hard_guide, sampler.result, relaxed
 
 
 def _fused_view(trace, pass_dim: int, index: int):
@@ -926,12 +751,6 @@ def _fused_view(trace, pass_dim: int, index: int):
                 value=_select_pass(site["value"], pass_dim - site["fn"].event_dim, index),
             )
             site["log_prob_sum"] = site["log_prob"].sum()
-            if "score_parts" in site:
-                # Only discrete guide sites are fused: the entropy part is 0.
-                score_function = site["score_parts"].score_function
-                site["score_parts"] = ScoreParts(
-                    site["log_prob"], _select_pass(score_function, pass_dim, index), 0
-                )
         view.nodes[name] = site
     return view
 
@@ -940,38 +759,6 @@ def _select_pass(value, axis: int, index: int):
     if torch.is_tensor(value) and value.dim() >= -axis and value.shape[axis] == FUSED_PASSES:
         return value.select(axis, index)
     return value
-
-
-def _stack_dim_is_leftmost(hard: HardPass, model_trace, guide_trace) -> bool:
-    """Whether a new leftmost dimension on the relaxed values stays left of every plate.
-
-    A relaxed site with fewer batch dimensions than the deepest plate (a global latent
-    beside a data plate, say) would get the stacked dimension where the data dimension is:
-    broadcasting then pairs pass k with datum k, silently (measured: a global Bernoulli
-    beside a plate of 2 data points, REBAR's mean gradient 30 standard errors off)."""
-    nesting = plate_nesting(model_trace, guide_trace)
-    return all(
-        len(guide_trace.nodes[r.name]["fn"].batch_shape) >= nesting for r in hard.relaxed
-    )
-
-
-def _pass_view(trace, hard_trace, index: int, count: int, must_stack: set[str]):
-    """A copy of ``trace`` whose sample sites hold pass ``index``'s log-probabilities."""
-    view = poutine.Trace(graph_type=trace.graph_type)
-    for name, site in trace.nodes.items():
-        if site["type"] == "sample" and name in hard_trace.nodes:
-            log_prob = site["log_prob"]
-            hard_shape = hard_trace.nodes[name]["log_prob"].shape
-            if log_prob.shape == (count, *hard_shape):
-                log_prob = log_prob[index]
-            elif (log_prob.shape != hard_shape or site["is_observed"]
-                  or name in must_stack):
-                return None
-            site = dict(site, log_prob=log_prob, log_prob_sum=log_prob.sum())
-        elif site["type"] == "sample":
-            return None
-        view.nodes[name] = site
-    return view
 
 
 def _find_culprit(model, guide, args, kwargs, hard, noise, temperature) -> str:

@@ -17,11 +17,17 @@ unbiased for every ``eta`` and ``lambda`` because ``E[c(z~) grad log q(b)] +
 E[grad c(z~)] = grad E[c(z)]``. ``eta`` and ``lambda`` are tuned online by descending
 ``||g||^2`` (whose expectation is the variance plus a constant), as in the reference code
 (tensorflow/models, research/rebar).
+
+The estimator follows Pyro's ``Trace_ELBO`` template: :meth:`RebarELBO._get_trace` runs
+one particle's three passes (hard, relaxed, conditional relaxed) and
+:meth:`RebarELBO._differentiable_loss_particle` turns them into a loss and a surrogate;
+``Trace_ELBO`` runs the particles (vectorized or not) and the entry points.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import weakref
 from collections.abc import Callable
@@ -29,24 +35,20 @@ from dataclasses import dataclass
 
 import pyro
 import torch
-from pyro import poutine
 from pyro.infer import Trace_ELBO
 from pyro.infer.elbo import ELBOModule
-from pyro.infer.util import MultiFrameTensor, torch_item
-from pyro.util import warn_if_nan
+from pyro.infer.util import MultiFrameTensor
+from pyro.params import param_with_module_name
 
-from lvmkit._rng import RandomState
 from lvmkit.inference.estimators import EstimatorError
 from lvmkit.inference.estimators._relax import (
     BERNOULLI,
-    FixSubsamples,
     HardPass,
-    NoiseTape,
     NotFusable,
     StepNoise,
     conditional_gumbel_noise,
     conditional_logistic_noise,
-    draw_uniform,  # noqa: F401 - tests substitute it here
+    draw_uniform,
     elbo_integrand,
     fused_traces,
     graph_leaves,
@@ -54,13 +56,12 @@ from lvmkit.inference.estimators._relax import (
     log_weight_terms,
     plate_nesting,
     relaxed_traces,
-    site_uniform,
-    stacked_relaxed_traces,
 )
+from lvmkit.inference.estimators.variance import GradientVariance
 
 __all__ = ["RebarELBO"]
 
-_FUSED, _STACKED, _SEQUENTIAL = "fused", "stacked", "sequential"
+_instance_ids = itertools.count()
 
 
 def _same_log_probs(expected, got) -> bool:
@@ -85,7 +86,9 @@ class ControlParameters(torch.nn.Module):
     """What a REBAR-type estimator learns: log temperature, eta logits, a control net.
 
     A ``torch.nn.Module``, so that ``elbo(model, guide)`` (the ``nn.Module`` form used by
-    Lightning or DDP) exposes these as parameters of the returned module.
+    Lightning or DDP) exposes these as parameters of the returned module; the estimator
+    also registers its learnable ones in Pyro's param store on every call, so that
+    ``SVI``'s optimizer steps them.
     """
 
     def __init__(self, temperature: float, learn_temperature: bool) -> None:
@@ -105,12 +108,19 @@ class _ELBOModuleWithControls(ELBOModule):
 
 
 @dataclass
+class _Particle:
+    """What ``_differentiable_loss_particle`` needs beside the hard traces: the hard
+    pass's records and the two relaxed passes ``[(model_trace, guide_trace, values)]``."""
+
+    hard: HardPass
+    passes: list | None
+    model: Callable
+    guide: Callable
+
+
+@dataclass
 class _Estimate:
-    loss: torch.Tensor  # the (hard) negative ELBO estimate
-    # Either a surrogate whose gradient w.r.t. model/guide params is the estimate (no
-    # discrete site relaxed), or the estimate itself as (leaf, gradient of the ELBO) pairs:
-    # the ELBO's rather than the loss's, so that no negated copy is made.
-    surrogate: torch.Tensor | None
+    # (leaf, gradient of the ELBO) pairs of the estimate
     grads: list[tuple[torch.Tensor, torch.Tensor]]
     # (control parameter, gradient of the variance objective) pairs; empty if not learning
     control_grads: list[tuple[torch.Tensor, torch.Tensor]]
@@ -118,6 +128,58 @@ class _Estimate:
 
 def _score_weight(terms: MultiFrameTensor, site: dict) -> torch.Tensor:
     return terms.sum_to(site["cond_indep_stack"])
+
+
+class _PairDecisions:
+    """The path decided for each model/guide pair, held weakly: forgotten when either
+    callable is freed, so a new callable is decided afresh. A bound method is keyed by its
+    owner and function (``obj.model`` is a new object on every access)."""
+
+    def __init__(self) -> None:
+        self._by_guide: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    @staticmethod
+    def _split(fn: Callable) -> tuple:
+        owner, func = getattr(fn, "__self__", None), getattr(fn, "__func__", None)
+        return (owner, func) if owner is not None and func is not None else (fn, None)
+
+    def get(self, model: Callable, guide: Callable):
+        (m, m_func), (g, g_func) = self._split(model), self._split(guide)
+        try:
+            return self._by_guide.get(g, {}).get(m, {}).get((g_func, m_func))
+        except TypeError:  # not weakly referenceable: never stored
+            return None
+
+    def set(self, model: Callable, guide: Callable, value) -> None:
+        (m, m_func), (g, g_func) = self._split(model), self._split(guide)
+        try:
+            by_model = self._by_guide.setdefault(g, weakref.WeakKeyDictionary())
+            by_model.setdefault(m, {})[(g_func, m_func)] = value
+        except TypeError:  # not weakly referenceable: decided on every call instead
+            pass
+
+    def values(self) -> list:
+        return [v for by_model in self._by_guide.values() for d in by_model.values()
+                for v in d.values()]
+
+    def __len__(self) -> int:
+        return len(self.values())
+
+    def __deepcopy__(self, memo) -> _PairDecisions:
+        copied = _PairDecisions()
+        for g, by_model in self._by_guide.items():
+            for m, d in by_model.items():
+                copied._by_guide.setdefault(g, weakref.WeakKeyDictionary())[m] = dict(d)
+        return copied
+
+    def __getstate__(self) -> dict:
+        return {}  # decisions are not pickled: the pairs are decided afresh
+
+    def __setstate__(self, state: dict) -> None:
+        self._by_guide = weakref.WeakKeyDictionary()
+
+
+_REFERENCE = "reference"  # the decision for a pair that runs the separate passes
 
 
 class RebarELBO(Trace_ELBO):
@@ -144,9 +206,33 @@ class RebarELBO(Trace_ELBO):
 
     The model and guide must use discrete latents arithmetically. Casting a relaxed value
     to an integer/bool, ``.item()``, equality tests, ``argmax`` or indexing with it raise
-    :class:`~lvmkit.inference.estimators._relax.EstimatorError` naming the site; so does any
+    :class:`~lvmkit.inference.estimators.EstimatorError` naming the site; so does any
     exception raised while running on relaxed values. A cast applied after arithmetic
     (``(b * 1).long()``) cannot be seen.
+
+    **Controls.** ``log lambda``, the eta logits (and RELAX's networks) are parameters of
+    the module ``controls``, registered in Pyro's param store under ``module_name`` on
+    every call: the caller's optimizer steps them like any parameter (``SVI``, or an
+    optimizer over ``elbo(model, guide).parameters()``), and each step leaves the gradient
+    of the variance objective ``||g||^2`` in their ``.grad``. ``loss_and_grads`` and
+    ``differentiable_loss`` change nothing but gradients (and the diagnostics' tracker).
+    The reference code trains the controls at 10x the model's learning rate: pass
+    ``pyro.optim.Adam(elbo.optim_args({"lr": 1e-3}))`` to give them ``variance_optim_lr``
+    (:func:`lvmkit.inference.fit` does this itself).
+
+    **Passes.** Each particle runs a hard pass (Pyro's importance trace, guide sampled
+    through its noise) and two relaxed passes. The fast path runs the two relaxed passes as
+    one model and guide evaluation inside a plate of size 2 left of the model's plates
+    (like Pyro's vectorized particles); the reference path runs them one after the other.
+    All noise comes from one keyed source, ``(site, role) -> uniform``
+    (:class:`~lvmkit.inference.estimators._relax.StepNoise`), so both paths see the same
+    numbers. The path is decided once per model and guide, on their first call: the
+    reference path runs, and if every guide latent is a relaxable discrete site and
+    ``fuse_passes``, the fast path runs once on the same noise and mini-batch and is kept
+    only if it gives every site of both passes the reference's log-probability (a model
+    that asserts its own shapes, reduces over the extra dimension or mixes it into its
+    data is not run fused). A decided fast path that fails later raises
+    :class:`~lvmkit.inference.estimators.EstimatorError`.
 
     :param temperature: initial ``lambda`` of ``sigma_lambda`` (stored as ``log lambda``).
     :param eta: initial control-variate scale; learned as ``eta = 2 sigmoid(w)`` (in (0, 2))
@@ -155,29 +241,15 @@ class RebarELBO(Trace_ELBO):
         feeds (one per site when parameters are not shared); ``"param"``: one per parameter
         tensor (as the reference code). A per-parameter eta keeps each gradient coordinate
         unbiased; a per-site eta on shared parameters would not, hence the grouping.
-    :param variance_optim_lr: learning rate of the estimator's own Adam that tunes eta and
-        lambda in ``loss_and_grads`` (the reference uses 10x the model's learning rate).
+    :param variance_optim_lr: learning rate of the controls under :meth:`optim_args` (and
+        :func:`lvmkit.inference.fit`); the reference uses 10x the model's learning rate.
     :param variance_ema_decay: decay of the gradient-variance tracker in :meth:`diagnostics`.
-    :param fuse_passes: run the hard pass and both relaxed passes as one model and guide
-        evaluation inside a plate of size 3 left of the model's plates (like Pyro's
-        vectorized particles) when every guide latent is a relaxable discrete site; else,
-        and with ``False``, a hard pass and one stacked relaxed pass (a new leftmost
-        dimension), else the relaxed passes one by one. Which of the three runs is decided
-        once per model and guide, on their first call: the fast path runs on the
-        reference path's noise and mini-batch and is kept only if every site of every pass
-        gets the reference's log-probability (a model that asserts its shapes, reduces over
-        the extra dimension or mixes it into its data does not). Same estimator either way;
-        fusing saves per-trace overhead. A decided fast path that fails later raises
-        :class:`~lvmkit.inference.estimators.EstimatorError`.
+    :param fuse_passes: allow the fast path (see **Passes**); ``False`` always runs the
+        reference path.
+    :param module_name: param-store name of the controls (unique per instance by default).
 
-    With ``differentiable_loss`` (``elbo(model, guide)`` as an ``nn.Module``) the estimator
-    takes no optimizer step of its own: the returned surrogate carries the gradient of the
-    variance objective for the control parameters, which are parameters of the returned
-    module (``.controls``); they are created on the first call, so call :meth:`initialize`
-    (or run one step) before building the optimizer or wrapping in DDP.
-
-    Example: one SVI step on a small sigmoid belief net; the estimator's own Adam
-    step tunes its temperature and eta.
+    Example: one SVI step on a small sigmoid belief net; SVI's Adam steps the estimator's
+    temperature and eta with the model.
 
     >>> import pyro
     >>> import torch
@@ -186,10 +258,13 @@ class RebarELBO(Trace_ELBO):
     >>> model, guide = build("sbn-linear", x_dim=4, layers=(3,))
     >>> x = torch.tensor([[0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
     >>> elbo = RebarELBO(temperature=0.5)
-    >>> svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), loss=elbo)
+    >>> optim = pyro.optim.Adam(elbo.optim_args({"lr": 1e-3}))  # controls at 1e-2
+    >>> svi = pyro.infer.SVI(model, guide, optim, loss=elbo)
     >>> isinstance(svi.step(x), float)
     True
-    >>> sorted(elbo.diagnostics())  # temperature and eta were tuned by the step
+    >>> elbo.temperature != 0.5  # tuned by the step
+    True
+    >>> sorted(elbo.diagnostics())
     ['eta/b1', 'temperature', 'variance_objective']
     """
 
@@ -211,6 +286,7 @@ class RebarELBO(Trace_ELBO):
         max_plate_nesting: float = float("inf"),
         vectorize_particles: bool = False,
         retain_graph: bool | None = None,
+        module_name: str | None = None,
         **kwargs,
     ) -> None:
         super().__init__(
@@ -226,28 +302,28 @@ class RebarELBO(Trace_ELBO):
             raise ValueError(f"a learned eta = 2 sigmoid(w) lies in (0, 2); got eta={eta}")
         if eta_per not in ("site", "param"):
             raise ValueError(f"eta_per must be 'site' or 'param', got {eta_per!r}")
+        if not variance_optim_lr > 0:
+            raise ValueError(f"variance_optim_lr must be positive, got {variance_optim_lr}")
         self.learn_temperature = learn_temperature
         self.learn_eta = learn_eta
         self.eta_per = eta_per
         self.initial_eta = float(eta)
         self.variance_optim_lr = variance_optim_lr
         self.variance_ema_decay = variance_ema_decay
-        self.controls = ControlParameters(temperature, learn_temperature)
-        self._variance_optim: torch.optim.Optimizer | None = None
-        self._last: dict[str, float] = {}
-        self._ema: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-        self._ema_steps = 0
-        self._keys_seen: list[str] = []
         self.fuse_passes = fuse_passes
-        # The path of each model/guide pair (by the ids of the callables passed), decided
-        # on its first call; the pairs that do not fuse.
-        self._paths: dict[tuple[int, int], str] = {}
-        self._not_fusable: set[tuple[int, int]] = set()
-        self._guessed_nesting: dict[tuple[int, int], int] = {}
-        self._watched: set[tuple] = set()
+        self.module_name = module_name or (
+            f"{self.estimator_name.lower()}_controls_{next(_instance_ids)}")
+        self.controls = ControlParameters(temperature, learn_temperature)
+        self.tracker = GradientVariance(variance_ema_decay)
+        self._last: dict[str, float] = {}
+        self._keys_seen: list[str] = []
+        # per model/guide pair: _REFERENCE, or the fused pass's plate dimension
+        self._paths = _PairDecisions()
+        self._pair: tuple[Callable, Callable] | None = None
+        self._hard_only = False
 
     # ----------------------------------------------------------------------------------
-    # Public read-outs
+    # Public read-outs, checkpoints, the optimizer's view of the controls
     # ----------------------------------------------------------------------------------
 
     @property
@@ -271,35 +347,47 @@ class RebarELBO(Trace_ELBO):
         out = {"temperature": self.temperature}
         out.update({f"eta/{k}": v for k, v in self.eta.items()})
         out.update(self._last)
-        log_variance = self._log_grad_variance()
+        log_variance = self.tracker.log_variance()
         if log_variance is not None:
             out["log_grad_variance"] = log_variance
         return out
 
+    def optim_args(self, base: dict) -> Callable[[str], dict]:
+        """Per-parameter arguments for a ``pyro.optim`` optimizer: ``base`` for every
+        parameter, with ``lr = variance_optim_lr`` for this estimator's controls (the
+        reference code's faster rate for eta and lambda).
+
+        :param base: the optimizer's arguments, e.g. ``{"lr": 1e-3}``.
+        """
+        base = dict(base)
+        prefix = self.module_name + "."
+        controls = {**base, "lr": self.variance_optim_lr}
+
+        def args(name: str) -> dict:
+            return controls if name.startswith(prefix) else base
+
+        return args
+
     def state_dict(self) -> dict:
         """What the estimator has learned, for checkpoints: the controls (temperature,
-        etas, RELAX's network), its variance optimizer's state and the gradient-variance
-        tracker. :func:`lvmkit.inference.fit` saves it with every checkpoint."""
-        names = {id(p): n for n, p in self.controls.named_parameters()}
-        optim = self._variance_optim
+        etas, RELAX's network) and the gradient-variance tracker. Their optimizer state
+        is the caller's optimizer's (:func:`lvmkit.inference.fit` saves it with the
+        param store's)."""
         return {
             "controls": {k: v.detach().clone() for k, v in self.controls.state_dict().items()},
-            "variance_optim": None if optim is None else {
-                "state": optim.state_dict(),
-                # torch's state refers to parameters by position: keep their names too
-                "groups": [[names[id(p)] for p in g["params"]] for g in optim.param_groups],
-            },
-            "ema": None if self._ema is None else [(m.clone(), s.clone()) for m, s in self._ema],
-            "ema_steps": self._ema_steps,
+            "tracker": self.tracker.state_dict(),
             "keys_seen": list(self._keys_seen),
             "last": dict(self._last),
+            "module_name": self.module_name,
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from :meth:`state_dict`, creating the etas (and RELAX's network) that
-        are otherwise created on the first call."""
+        are otherwise created on the first call, and registering them in the param store
+        under the saved ``module_name`` (so that a checkpoint's saved values and optimizer
+        state, kept by parameter name, reach these tensors)."""
+        self.module_name = state.get("module_name", self.module_name)
         controls = state["controls"]
-        # Where the state was saved: the optimizer's moments are then made alongside.
         saved = controls["log_temperature"]
         self.controls.to(device=saved.device, dtype=saved.dtype)
         prefix = "eta_logits."
@@ -309,19 +397,18 @@ class RebarELBO(Trace_ELBO):
                 self.controls.eta_logits[name] = torch.nn.Parameter(torch.zeros_like(value))
         self._restore_net(controls)
         self.controls.load_state_dict(controls)
-        self._variance_optim = None
-        saved = state["variance_optim"]
-        if saved is not None:
-            params = dict(self.controls.named_parameters())
-            groups = [{"params": [params[n] for n in names]} for names in saved["groups"]]
-            self._variance_optim = torch.optim.Adam(groups, lr=self.variance_optim_lr,
-                                                    foreach=True)
-            self._variance_optim.load_state_dict(saved["state"])
-        ema = state["ema"]
-        self._ema = None if ema is None else [(m.clone(), s.clone()) for m, s in ema]
-        self._ema_steps = state["ema_steps"]
+        self.tracker.load_state_dict(state["tracker"])
         self._keys_seen = list(state["keys_seen"])
         self._last = dict(state["last"])
+        self._register_controls()
+
+    def path(self, model: Callable, guide: Callable) -> str | None:
+        """``"fused"`` or ``"reference"``: the path decided for this model and guide on
+        their first call (``None`` before it)."""
+        decision = self._paths.get(model, guide)
+        if decision is None:
+            return None
+        return _REFERENCE if decision == _REFERENCE else "fused"
 
     def _restore_net(self, controls: dict) -> None:
         """Hook for RELAX: build the control network a saved state holds."""
@@ -329,111 +416,92 @@ class RebarELBO(Trace_ELBO):
     def __call__(self, model: Callable, guide: Callable) -> ELBOModule:
         return _ELBOModuleWithControls(model, guide, self)
 
-    def step_controls(self) -> None:
-        """One step of the estimator's own optimizer on the gradients that a backward pass
-        through :meth:`differentiable_loss` left on the controls, which are then cleared:
-        for a training loop that steps the model's and guide's parameters itself but
-        leaves the controls to the estimator, as ``loss_and_grads`` does (this is what
-        :func:`lvmkit.inference.fit` does on its ``use_differentiable_loss`` path). Not
-        needed when the loop's optimizer already holds ``elbo(model, guide).parameters()``.
-        """
-        grads = [(p, p.grad) for p in self.controls.parameters() if p.grad is not None]
-        if grads:
-            self._step_controls(grads)
-
     def initialize(self, model: Callable, guide: Callable, *args, **kwargs) -> None:
-        """Create the control parameters (eta per group, control net) without stepping."""
-        self.differentiable_loss(model, guide, *args, **kwargs)
+        """Create the control parameters (eta per group, control net) without a step, e.g.
+        before handing ``elbo(model, guide).parameters()`` to a torch optimizer."""
+        self.differentiable_loss(model, guide, *args, **kwargs)  # no backward: no .grad
+
+    def _register_controls(self) -> None:
+        """Put the learnable controls in Pyro's param store under ``module_name`` (these
+        very tensors: a stale entry, e.g. a deep copy's, is replaced), and read them
+        through ``pyro.param`` so that ``SVI`` captures and steps them. Not with
+        ``module_local_params``, where parameters live in modules: the controls then reach
+        an optimizer through ``elbo(model, guide).parameters()``."""
+        if pyro.settings.get("module_local_params"):
+            return
+        store = pyro.get_param_store()
+        for name, p in self.controls.named_parameters():
+            if not p.requires_grad:
+                continue
+            full_name = param_with_module_name(self.module_name, name)
+            if store._params.get(full_name) is not p:
+                if full_name in store:
+                    del store[full_name]
+                pyro.param(full_name, p)
+            else:
+                pyro.param(full_name)
 
     # ----------------------------------------------------------------------------------
-    # Pyro ELBO interface
+    # Pyro's ELBO template: Trace_ELBO runs the particles and the entry points
     # ----------------------------------------------------------------------------------
-
-    def differentiable_loss(self, model: Callable, guide: Callable, *args, **kwargs):
-        """Surrogate loss whose gradient is the REBAR estimate (see class docstring)."""
-        estimate = self._estimate(model, guide, args, kwargs)
-        surrogate = estimate.surrogate
-        if surrogate is None:
-            # The gradients are already computed: a linear surrogate hands them on exactly.
-            surrogate = _linear_surrogate(estimate.grads)
-        if estimate.control_grads:
-            # Lets an optimizer over ``elbo(model, guide).parameters()`` train the controls.
-            surrogate = surrogate + sum((g.detach() * p).sum() for p, g in estimate.control_grads)
-        return estimate.loss + (surrogate - surrogate.detach())
 
     def loss(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
         """The negative ELBO estimate of the hard pass, from the draws that
         :meth:`loss_and_grads` and :meth:`differentiable_loss` make under the same seed."""
-        with torch.no_grad():
-            model, guide, repeats = self._particle_fns(model, guide, args, kwargs)
-            elbo = 0.0
-            for _ in range(repeats):
-                with StepNoise():
-                    model_trace, guide_trace, _ = self._hard_traces(model, guide, args, kwargs)
-                elbo += torch_item(elbo_integrand(model_trace, guide_trace))
-        loss = -elbo / self.num_particles
-        warn_if_nan(loss, "loss")
-        return loss
+        with torch.no_grad(), self._hard_passes_only():
+            return super().loss(model, guide, *args, **kwargs)
 
-    def loss_and_grads(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
-        """Backpropagate the REBAR estimate, then take one variance-objective Adam step."""
-        estimate = self._estimate(model, guide, args, kwargs)
-        if estimate.surrogate is None:
-            _accumulate_grads(estimate.grads)
-        elif estimate.surrogate.requires_grad:
-            estimate.surrogate.backward(retain_graph=self.retain_graph)
-        if estimate.control_grads:
-            self._step_controls(estimate.control_grads)
-        return float(estimate.loss)
+    @contextlib.contextmanager
+    def _hard_passes_only(self):
+        self._hard_only = True
+        try:
+            yield
+        finally:
+            self._hard_only = False
 
-    # ----------------------------------------------------------------------------------
-    # The estimator
-    # ----------------------------------------------------------------------------------
+    def _get_traces(self, model, guide, args, kwargs):
+        # The pair's decisions are keyed by the callables passed, not by the particle
+        # wrappers Pyro builds around them for vectorized particles.
+        self._pair = (model, guide)
+        try:
+            yield from super()._get_traces(model, guide, args, kwargs)
+        finally:
+            self._pair = None  # held weakly otherwise (see _PairDecisions)
+        self._register_controls()  # after the particles, which create the etas and nets
 
-    def _particle_fns(self, model, guide, args, kwargs):
-        if self.vectorize_particles:
-            if self.max_plate_nesting == float("inf"):
-                self._guess_max_plate_nesting(model, guide, args, kwargs)
-            return (
-                self._vectorized_num_particles(model),
-                self._vectorized_num_particles(guide),
-                1,
-            )
-        return model, guide, self.num_particles
+    def _get_trace(self, model, guide, args, kwargs):
+        """One particle: the hard traces, with the relaxed passes riding on the guide
+        trace. All three passes draw their noise from one keyed source."""
+        with StepNoise():
+            if self._hard_only:
+                model_trace, guide_trace, hard = self._hard_traces(model, guide, args, kwargs)
+                return model_trace, guide_trace
+            model_trace, guide_trace, hard, passes = self._passes(model, guide, args, kwargs)
+        guide_trace.rebar_particle = _Particle(hard, passes, model, guide)
+        return model_trace, guide_trace
 
-    def _estimate(self, model, guide, args, kwargs) -> _Estimate:
-        pair = self._pair_key(model, guide)
-        model, guide, repeats = self._particle_fns(model, guide, args, kwargs)
-        loss = 0.0
-        surrogate_elbo = 0.0
-        cv_f = 0.0
-        cv_r = 0.0
-        scores: dict[str, list[torch.Tensor]] = {}
-        stops: list = []
-        for _ in range(repeats):
-            with StepNoise():
-                model_trace, guide_trace, hard, passes = self._passes(pair, model, guide,
-                                                                      args, kwargs)
-            loss_p, surrogate_loss_p = Trace_ELBO._differentiable_loss_particle(
-                self, model_trace, guide_trace
-            )
-            # A vectorized trace holds all particles in one: divide by the count either way.
-            loss = loss + loss_p / self.num_particles
-            surrogate_elbo = surrogate_elbo - surrogate_loss_p / self.num_particles
-            if not hard.relaxed:
-                continue
-            f_part, r_part = self._control_variate(guide_trace, hard, passes)
-            cv_f = cv_f + f_part / self.num_particles
-            cv_r = cv_r + r_part / self.num_particles
-            stops += hard.graph_stops
-            for record in hard.relaxed:
-                score = guide_trace.nodes[record.name]["score_parts"].score_function
-                scores.setdefault(record.name, []).append(score)
-        loss = torch.as_tensor(loss)
-        warn_if_nan(loss, "loss")
-        if not scores:
-            return _Estimate(loss, _as_tensor(surrogate_elbo).neg(), [], [])
-        return self._combine(surrogate_elbo, cv_f, cv_r, scores, model, guide, loss, stops)
+    def _differentiable_loss_particle(self, model_trace, guide_trace):
+        """``(loss, surrogate)``: the hard pass's negative ELBO, and a zero-valued surrogate
+        whose gradient is minus the REBAR estimate for the model and guide parameters and
+        the variance objective's gradient for the controls."""
+        loss, surrogate_loss = super()._differentiable_loss_particle(model_trace, guide_trace)
+        particle = guide_trace.rebar_particle
+        hard = particle.hard
+        if not hard.relaxed:
+            return loss, surrogate_loss
+        cv_f, cv_r = self._control_variate(guide_trace, hard, particle.passes)
+        scores = {
+            r.name: [guide_trace.nodes[r.name]["score_parts"].score_function]
+            for r in hard.relaxed
+        }
+        estimate = self._combine(-surrogate_loss, cv_f, cv_r, scores, particle.model,
+                                 particle.guide)
+        if estimate is None:
+            # No learnable parameter behind any relaxed site's distribution (fixed probs,
+            # say): the control variate has nothing to act on, and the estimate is the
+            # hard pass's gradient alone (Trace_ELBO's, whose score terms are then zero).
+            return loss, surrogate_loss
+        return loss, _linear_surrogate(estimate.grads, estimate.control_grads)
 
     def _control_variate(self, guide_trace, hard: HardPass, passes: list):
         """``(B_f, B_r)``: surrogates whose guide-parameter gradients are the control-variate
@@ -449,194 +517,81 @@ class RebarELBO(Trace_ELBO):
         if extra_u is None:
             return cv_f, 0.0
         extra_c = self._extra_control(values_c, guide_trace, hard)
-        total_u = _total(extra_u)
-        total_c = _total(extra_c)
-        cv_r = total_u - total_c + self._score_surrogate(guide_trace, hard, extra_c)
+        cv_r = _total(extra_u) - _total(extra_c) + self._score_surrogate(guide_trace, hard,
+                                                                         extra_c)
         return cv_f, cv_r
 
     # ----------------------------------------------------------------------------------
-    # Which path runs the passes: decided once per model and guide
+    # The passes: a fast path and a reference path, decided once per model and guide
     # ----------------------------------------------------------------------------------
 
-    def _pair_key(self, model, guide) -> tuple:
-        """The key of a model/guide pair in the per-pair decisions: the callables' ids (a
-        bound method's owner and function, as ``obj.model`` is a new object per access).
-        The decisions are forgotten when either owner is garbage collected, so that a new
-        callable that reuses a freed id is checked afresh rather than run on a stale one."""
-        keys, owners = [], []
-        for fn in (model, guide):
-            owner = getattr(fn, "__self__", None)
-            if owner is not None and getattr(fn, "__func__", None) is not None:
-                keys.append((id(owner), id(fn.__func__)))
-            else:
-                owner = fn
-                keys.append(id(fn))
-            owners.append(owner)
-        pair = tuple(keys)
-        if pair not in self._watched:
-            self._watched.add(pair)
-            for owner in owners:
-                try:
-                    weakref.finalize(owner, self._forget, pair)
-                except TypeError:  # not weakly referenceable: nothing can free its id
-                    pass
-        return pair
-
-    def __setstate__(self, state: dict) -> None:
-        # A copy (deepcopy, pickle) watches its pairs afresh: finalizers are not copied.
-        self.__dict__.update(state)
-        self._watched = set()
-
-    def _forget(self, pair: tuple) -> None:
-        for decisions in (self._paths, self._guessed_nesting):
-            decisions.pop(pair, None)
-        self._not_fusable.discard(pair)
-        self._watched.discard(pair)
-
-    def _passes(self, pair: tuple[int, int], model, guide, args, kwargs):
+    def _passes(self, model, guide, args, kwargs):
         """``(model_trace, guide_trace, hard, passes)``: the hard pass and, if it relaxed
-        any site, both relaxed passes (``None`` otherwise), run along the path decided for
-        this model/guide pair on its first call (see :meth:`_first_passes`)."""
-        path = self._paths.get(pair)
+        any site, both relaxed passes (``None`` otherwise), along the path decided for this
+        model/guide pair on its first call (see :meth:`_first_passes`)."""
+        model_trace, guide_trace, hard = self._hard_traces(model, guide, args, kwargs)
+        path = self._paths.get(*self._pair)
+        if not hard.relaxed:
+            # nothing to relax (every discrete site opted out, say): no relaxed pass
+            if path is None:
+                self._paths.set(*self._pair, _REFERENCE)
+            return model_trace, guide_trace, hard, None
+        temperature = self._temperature_like(hard.relaxed[0].logits)
+        noises = [
+            {r.name: r.noise for r in hard.relaxed},
+            {r.name: self._conditional_noise(r) for r in hard.relaxed},
+        ]
+        relaxed = (model, guide, args, kwargs, hard, noises, temperature)
         if path is None:
-            return self._first_passes(pair, model, guide, args, kwargs)
-        if path == _FUSED:
+            passes = self._first_passes(model_trace, guide_trace, *relaxed)
+        elif path == _REFERENCE:
+            passes = self._reference_passes(*relaxed)
+        else:
             try:
-                return self._run_fused(pair, model, guide, args, kwargs)
+                passes = fused_traces(*relaxed, path, self.estimator_name)
             except NotFusable as error:
                 raise EstimatorError(
                     f"{self.estimator_name}: the fused pass ran for this model and guide on"
                     f" their first call but not now ({error}); a model whose sites change"
                     " from call to call needs fuse_passes=False"
                 ) from error
-        model_trace, guide_trace, hard = self._hard_traces(model, guide, args, kwargs)
-        if not hard.relaxed:
-            return model_trace, guide_trace, hard, None
-        noises = self._noises(hard)
-        if path == _STACKED:
-            passes = self._run_stacked(model, guide, args, kwargs, model_trace, guide_trace,
-                                       hard, noises)
-            if passes is None:
-                raise EstimatorError(
-                    f"{self.estimator_name}: the stacked relaxed passes ran for this model and"
-                    " guide on their first call but not now; a model whose sites change from"
-                    " call to call needs fuse_passes=False"
-                )
-        else:
-            passes = self._run_sequential(model, guide, args, kwargs, hard, noises)
         return model_trace, guide_trace, hard, passes
 
-    def _first_passes(self, pair: tuple[int, int], model, guide, args, kwargs):
-        """The first call of a model/guide pair runs the reference path (hard pass, then
-        the relaxed passes one by one), and then the fast path (the fused pass if every
-        guide latent is relaxed and ``fuse_passes``, else the stacked relaxed passes) on
-        the same noise and mini-batch, which draws nothing itself. The fast path is taken
-        from then on only if it gives every site of every pass the reference's
-        log-probability: a model that asserts its own shapes, reduces over the extra
-        leftmost dimension or mixes it into its data fails that check instead of being
-        run wrongly, and nothing of it is caught on later calls."""
-        with NoiseTape() as tape:
-            model_trace, guide_trace, hard = self._hard_traces(model, guide, args, kwargs)
-            if not hard.relaxed:
-                # Nothing to relax (every discrete site opted out): the separate passes.
-                self._paths[pair] = _SEQUENTIAL
-                self._not_fusable.add(pair)
-                return model_trace, guide_trace, hard, None
-            noises = self._noises(hard)
-        reference = self._run_sequential(model, guide, args, kwargs, hard, noises)
-        expected = [(model_trace, guide_trace), *((m, g) for m, g, _ in reference)]
-        fusable = self.fuse_passes and all(r.relaxed for r in hard.records.values())
-        if fusable:
-            fused = self._verified(expected, lambda: self._run_fused(
-                pair, model, guide, args, kwargs, replay=tape.drawn,
-                subsamples=hard.subsamples,
-            ))
-            if fused is not None:
-                self._paths[pair] = _FUSED
-                return fused
-        self._not_fusable.add(pair)
-        stacked = self._verified(expected, lambda: (
-            model_trace, guide_trace, hard,
-            self._run_stacked(model, guide, args, kwargs, model_trace, guide_trace, hard,
-                              noises),
-        ))
-        if stacked is not None:
-            self._paths[pair] = _STACKED
-            return stacked
-        self._paths[pair] = _SEQUENTIAL
-        return model_trace, guide_trace, hard, reference
+    def _first_passes(self, model_trace, guide_trace, model, guide, args, kwargs, hard,
+                      noises, temperature) -> list:
+        """The reference passes, and the decision for this pair: if the first trace has
+        only relaxable discrete guide latents (and ``fuse_passes``), the fused pass runs on
+        the same noise and mini-batch and is chosen only if it reproduces every site's
+        log-probability in both passes. This one check run is the only place where an
+        exception of the model or guide (a shape assertion, a reshape that does not
+        broadcast) is taken as an answer rather than raised: it means "not fusable"."""
+        relaxed = (model, guide, args, kwargs, hard, noises, temperature)
+        reference = self._reference_passes(*relaxed)
+        decision = _REFERENCE
+        if self.fuse_passes and all(r.relaxed for r in hard.records.values()):
+            nesting = (plate_nesting(model_trace, guide_trace)
+                       if self.max_plate_nesting == float("inf")
+                       else int(self.max_plate_nesting))
+            try:
+                fused = fused_traces(*relaxed, -nesting - 1, self.estimator_name)
+            except Exception:  # noqa: BLE001 - see the docstring
+                fused = None
+            if fused is not None and _all_match(reference, fused):
+                decision = -nesting - 1
+        self._paths.set(*self._pair, decision)
+        return reference
 
-    @staticmethod
-    def _verified(expected: list, run: Callable):
-        """``run()``'s result if it ran and matches ``expected`` pass for pass, else None."""
-        try:
-            result = run()
-        except Exception:  # noqa: BLE001 - any failure on the stacked values disqualifies
-            return None
-        model_trace, guide_trace, _, passes = result
-        if passes is None:
-            return None
-        got = [(model_trace, guide_trace), *((m, g) for m, g, _ in passes)]
-        if all(_same_log_probs(a, b) for pair in zip(expected, got, strict=True)
-               for a, b in zip(*pair, strict=True)):
-            return result
-        return None
-
-    def _hard_traces(self, model, guide, args, kwargs):
-        return hard_traces(model, guide, args, kwargs, self.max_plate_nesting,
-                           self.estimator_name, self.opt_out_key)
-
-    def _noises(self, hard: HardPass) -> list[dict[str, torch.Tensor]]:
-        """The noise of the relaxed pass (the hard pass's) and of the conditional one."""
-        return [
-            {r.name: r.noise for r in hard.relaxed},
-            {r.name: self._conditional_noise(r) for r in hard.relaxed},
-        ]
-
-    def _run_fused(self, pair, model, guide, args, kwargs, replay=None, subsamples=None):
-        nesting = self._plate_nesting(pair, model, guide, args, kwargs, subsamples)
-        with NoiseTape(replay) if replay is not None else contextlib.nullcontext():
-            hard_model, hard_guide, hard, passes = fused_traces(
-                model, guide, args, kwargs, -nesting - 1, self._temperature_like,
-                self.estimator_name, self.opt_out_key, self._conditional_noise,
-                self.max_plate_nesting, subsamples,
-            )
-        return hard_model, hard_guide, hard, passes
-
-    def _run_stacked(self, model, guide, args, kwargs, model_trace, guide_trace, hard,
-                     noises):
-        temperature = self._temperature_like(hard.relaxed[0].logits)
-        return stacked_relaxed_traces(
-            model, guide, args, kwargs, hard, noises, temperature, self.estimator_name,
-            model_trace, guide_trace, detach_scores=True,
-        )
-
-    def _run_sequential(self, model, guide, args, kwargs, hard, noises) -> list:
-        temperature = self._temperature_like(hard.relaxed[0].logits)
+    def _reference_passes(self, model, guide, args, kwargs, hard, noises, temperature
+                          ) -> list:
         return [
             relaxed_traces(model, guide, args, kwargs, hard, noise, temperature,
                            self.estimator_name, detach_scores=True)
             for noise in noises
         ]
 
-    def _plate_nesting(self, pair: tuple[int, int], model, guide, args, kwargs,
-                       subsamples: dict | None = None) -> int:
-        """Plate dimensions the model and guide use (``max_plate_nesting`` if set, else
-        found once per model/guide pair from one run of both, as Pyro does for vectorized
-        particles)."""
-        if self.max_plate_nesting != float("inf"):
-            return int(self.max_plate_nesting)
-        if pair not in self._guessed_nesting:
-            # Without drawing from the random stream: a seeded run (or one resumed from a
-            # checkpoint, where this first happens later) then draws the same numbers.
-            with RandomState(), poutine.block():
-                guide_trace = poutine.trace(FixSubsamples(subsamples or {})(guide)).get_trace(
-                    *args, **kwargs)
-                model_trace = poutine.trace(
-                    poutine.replay(model, trace=guide_trace)
-                ).get_trace(*args, **kwargs)
-            self._guessed_nesting[pair] = plate_nesting(model_trace, guide_trace)
-        return self._guessed_nesting[pair]
+    def _hard_traces(self, model, guide, args, kwargs):
+        return hard_traces(model, guide, args, kwargs, self.max_plate_nesting,
+                           self.estimator_name, self.opt_out_key)
 
     @staticmethod
     def _score_surrogate(guide_trace, hard: HardPass, terms_c: MultiFrameTensor):
@@ -660,21 +615,17 @@ class RebarELBO(Trace_ELBO):
         return None
 
     def _conditional_noise(self, record) -> torch.Tensor:
-        v = site_uniform(record.logits.shape, record.logits, record.name, "conditional")
+        v = draw_uniform(record.logits.shape, record.logits, record.name, "conditional")
         if record.kind == BERNOULLI:
             return conditional_logistic_noise(record.logits, record.value, v)
         return conditional_gumbel_noise(record.logits, record.value, v)
 
     def _temperature_like(self, like: torch.Tensor) -> torch.Tensor:
-        self._ensure_device(like)
-        return self.controls.log_temperature.exp()
-
-    def _ensure_device(self, like: torch.Tensor) -> None:
         t = self.controls.log_temperature
         if t.device != like.device or t.dtype != like.dtype:
+            # in place: the parameters stay the objects the param store holds
             self.controls.to(device=like.device, dtype=like.dtype)
-            if self._variance_optim is not None:
-                _move_optimizer_state(self._variance_optim, like)
+        return self.controls.log_temperature.exp()
 
     # ----------------------------------------------------------------------------------
     # Combining: per-parameter eta, the variance objective
@@ -693,20 +644,20 @@ class RebarELBO(Trace_ELBO):
         return []
 
     def _combine(
-        self, surrogate_elbo, cv_f, cv_r, scores, model, guide, loss, stops=()
-    ) -> _Estimate:
+        self, surrogate_elbo, cv_f, cv_r, scores, model, guide
+    ) -> _Estimate | None:
+        """The estimate as (leaf, ELBO gradient) pairs and the variance objective's
+        gradients of the controls; ``None`` if no learnable leaf is behind the relaxed
+        sites' distributions."""
         controls = self._control_ids()
-        leaves, keys = self._leaves_and_keys(scores, model, guide, stops, controls)
+        leaves, keys = self._leaves_and_keys(scores, model, guide, controls)
         if not leaves:
-            # No learnable parameter behind any relaxed site's distribution (fixed probs,
-            # say): the control variate has nothing to act on, and the estimate is the
-            # hard pass's gradient alone (Trace_ELBO's, whose score terms are then zero).
-            return _Estimate(loss, _as_tensor(surrogate_elbo).neg(), [], [])
+            return None
         learn = self._learnables_requested()
         etas = {key: self._eta_tensor(key, leaves[0]) for key in dict.fromkeys(keys)}
         has_extra = torch.is_tensor(cv_r) and cv_r.requires_grad  # RELAX's learned control
         skip = {id(leaf) for leaf in leaves} | controls
-        others = [t for t in graph_leaves([surrogate_elbo], stops) if id(t) not in skip]
+        others = [t for t in graph_leaves([surrogate_elbo]) if id(t) not in skip]
         retain = learn or bool(self.retain_graph)
         if len(etas) == 1:
             # One eta for every guide leaf (the usual case): the guide's estimate is the
@@ -737,7 +688,8 @@ class RebarELBO(Trace_ELBO):
         control_grads = []
         if learn:
             objective = sum((g**2).sum() for g in squared)
-            self._track_variance(total, float(objective.detach()))
+            self.tracker.update(total)
+            self._last = {"variance_objective": float(objective.detach())}
             learnables = self._learnables(etas)
             if learnables and objective.requires_grad:
                 variance_grads = torch.autograd.grad(
@@ -749,17 +701,16 @@ class RebarELBO(Trace_ELBO):
                     for p, g in zip(learnables, variance_grads, strict=True)
                     if g is not None
                 ]
-        return _Estimate(loss, None, grads, control_grads)
+        return _Estimate(grads, control_grads)
 
     def _leaves_and_keys(
-        self, scores, model, guide, stops=(), controls: set[int] = frozenset()
+        self, scores, model, guide, controls: set[int] = frozenset()
     ) -> tuple[list[torch.Tensor], list[str]]:
         sites_of: dict[int, list[str]] = {}
         leaves: dict[int, torch.Tensor] = {}
-        # In a fused pass the hard slice shares a graph with the relaxed ones, which reach
-        # the temperature: the estimator's own parameters (``controls``) are never leaves.
+        # The estimator's own parameters (``controls``) are never leaves of the estimate.
         for name, tensors in scores.items():
-            for leaf in graph_leaves(tensors, stops):
+            for leaf in graph_leaves(tensors):
                 if id(leaf) in controls:
                     continue
                 leaves.setdefault(id(leaf), leaf)
@@ -799,67 +750,11 @@ class RebarELBO(Trace_ELBO):
                 out += list(net.parameters())
         return out
 
-    def _step_controls(self, control_grads) -> None:
-        params = [p for p, _ in control_grads]
-        if self._variance_optim is None:
-            self._variance_optim = torch.optim.Adam(params, lr=self.variance_optim_lr,
-                                                    foreach=True)
-        # Asked of the optimizer itself, not of remembered ids: ids go stale in a deep copy
-        # (which copies the optimizer's parameters along with the controls).
-        known = {id(p) for group in self._variance_optim.param_groups for p in group["params"]}
-        new = [p for p in params if id(p) not in known]
-        if new:
-            self._variance_optim.add_param_group({"params": new})
-        for p, g in control_grads:
-            p.grad = g.detach()
-        self._variance_optim.step()
-        for p, _ in control_grads:
-            p.grad = None
 
-    def _track_variance(self, grads: list[torch.Tensor], objective: float) -> None:
-        grads = [g.detach() for g in grads]
-        shapes = [g.shape for g in grads]
-        if self._ema is None or [m.shape for m, _ in self._ema] != shapes:
-            self._ema = [(torch.zeros_like(g), torch.zeros_like(g)) for g in grads]
-            self._ema_steps = 0
-        elif self._ema[0][0].dtype != grads[0].dtype or self._ema[0][0].device != grads[0].device:
-            # the same guide, moved: so are its statistics
-            self._ema = [(m.to(g), s.to(g)) for (m, s), g in zip(self._ema, grads, strict=True)]
-        # In place: this runs every step over every guide coordinate.
-        weight = 1 - self.variance_ema_decay
-        with torch.no_grad():
-            means = [m for m, _ in self._ema]
-            squares = [s for _, s in self._ema]
-            torch._foreach_lerp_(means, grads, weight)
-            torch._foreach_mul_(squares, self.variance_ema_decay)
-            torch._foreach_addcmul_(squares, grads, grads, value=weight)
-        self._ema_steps += 1
-        self._last = {"variance_objective": objective}
-
-    def _log_grad_variance(self) -> float | None:
-        """Log of the debiased EMA per-coordinate variance, averaged over coordinates; read
-        out on demand (in :meth:`diagnostics`) rather than computed every step."""
-        if self._ema is None or self._ema_steps < 2:
-            return None
-        correction = 1 - self.variance_ema_decay**self._ema_steps
-        variance = torch.cat([
-            (s / correction - (m / correction) ** 2).clamp_min(0).reshape(-1)
-            for m, s in self._ema
-        ])
-        return float(variance.mean().clamp_min(1e-30).log())
-
-
-def _move_optimizer_state(optim: torch.optim.Optimizer, like: torch.Tensor) -> None:
-    """Put an optimizer's per-parameter state where its (moved) parameters now are; the
-    step counts stay on the CPU, as torch keeps them for a non-capturable Adam."""
-    for state in optim.state.values():
-        for key, value in state.items():
-            if torch.is_tensor(value) and key != "step":
-                state[key] = value.to(device=like.device, dtype=like.dtype)
-
-
-def _as_tensor(x) -> torch.Tensor:
-    return x if torch.is_tensor(x) else torch.tensor(float(x))
+def _all_match(reference: list, fused: list) -> bool:
+    """Whether the fused passes' traces match the reference ones pass for pass."""
+    return all(_same_log_probs(a, b) for ref, got in zip(reference, fused, strict=True)
+               for a, b in zip(ref[:2], got[:2], strict=True))
 
 
 def _total(terms: MultiFrameTensor) -> torch.Tensor:
@@ -879,24 +774,35 @@ def _grads(
                                                                            strict=True)]
 
 
-def _linear_surrogate(grads: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Zero-valued loss whose gradient w.r.t. each leaf is minus the given ELBO gradient."""
-    if not grads:
+class _GivenGradients(torch.autograd.Function):
+    """A zero whose backward hands each input tensor a given gradient (times the incoming
+    one; the first ``negated`` of them negated): the estimate, computed by
+    ``torch.autograd.grad`` beforehand, reaches ``.grad`` through an ordinary ``backward``
+    without the products and sums a linear surrogate ``sum(g * leaf)`` would compute and
+    differentiate."""
+
+    @staticmethod
+    def forward(ctx, grads, negated, *tensors):
+        ctx.grads, ctx.negated = grads, negated
+        return tensors[0].new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        minus = -grad_output
+        return (None, None, *(g * (minus if i < ctx.negated else grad_output)
+                              for i, g in enumerate(ctx.grads)))
+
+
+def _linear_surrogate(grads: list[tuple[torch.Tensor, torch.Tensor]],
+                      control_grads: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Zero-valued loss whose gradient is minus the given ELBO gradient for each leaf and
+    the given variance-objective gradient for each control."""
+    pairs = grads + control_grads
+    if not pairs:
         return torch.zeros(())
-    total = -sum((g.detach() * leaf).sum() for leaf, g in grads)
-    return total - total.detach()
-
-
-def _accumulate_grads(grads: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Add the loss's gradients (minus the given ELBO gradients) into ``.grad`` as
-    ``backward`` would: in place into an existing ``.grad`` (as autograd accumulates), so
-    that no per-step copies are made; a missing one becomes a new tensor."""
-    with torch.no_grad():
-        for leaf, g in grads:
-            if leaf.grad is None:
-                leaf.grad = torch.neg(g)
-            else:
-                leaf.grad.sub_(g)
+    tensors = [t for t, _ in pairs]
+    given = [g.detach() for _, g in pairs]
+    return _GivenGradients.apply(given, len(grads), *tensors)
 
 
 def _leaf_names(leaves: list[torch.Tensor], model, guide) -> list[str]:
