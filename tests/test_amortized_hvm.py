@@ -153,7 +153,9 @@ def test_trained_bound_on_a_positive_latent_is_tight_and_below_log_evidence():
     fit(gamma_poisson, guide, x, steps=200, batch_size=10, optim=adam(2e-2), elbo=particles(),
         progress=False)
     mean, se = bound(gamma_poisson, guide, x, seeds=range(100, 105))
-    assert exact - 0.1 * len(x) < mean < exact + 4 * se, (mean, se, exact)
+    # the log-Jacobian is E log(rate), about 1.4 nats per datum here: a missing or
+    # wrongly-signed one is far outside this window
+    assert exact - 0.25 * len(x) < mean < exact + 4 * se, (mean, se, exact)
 
 
 def test_the_reverse_term_is_what_makes_it_a_bound():
@@ -208,6 +210,7 @@ def test_fit_at_b_below_n_recovers_the_conjugate_posterior_like_autonormal():
     error_normal = float(((normal.locs.z.detach() - 0.8 * x) ** 2).mean().sqrt())
     # AutoNormal sees each datum every N / B steps; the encoder shares what it learns
     assert error < max(1.5 * error_normal, 0.1), (error, error_normal)
+    assert error < 0.15, error  # measured 0.05-0.07 (the draws' own error is 0.03)
 
 
 # -- (c) a bimodal per-datum posterior ---------------------------------------------------------
