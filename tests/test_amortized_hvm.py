@@ -7,6 +7,7 @@ unbiasedness of the mini-batch estimate, and the refusals.
 """
 
 import math
+import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -18,7 +19,8 @@ from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal
 from pyro.nn import PyroModule
 
 from lvmkit.guides import AmortizedAutoHVM, AutoHVM
-from lvmkit.inference import fit
+from lvmkit.guides.hierarchical import check_auxiliary_guide
+from lvmkit.inference import fit, log_likelihood
 from lvmkit.nn import gaussian_params, mlp
 
 SIGMA = 0.5  # conjugate model: z ~ N(0, 1), x ~ N(z, SIGMA); z | x ~ N(0.8 x, 0.2)
@@ -173,6 +175,24 @@ def test_the_reverse_term_is_what_makes_it_a_bound():
     assert mean < exact + 4 * se, (mean, se, exact)
 
 
+def test_importance_weighted_bound_and_the_auxiliary_check():
+    """``log_likelihood`` (IWAE over z of the hierarchical weights, valid per the
+    hierarchical module's docstring) lies between the plain bound and log p(x), and
+    ``check_auxiliary_guide`` finds every guide-only site accounted for."""
+    x = torch.randn(40) * 1.1
+    exact = conjugate_log_evidence(x)
+    guide = AmortizedAutoHVM(conjugate_batch_plate, hidden=(16,), noise_scale=0.5,
+                             component_scale=0.5)
+    guide(x)
+    check_auxiliary_guide(conjugate_batch_plate, guide, x)
+    plain, _ = bound(conjugate_batch_plate, guide, x, seeds=range(3))
+    with torch.no_grad():
+        iw = torch.tensor([float(log_likelihood(conjugate_batch_plate, guide, x,
+                                                num_samples=200).sum()) for _ in range(4)])
+    se = float(iw.std() / 2)
+    assert plain < float(iw.mean()) < exact + 4 * se + 1e-3, (plain, iw, exact)
+
+
 def test_more_reverse_draws_tighten_the_bound():
     x = torch.randn(30) ** 2 + 0.3 * torch.randn(30)
     guide = AmortizedAutoHVM(square_model, hidden=(32,), noise_scale=0.5)
@@ -323,6 +343,25 @@ def test_event_dims_nested_plates_constrained_sites_and_vectorized_particles():
     elbo = Trace_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=2)
     svi = SVI(model, guide, adam(), elbo)
     losses = [svi.step(x) for _ in range(3)]
+    assert all(math.isfinite(v) for v in losses)
+
+
+@pytest.mark.parametrize(
+    "elbo",
+    [
+        lambda: pyro.infer.TraceGraph_ELBO(),
+        lambda: pyro.infer.RenyiELBO(alpha=0.0, num_particles=3),
+        lambda: pyro.infer.TraceEnum_ELBO(max_plate_nesting=1),
+    ],
+    ids=["tracegraph", "renyi", "traceenum"],
+)
+def test_other_pyro_elbos_train_it(elbo):
+    model = conjugate_subsampled(5)
+    guide = AmortizedAutoHVM(model, hidden=(8,), num_aux_samples=2)
+    svi = SVI(model, guide, adam(), elbo())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # TraceEnum: nothing to enumerate
+        losses = [svi.step(torch.randn(10)) for _ in range(3)]
     assert all(math.isfinite(v) for v in losses)
 
 

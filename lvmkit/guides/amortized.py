@@ -530,8 +530,11 @@ class AmortizedAutoHVM(AutoGuide):
                     for f in spec.frames:
                         if f.name != self.data_plate:
                             stack.enter_context(plates[f.name])
+                    # u is a bijection of the model's values: the Delta sites' log-Jacobians
+                    # account for it exactly (what check_auxiliary_guide looks for)
                     result[spec.name] = pyro.sample(
                         spec.name,
                         dist.Delta(value, log_density=log_density, event_dim=spec.event_dim),
+                        infer={"reverse_for": (f"{prefix}_latent",)},
                     )
         return result
