@@ -209,7 +209,7 @@ def test_more_reverse_draws_tighten_the_bound():
 
 # -- (b) posterior recovery at B < N ---------------------------------------------------------
 def test_fit_at_b_below_n_recovers_the_conjugate_posterior_like_autonormal():
-    n, b, steps = 100, 20, 400
+    n, b, steps = 100, 20, 300
     x = torch.randn(n) * (1 + SIGMA**2) ** 0.5
     model = conjugate_subsampled(b)
     guide = AmortizedAutoHVM(model, hidden=(32,))
@@ -256,8 +256,9 @@ def test_bimodal_posteriors_beat_amortized_mean_field_on_held_out_seeds():
 # -- (d) mini-batch scaling ------------------------------------------------------------------
 def widened(guide, x, raw_scale):
     """Set up ``guide`` on ``x`` and widen q(a | x) on the coordinates a_1.. that
-    u = u0 + P a + f(a, x) starts without, so that log r(a | z, x) is large: a reverse term
-    scaled wrongly under subsampling would then bias the estimate visibly."""
+    u's location u0 + f(x) + P a ignores (and its noise starts without), so that
+    log r(a | z, x) is large: a reverse term scaled wrongly under subsampling would then
+    bias the estimate visibly."""
     guide(x)
     with torch.no_grad():
         guide.aux_net[-1].bias.view(2, guide.num_components, guide.aux_dim)[1, :, 1:] = raw_scale

@@ -103,22 +103,23 @@ class AmortizedAutoHVM(AutoGuide):
     and the per-datum values are concatenated into ``u_i`` (``D`` numbers per datum). Each
     datum's inputs ``x_i`` (every tensor argument of the model with one row per datum,
     flattened and standardised with the mean and standard deviation seen at setup; or
-    ``input_fn``) feed three tanh MLPs:
+    ``input_fn``) feed tanh MLPs:
 
     - ``q(a_i | x_i)``: an equal-weight mixture of ``num_components`` diagonal Gaussians on
       ``R^aux_dim`` whose locations and scales are network outputs
       (:class:`~lvmkit.guides.hierarchical.EqualMixtureNormal`),
-    - ``q(u_i | a_i, x_i) = N(u0 + P a_i + f(a_i, x_i), diag σ(a_i, x_i)^2)``,
-    - ``r(a_i | u_i, x_i) = N(â(u_i, x_i) + g(u_i, x_i), diag ρ(u_i, x_i)^2)``, with
-      ``â`` three fixed-point steps of inverting the shift, ``â <- P^T (u_i - u0 -
-      f(â, x_i))`` from ``â = P^T (u_i - u0)``,
+    - ``q(u_i | a_i, x_i) = N(u0 + f(x_i) + P a_i, diag σ(a_i, x_i)^2)``: a scale mixture
+      around each component (the noise depends on ``a_i``), so ``q(u_i | x_i)`` has no
+      closed-form density,
+    - ``r(a_i | u_i, x_i) = N(P^T (u_i - u0 - f(x_i)) + g(u_i, x_i), diag ρ(u_i, x_i)^2)``,
 
     ``P`` a fixed zero-padded identity; ``f, g`` start at zero and ``σ, ρ`` at
     ``noise_scale``, so ``q(u_i | x_i)`` starts as the mixture and the reverse model as its
-    inverse. The inversion lets ``r`` follow ``f`` as it is learned: with a reverse model
-    that had to learn the inverse itself (``â = P^T (u_i - u0)``), training at ``lr=1e-2``
-    with one particle left ``r`` three times wider than ``q(a | u, x)`` and the bound
-    below an amortized mean-field guide's (``results/amortized_hvm.md``).
+    inverse. ``r`` inverts ``q``'s location exactly, so it follows ``q`` as ``q`` is learned.
+    A location ``u0 + P a + f(a, x)`` nonlinear in ``a`` was tried first: the reverse model
+    could not follow ``f`` (learning its inverse, or by fixed-point steps when ``f`` grew
+    beyond a contraction), and at ``lr=1e-2`` with one particle the bound ended below an
+    amortized mean-field guide's (``results/amortized_hvm.md``).
 
     The objective (module docstring) is the auxiliary bound of Ranganath et al.
     (2016) and Maaløe et al. (2016) with ``num_aux_samples=0``, and the IWHVI bound of
@@ -152,7 +153,7 @@ class AmortizedAutoHVM(AutoGuide):
     :param data_plate: name of the model's data plate.
     :param aux_dim: dimension of ``a_i``; default ``D``.
     :param num_components: components of the mixture ``q(a_i | x_i)``.
-    :param hidden: hidden sizes of each of the three MLPs.
+    :param hidden: hidden sizes of each MLP.
     :param num_aux_samples: ``K >= 0`` reverse draws for the IWHVI estimate.
     :param dreg: DReG gradients for the reverse model (``K > 0``).
     :param component_spread: standard deviation of the initial mixture locations.
@@ -185,8 +186,6 @@ class AmortizedAutoHVM(AutoGuide):
 
     #: no per-datum parameters: ``fit`` trains it on a plate over the batch at B < N
     amortized = True
-    #: fixed-point steps of the reverse model's inversion of q's shift f
-    inversion_steps = 3
 
     def __init__(
         self,
@@ -343,8 +342,10 @@ class AmortizedAutoHVM(AutoGuide):
             bias = self.aux_net[-1].bias.view(2, comps, aux)
             bias[0] = self.component_spread * torch.randn(comps, aux)
             bias[1] = _inverse_softplus(self.component_scale)
-        self.forward_net = mlp(aux + x_dim, self.hidden, 2 * dim)
-        _zero_output(self.forward_net)
+        self.shift_net = mlp(x_dim, self.hidden, dim)
+        _zero_output(self.shift_net)
+        self.noise_net = mlp(aux + x_dim, self.hidden, dim)
+        _zero_output(self.noise_net)
         self.reverse_net = mlp(dim + x_dim, self.hidden, 2 * aux)
         _zero_output(self.reverse_net)
         self.register_buffer("projection", torch.eye(dim, aux))
@@ -442,25 +443,22 @@ class AmortizedAutoHVM(AutoGuide):
 
     def conditional(self, a: torch.Tensor, x: torch.Tensor, detach: bool = False):
         """q(u | a, x)."""
-        out = _apply(self.forward_net, self._with_x(a, x), detach)
-        shift, raw = out.chunk(2, -1)
-        loc0 = self.loc0.detach() if detach else self.loc0
-        loc = loc0 + a @ self.projection.T + shift
+        raw = _apply(self.noise_net, self._with_x(a, x), detach)
+        loc = self._offset(x, detach) + a @ self.projection.T
         scale = F.softplus(raw + self._noise_offset) + MIN_SCALE
         return dist.Normal(loc, scale).to_event(1)
+
+    def _offset(self, x: torch.Tensor, detach: bool) -> torch.Tensor:
+        """``u0 + f(x)``: the part of q(u | a, x)'s location that does not depend on a."""
+        loc0 = self.loc0.detach() if detach else self.loc0
+        return loc0 + _apply(self.shift_net, x, detach)
 
     def _reverse_params(self, u: torch.Tensor, x: torch.Tensor, detach: bool = False):
         out = _apply(self.reverse_net, self._with_x(u, x), detach)
         shift, raw = out.chunk(2, -1)
-        loc0 = self.loc0.detach() if detach else self.loc0
-        centred = u - loc0
-        a_hat = centred @ self.projection
-        for _ in range(self.inversion_steps):
-            # fixed-point steps of inverting u = u0 + P a + f(a, x): r tracks q's f instead
-            # of learning its inverse from scratch (shared parameters are fine: r may be
-            # any function, and detach=True holds all of them fixed)
-            f_shift = _apply(self.forward_net, self._with_x(a_hat, x), detach).chunk(2, -1)[0]
-            a_hat = (centred - f_shift) @ self.projection
+        # q's location inverted exactly, so r follows q as q is learned (sharing q's
+        # parameters is fine: r may be any function, and detach=True holds all fixed)
+        a_hat = (u - self._offset(x, detach)) @ self.projection
         return a_hat + shift, F.softplus(raw + self._noise_offset) + MIN_SCALE
 
     def reverse(self, u: torch.Tensor, x: torch.Tensor) -> dist.Distribution:
