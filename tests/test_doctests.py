@@ -27,6 +27,7 @@ MODULES = [
     "lvmkit.models.registry",
     "lvmkit.guides.encoders",
     "lvmkit.guides.hierarchical",
+    "lvmkit.guides.amortized",
     "lvmkit.models.targets",
     "lvmkit.models.target_suite",
     "lvmkit.inference.training",

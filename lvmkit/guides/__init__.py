@@ -5,6 +5,7 @@ from lvmkit._lazy import lazy_exports
 # name -> submodule; add a line when a module gains a public name.
 _EXPORTS: dict[str, str] = {
     "GaussianEncoder": "lvmkit.guides.encoders",
+    "AmortizedAutoHVM": "lvmkit.guides.amortized",
     "AutoHVM": "lvmkit.guides.hierarchical",
     "AuxiliaryEncoder": "lvmkit.guides.hierarchical",
     "BernoulliEncoder": "lvmkit.guides.encoders",

@@ -393,8 +393,9 @@ class AutoHVM(AutoContinuous):
     ``RenyiELBO`` (``alpha=0`` gives the doubly importance-weighted bound) and
     ``TraceEnum_ELBO`` when enumerated discrete model sites are hidden from the guide
     (``AutoHVM(poutine.block(model, hide=[...]))``). Discrete latent sites are refused with
-    an error naming them. Local latents in a subsampled plate are not supported (the guide
-    is global, as :class:`~pyro.infer.autoguide.AutoMultivariateNormal`).
+    an error naming them. Latents in a subsampled plate are refused (the guide is global, as
+    :class:`~pyro.infer.autoguide.AutoMultivariateNormal`): use
+    :class:`~lvmkit.guides.AmortizedAutoHVM` for per-datum latents.
 
     Defaults (chosen on ``draw_targets(0)`` of :mod:`lvmkit.models.target_suite` and
     evaluated on another seed, ``benchmarks/hierarchical.py --suite``): ``K = 0``; eight
@@ -503,6 +504,17 @@ class AutoHVM(AutoContinuous):
         except ValueError as error:
             # Pyro's own message names the site; say which guide refused it.
             raise ValueError(f"AutoHVM: {error}") from None
+        for name, site in self.prototype_trace.iter_stochastic_nodes():
+            # u's entries follow the plate's positions, not the data (Pyro trains it silently)
+            subsampled = [
+                f.name for f in site["cond_indep_stack"] if f.full_size not in (None, f.size)
+            ]
+            if subsampled:
+                raise ValueError(
+                    f"AutoHVM: latent site {name!r} is in the subsampled plate "
+                    f"{subsampled[0]!r}; AutoHVM is a global guide (one vector for all "
+                    "latents): use lvmkit.guides.AmortizedAutoHVM for per-datum latents"
+                )
         for name, site in self.prototype_trace.iter_stochastic_nodes():
             if site["fn"].support.is_discrete:
                 raise ValueError(

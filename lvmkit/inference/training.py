@@ -776,6 +776,8 @@ def _first_trace(model: Callable, guide: Callable, data, x_all: torch.Tensor,
         _check_same_plate(model_trace, guide_trace, plate)
     if batch_size < n and plate is not None and not declared:
         _check_no_per_datum_autoguide(guide, plate, batch_size, n)
+    if batch_size < n and plate is not None and declared:
+        _check_no_joint_autoguide(guide, plate, batch_size, n)
     params = frozenset(name for trace in (model_trace, guide_trace)
                        for name, site in trace.nodes.items() if site["type"] == "param")
     # A plate that draws B indices (the model's or a guide's own) cannot take fewer.
@@ -941,12 +943,40 @@ def _autoguide_parts(guide) -> list:
     return []
 
 
-def _check_no_per_datum_autoguide(guide, plate: str, batch_size: int, n: int) -> None:
-    """An AutoGuide keeps one parameter per plate position; over a data plate of size B < N
-    each position would hold a different datum at every step."""
+def _check_no_joint_autoguide(guide, plate: str, batch_size: int, n: int) -> None:
+    """An ``AutoContinuous`` guide (``AutoHVM``, ``AutoDiagonalNormal``, ...) joins every
+    latent into one vector of the prototype's shape: over a subsampled data plate its
+    entries follow the plate's positions 0..B-1, not the data, so each would fit a different
+    datum at every step (Pyro trains it silently)."""
+    from pyro.infer.autoguide import AutoContinuous
+
     for part in _autoguide_parts(guide):
         trace = getattr(part, "prototype_trace", None)
-        if trace is None:
+        if trace is None or not isinstance(part, AutoContinuous):
+            continue
+        sites = [
+            name for name, site in trace.nodes.items()
+            if site["type"] == "sample" and not site["is_observed"]
+            and not site_is_subsample(site)
+            and any(f.name == plate for f in site["cond_indep_stack"])
+        ]
+        if sites:
+            raise ValueError(
+                f"{type(part).__name__} joins all latents into one vector, so its entries for "
+                f"the per-datum site(s) {sites} in the subsampled plate {plate!r} (B="
+                f"{batch_size} of N={n}) follow the batch's positions, not the data: each "
+                "would be trained on other data at every step. Use an amortized guide "
+                "(lvmkit.guides.AmortizedAutoHVM), AutoNormal, or batch_size=N."
+            )
+
+
+def _check_no_per_datum_autoguide(guide, plate: str, batch_size: int, n: int) -> None:
+    """An AutoGuide keeps one parameter per plate position; over a data plate of size B < N
+    each position would hold a different datum at every step. Guides marked ``amortized``
+    (no per-datum parameters, e.g. ``AmortizedAutoHVM``) are fine."""
+    for part in _autoguide_parts(guide):
+        trace = getattr(part, "prototype_trace", None)
+        if trace is None or getattr(part, "amortized", False):
             continue
         sites = [
             name for name, site in trace.nodes.items()
