@@ -322,6 +322,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", type=Path,
                         default=Path(__file__).resolve().parent.parent / "results")
     parser.add_argument("--command", default="")
+    parser.add_argument("--notes", type=Path, default=None,
+                        help="a markdown file appended to the report (the analysis)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     if args.mode == "run":
@@ -343,7 +345,10 @@ def main(argv: list[str] | None = None) -> None:
         timing = json.loads(timing_path.read_text()) if timing_path.exists() else None
         result = report(args.out, timing, args.command)
         (args.results / "bench_vae_aux.json").write_text(json.dumps(result, indent=1))
-        (args.results / "bench_vae_aux.md").write_text(markdown(result))
+        text = markdown(result)
+        if args.notes is not None:
+            text += "\n" + args.notes.read_text()
+        (args.results / "bench_vae_aux.md").write_text(text)
         print(markdown(result))
 
 
