@@ -762,6 +762,27 @@ def _check_count(value: int, what: str) -> int:
     return value
 
 
+def _context_mlp(
+    net: nn.Sequential, context: torch.Tensor, y: torch.Tensor, detach: bool = False
+) -> torch.Tensor:
+    """``net(cat([x, y], -1))`` given ``context = x @ W_x^T``, the first layer's product
+    with the ``x`` columns, computed once for all the draws ``y`` (shape ``(S, B, d)``, ``x``
+    broadcast): the same values without repeating the ``D``-wide product for every draw.
+    ``detach=True`` holds the net's parameters fixed (not ``y``)."""
+    layers = list(net)
+    first = layers[0]
+    weight, bias = first.weight, first.bias
+    if detach:
+        weight, bias, context = weight.detach(), bias.detach(), context.detach()
+    h = context + F.linear(y, weight[:, weight.shape[1] - y.shape[-1]:], bias)
+    for layer in layers[1:]:
+        if detach and isinstance(layer, nn.Linear):
+            h = F.linear(h, layer.weight.detach(), layer.bias.detach())
+        else:
+            h = layer(h)
+    return h
+
+
 class AuxiliaryEncoder(PyroModule):
     """Amortized hierarchical guide for a model with latent site ``"z"`` (e.g. ``VAE``).
 
@@ -778,6 +799,10 @@ class AuxiliaryEncoder(PyroModule):
     :param a_dim: auxiliary dimensions.
     :param hidden: tanh hidden layers of each of the three MLPs.
     :param num_aux_samples: reverse draws K for the IWHVI bound.
+    :param dreg: with ``K > 0``, train the reverse model with doubly-reparameterised
+        gradients (:func:`iwhvi_log_q_hat`); ``False`` differentiates the IWHVI estimate
+        through everything (the IWAE-style gradient, whose signal-to-noise ratio for the
+        reverse model falls as ``K`` grows).
     :param name: prefix of the parameter names in Pyro's param store.
 
     Example:
@@ -802,6 +827,7 @@ class AuxiliaryEncoder(PyroModule):
         hidden: Sequence[int] = (200,),
         num_aux_samples: int = 0,
         *,
+        dreg: bool = True,
         name: str = "aux_encoder",
     ) -> None:
         super().__init__(name)
@@ -809,37 +835,55 @@ class AuxiliaryEncoder(PyroModule):
         self.z_dim = check_size(z_dim, "z_dim")
         self.a_dim = check_size(a_dim, "a_dim")
         self.num_aux_samples = _check_count(num_aux_samples, "num_aux_samples")
+        self.dreg = bool(dreg)
         hidden = tuple(hidden)
         self.aux_net = mlp(x_dim, hidden, 2 * a_dim)
         self.z_net = mlp(x_dim + a_dim, hidden, 2 * z_dim)
         self.reverse_net = mlp(x_dim + z_dim, hidden, 2 * a_dim)
 
-    def _q_z(self, x: torch.Tensor, a: torch.Tensor) -> dist.Distribution:
-        x = x.expand(a.shape[:-1] + x.shape[-1:])
-        loc, scale = gaussian_params(self.z_net(torch.cat([x, a], -1)))
+    def _q_z(self, context: torch.Tensor, a: torch.Tensor, detach: bool = False
+             ) -> dist.Distribution:
+        """q(z | a, x); ``context`` is the first layer's product with ``x``."""
+        loc, scale = gaussian_params(_context_mlp(self.z_net, context, a, detach))
         return dist.Normal(loc, scale).to_event(1)
 
-    def _r_a(self, x: torch.Tensor, z: torch.Tensor) -> dist.Distribution:
-        x = x.expand(z.shape[:-1] + x.shape[-1:])
-        loc, scale = gaussian_params(self.reverse_net(torch.cat([x, z], -1)))
-        return dist.Normal(loc, scale).to_event(1)
+    def _r_params(self, context: torch.Tensor, z: torch.Tensor, detach: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loc, scale)`` of r(a | x, z); ``context`` as for :meth:`_q_z`."""
+        return gaussian_params(_context_mlp(self.reverse_net, context, z, detach))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_observations(x, site="x", event_shape=(self.x_dim,), support="unit")
         loc, scale = gaussian_params(self.aux_net(x))
         q_a = dist.Normal(loc, scale).to_event(1)
+        # the x columns of the first layers, once per datum rather than once per draw
+        z_context = F.linear(x, self.z_net[0].weight[:, : self.x_dim])
+        r_context = F.linear(x, self.reverse_net[0].weight[:, : self.x_dim])
         with pyro.plate("data", x.shape[0]):
             a0 = pyro.sample("a", q_a, infer={"is_auxiliary": True})
-            q_z = self._q_z(x, a0)
+            q_z = self._q_z(z_context, a0)
             z = pyro.sample("z", q_z)
-            r = self._r_a(x, z)
-            log_q_extra = log_r_extra = None
-            if self.num_aux_samples > 0:
-                extra = r.rsample((self.num_aux_samples,))
-                log_q_extra = q_a.log_prob(extra) + self._q_z(x, extra).log_prob(z)
-                log_r_extra = r.log_prob(extra)
-            correction = iw_hierarchical_correction(
-                q_a.log_prob(a0), q_z.log_prob(z), r.log_prob(a0), log_q_extra, log_r_extra
-            )
+            if self.num_aux_samples == 0:
+                # the HVM bound: log q̂ - log q(a0, z) = -log r(a0 | x, z)
+                r_loc, r_scale = self._r_params(r_context, z)
+                correction = -dist.Normal(r_loc, r_scale).to_event(1).log_prob(a0)
+            else:
+                log_joint_a0 = q_a.log_prob(a0) + q_z.log_prob(z)
+
+                def log_joint(a: torch.Tensor, detach: bool) -> torch.Tensor:
+                    q = dist.Normal(loc.detach(), scale.detach()) if detach else dist.Normal(
+                        loc, scale)
+                    z_ = z.detach() if detach else z
+                    return q.to_event(1).log_prob(a) + self._q_z(z_context, a, detach).log_prob(z_)
+
+                def reverse_params(z_: torch.Tensor, detach: bool):
+                    return self._r_params(r_context, z_, detach)
+
+                # K reverse draws plus a0, DReG gradients for r (Sobolev & Vetrov 2019)
+                log_q_hat = iwhvi_log_q_hat(
+                    log_joint, reverse_params, a0, z, self.num_aux_samples,
+                    dreg=self.dreg, log_joint_a0=log_joint_a0,
+                )
+                correction = log_q_hat - log_joint_a0
             reverse_factor("a_reverse", correction, ["a"])
         return z
