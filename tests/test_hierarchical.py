@@ -643,3 +643,28 @@ def test_component_means_keep_their_positions_under_the_laplace_scale():
         with torch.no_grad():
             points.append(guide.loc0 + guide.log_scale0.exp() * guide.aux_locs)
     assert torch.allclose(points[0], points[1], atol=1e-5)
+
+
+def test_components_start_at_distinct_modes_found_by_the_search():
+    # three separated modes in 4-D: the searched candidates climb to their local maxima, so
+    # each mode gets a component at it (the raw candidates alone land between modes)
+    from lvmkit.models.target_suite import GaussianMixtureTarget
+
+    locs = torch.tensor([[3.0, 0.0, 0.0, 1.0], [-2.0, 2.0, 0.0, 0.0], [0.0, -2.5, 1.5, -1.0]])
+    weights = torch.tensor([0.4, 0.3, 0.3], dtype=torch.float64)
+    target = GaussianMixtureTarget(locs, torch.full((3, 4), 0.4), weights)
+
+    def nearest(guide):
+        with torch.no_grad():
+            points = guide.loc0 + guide.log_scale0.exp() * guide.aux_locs
+        return torch.cdist(locs.float(), points).amin(-1)
+
+    pyro.set_rng_seed(0)
+    guide = AutoHVM(target.model)
+    guide()
+    assert (nearest(guide) < 0.3).all()
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    raw = AutoHVM(target.model, mode_search_steps=0)
+    raw()
+    assert not (nearest(raw) < 0.3).all()

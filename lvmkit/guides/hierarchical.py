@@ -439,6 +439,10 @@ class AutoHVM(AutoContinuous):
     :param init_search: model evaluations spent at setup choosing ``u0`` and the initial
         component means among prior draws and draws around ``u0``
         (:meth:`_searched_inits`); ``0`` uses ``component_spread`` alone.
+    :param mode_search_steps: gradient-ascent steps with which the best
+        ``2 · num_components`` searched candidates climb to their local modes
+        (:meth:`_distinct_modes`); the distinct modes found seed the components first, the
+        farthest-first fill the rest. ``0`` keeps the raw candidates (the 0.2.0 behaviour).
     :param laplace_init: start the global scale ``s`` at the Laplace widths
         ``(-∂² log p / ∂u_i²)^{-1/2}`` at ``u0`` (:meth:`_laplace_scale`) instead of
         ``init_scale``. Off by default: on the development suite it helped Student-t targets
@@ -478,6 +482,7 @@ class AutoHVM(AutoContinuous):
         dreg: bool = True,
         init_search: int = 256,
         laplace_init: bool = False,
+        mode_search_steps: int = 40,
     ) -> None:
         if aux_dim is not None:
             check_size(aux_dim, "aux_dim")
@@ -512,6 +517,7 @@ class AutoHVM(AutoContinuous):
         self.dreg = bool(dreg)
         self.init_search = _check_count(init_search, "init_search")
         self.laplace_init = bool(laplace_init)
+        self.mode_search_steps = _check_count(mode_search_steps, "mode_search_steps")
         # a tuple, so that a PyroModule model is not registered as a submodule of the guide
         self._original_model = (model,)
 
@@ -642,18 +648,54 @@ class AutoHVM(AutoContinuous):
             if not bool(torch.isfinite(scores).any()):
                 return init_loc, self._component_inits(init_loc, *args, **kwargs)
             top = candidates[scores.argsort(descending=True)[: 4 * self.num_components]]
-            chosen = [0]
-            distance = (top - top[0]).norm(dim=-1)
+            modes = self._distinct_modes(top[: 2 * self.num_components], *args, **kwargs)
+            # the modes found first, then the farthest-first fill from the raw candidates
+            pool = torch.cat([modes, top]) if len(modes) else top
+            chosen = list(range(min(len(modes), self.num_components))) or [0]
+            distance = torch.stack([(pool - pool[i]).norm(dim=-1) for i in chosen]).amin(0)
             while len(chosen) < self.num_components:
                 pick = int(distance.argmax())
                 chosen.append(pick)
-                distance = torch.minimum(distance, (top - top[pick]).norm(dim=-1))
+                distance = torch.minimum(distance, (pool - pool[pick]).norm(dim=-1))
             best = top[0]
-            means = (top[chosen] - best) / self._init_scale
+            means = (pool[chosen] - best) / self._init_scale
         aux = torch.zeros(self.num_components, self.aux_dim).to(init_loc)
         width = min(self.aux_dim, self.latent_dim)
         aux[:, :width] = means[:, :width]
         return best.clone(), aux
+
+    def _distinct_modes(self, points: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Local maxima of the joint density near ``points`` (best first), one per basin:
+        each point climbs ``mode_search_steps`` Adam steps of size ``0.1 · init_scale``, and
+        a climbed point counts as a new mode when it is farther than ``0.5 · init_scale``
+        from every mode kept so far. A point whose density cannot be differentiated, or
+        climbs to a non-finite value, is dropped. Shape ``(M, D)``, ``M`` possibly 0."""
+        if not self.mode_search_steps:
+            return points[:0]
+        climbed, scores = [], []
+        for point in points:
+            u = point.detach().clone().requires_grad_(True)
+            optim = torch.optim.Adam([u], lr=0.1 * self._init_scale)
+            try:
+                for _ in range(self.mode_search_steps):
+                    optim.zero_grad()
+                    with torch.enable_grad():  # the search runs under no_grad
+                        loss = -self._log_joint_tensor(u, *args, **kwargs)
+                    if not torch.isfinite(loss):
+                        raise ValueError("non-finite density")
+                    loss.backward()
+                    optim.step()
+                score = self._log_joint_at(u.detach(), *args, **kwargs)
+            except (ValueError, RuntimeError, NotImplementedError):
+                continue
+            if math.isfinite(score):
+                climbed.append(u.detach())
+                scores.append(score)
+        modes: list[torch.Tensor] = []
+        for i in sorted(range(len(scores)), key=lambda i: -scores[i]):
+            if all(float((climbed[i] - m).norm()) > 0.5 * self._init_scale for m in modes):
+                modes.append(climbed[i])
+        return torch.stack(modes) if modes else points[:0]
 
     def _component_inits(
         self, init_loc: torch.Tensor, *args, _count: int | None = None, _raw: bool = False, **kwargs
