@@ -411,6 +411,57 @@ def suite_markdown(out: dict) -> list[str]:
     return lines + [""]
 
 
+def _worst_vs_normal(rows: list[dict], label: str) -> tuple[float, str]:
+    """The largest ``(gap - AutoNormal's gap) / combined MC s.e.`` over the targets."""
+    cells = {(r["target"], r["guide"]): r for r in rows}
+    worst, where = -math.inf, ""
+    for name in dict.fromkeys(r["target"] for r in rows):
+        mine, normal = cells[(name, label)], cells[(name, "AutoNormal")]
+        z = (mine["gap"] - normal["gap"]) / max(math.hypot(mine["se"], normal["se"]), 1e-12)
+        if z > worst:
+            worst, where = z, name
+    return worst, where
+
+
+def suites_summary_markdown(suites: dict) -> list[str]:
+    """One table per the README: every seed's medians, worst case against AutoNormal in
+    MC standard errors, per-family median gaps, eight schools and the step-time ratio."""
+    keys = sorted(suites, key=int)
+    first = suites[keys[0]]
+    guides = list(first["summary"])
+    header = [f"{g} (seed {k})" for k in keys for g in guides]
+    lines = [f"## Random target suite summary: gap log Z - ELBO, seeds {', '.join(keys)} "
+             f"({first['n']} targets each, {first['steps']} steps, {first['particles']} "
+             f"particles, Adam {first['lr']} for every guide; AutoHVM's ELBO is its IWHVI "
+             f"bound with K = {first.get('eval_aux_samples', 0)} reverse draws)", "",
+             "| | " + " | ".join(header) + " |", "|---|" + "---|" * len(header)]
+
+    def row(name, cell):
+        return f"| {name} | " + " | ".join(cell(suites[k], g) for k in keys for g in guides) + " |"
+
+    lines.append(row("median gap", lambda o, g: f"{o['summary'][g]['median']:.3f}"))
+    lines.append(row("worst gap", lambda o, g: f"{o['summary'][g]['worst']:.2f} "
+                                                f"({o['summary'][g]['worst_target']})"))
+    lines.append(row("worst vs AutoNormal (MC s.e.)", lambda o, g: "-" if g == "AutoNormal"
+                     else "{:+.1f} ({})".format(*_worst_vs_normal(o["rows"], g))))
+    for fam in first["summary"][guides[0]]["families"]:
+        lines.append(row(f"{fam} (median)", lambda o, g, fam=fam:
+                         f"{o['summary'][g]['families'].get(fam, math.nan):.3f}"))
+    lines.append(row("eight schools ELBO / k-hat", lambda o, g: (
+        f"{o['eight_schools'][g]['elbo']:.2f} / {o['eight_schools'][g]['khat']:.2f}"
+        if g in o.get("eight_schools", {}) else "-")))
+    lines.append(row("step time / AutoNormal's (interleaved)", lambda o, g: (
+        f"{o['step_time']['median']:.2f}x" if g == "AutoHVM" and "step_time" in o
+        else ("1x" if g == "AutoNormal" else "-"))))
+    lines.append("")
+    for k in keys:
+        goals = suites[k].get("goals", {})
+        met = sum(bool(v) for v in goals.values())
+        lines.append(f"- seed {k}: {met} of {len(goals)} goals met"
+                     + "".join(f"; {name}: MISSED" for name, v in goals.items() if not v))
+    return lines + [""]
+
+
 # -- 2. VAE on digits ----------------------------------------------------------------------
 def run_vae(quick: bool) -> dict:
     from pyro.infer import Trace_ELBO
@@ -526,8 +577,11 @@ def markdown(results: dict) -> str:
                          + " | ".join(f"{cells[g]['gap']:.3f}" for g in guides) + " |")
         lines += [""] + [f"- {k}: {'met' if v else 'MISSED'}" for k, v in t["goals"].items()]
         lines.append("")
-    if "suite" in results:
-        lines += suite_markdown(results["suite"])
+    suites = results.get("suites", {})
+    if suites:
+        lines += suites_summary_markdown(suites)
+    for key in sorted(suites, key=int):
+        lines += suite_markdown(suites[key])
     if "vae" in results:
         v = results["vae"]
         lines += [f"## VAE on digits: test log-likelihood (IWAE K={v['num_samples']}, "
@@ -570,6 +624,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-schools", action="store_true", help="suite without eight schools")
     parser.add_argument("--guides", default=",".join(SUITE_GUIDES),
                         help="comma-separated subset of the suite's guides")
+    parser.add_argument("--merge", nargs="*", default=[],
+                        help="result files whose suites to merge in (e.g. runs of other seeds)")
     parser.add_argument("--hvm-kwargs", default="{}",
                         help="AutoHVM keyword arguments as a Python literal (suite)")
     args = parser.parse_args(argv)
@@ -582,18 +638,25 @@ def main(argv: list[str] | None = None) -> dict:
     if os.path.exists(path):
         with open(path) as handle:
             results = json.load(handle)
+    if "suite" in results:  # the layout before several seeds were kept
+        old = results.pop("suite")
+        results.setdefault("suites", {})[str(old["seed"])] = old
+    for other in args.merge:
+        with open(other) as handle:
+            results.setdefault("suites", {}).update(json.load(handle).get("suites", {}))
     if args.suite:
         print(f"[suite seed {args.seed}]", flush=True)
         start = time.perf_counter()
-        results["suite"] = run_suite(args.seed, args.n, args.steps, args.particles,
+        suite = run_suite(args.seed, args.n, args.steps, args.particles,
                                      eval_particles=args.eval_particles,
                                      eval_reps=args.eval_reps, schools=not args.no_schools,
                                      hvm_kwargs=ast.literal_eval(args.hvm_kwargs),
                                      guides=tuple(args.guides.split(",")),
                                      eval_aux_samples=args.eval_aux_samples,
                                      timing_rounds=args.timing_rounds)
-        results["suite"]["wall_seconds"] = time.perf_counter() - start
-    for name in [] if args.suite else args.only.split(","):
+        suite["wall_seconds"] = time.perf_counter() - start
+        results.setdefault("suites", {})[str(args.seed)] = suite
+    for name in [] if args.suite or args.merge else args.only.split(","):
         print(f"[{name}]", flush=True)
         start = time.perf_counter()
         results[name] = sections[name](args.quick)
