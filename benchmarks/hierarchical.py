@@ -384,7 +384,9 @@ def suite_goals(out: dict) -> dict:
     rows, summary = out["rows"], out["summary"]
     gaps = {(r["target"], r["guide"]): r for r in rows}
     targets = list(dict.fromkeys(r["target"] for r in rows))
-    hvm, normal, iaf = (summary[g]["median"] for g in SUITE_GUIDES)
+    # by name: SUITE_GUIDES lists AutoNormal first, so unpacking it in order once put
+    # AutoNormal's median where AutoHVM's belonged
+    hvm, normal, iaf = (summary[g]["median"] for g in ("AutoHVM", "AutoNormal", "AutoIAFNormal"))
     worse = [t for t in targets
              if gaps[(t, "AutoHVM")]["gap"] - gaps[(t, "AutoNormal")]["gap"]
              > 2 * math.hypot(gaps[(t, "AutoHVM")]["se"], gaps[(t, "AutoNormal")]["se"])]
@@ -472,6 +474,12 @@ def suites_summary_markdown(suites: dict) -> list[str]:
              f"({first['n']} targets each, {first['steps']} steps, {first['particles']} "
              f"particles, Adam {first['lr']} for every guide; AutoHVM's ELBO is its IWHVI "
              f"bound with K = {first.get('eval_aux_samples', 0)} reverse draws)", "",
+             f"Reproduce: `python benchmarks/hierarchical.py --suite --seed S --n {first['n']} "
+             f"--steps {first['steps']} --eval-particles {first['eval_particles']} --eval-reps "
+             f"{first['eval_reps']} --out DIR_S` for each seed S, then `python "
+             "benchmarks/hierarchical.py --merge DIR_1/bench_hierarchical.json ...`. Eight "
+             "schools: AutoHVM's ELBO and k-hat use the same K (its log q(z) estimate); "
+             "AutoIAFNormal is not run there.", "",
              "| | " + " | ".join(header) + " |", "|---|" + "---|" * len(header)]
 
     def row(name, cell):
@@ -662,8 +670,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-schools", action="store_true", help="suite without eight schools")
     parser.add_argument("--guides", default=",".join(SUITE_GUIDES),
                         help="comma-separated subset of the suite's guides")
-    parser.add_argument("--merge", nargs="*", default=[],
-                        help="result files whose suites to merge in (e.g. runs of other seeds)")
+    parser.add_argument("--merge", nargs="*", default=None,
+                        help="result files whose suites to merge in (e.g. runs of other seeds); "
+                        "runs nothing, only rewrites the report (with no files: re-renders it)")
     parser.add_argument("--hvm-kwargs", default="{}",
                         help="AutoHVM keyword arguments as a Python literal (suite)")
     args = parser.parse_args(argv)
@@ -679,7 +688,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "suite" in results:  # the layout before several seeds were kept
         old = results.pop("suite")
         results.setdefault("suites", {})[str(old["seed"])] = old
-    for other in args.merge:
+    for other in args.merge or []:
         with open(other) as handle:
             results.setdefault("suites", {}).update(json.load(handle).get("suites", {}))
     if args.suite:
@@ -694,12 +703,15 @@ def main(argv: list[str] | None = None) -> dict:
                                      timing_rounds=args.timing_rounds)
         suite["wall_seconds"] = time.perf_counter() - start
         results.setdefault("suites", {})[str(args.seed)] = suite
-    for name in [] if args.suite or args.merge else args.only.split(","):
+    for name in [] if args.suite or args.merge is not None else args.only.split(","):
         print(f"[{name}]", flush=True)
         start = time.perf_counter()
         results[name] = sections[name](args.quick)
         results[name]["quick"] = args.quick
         results[name]["wall_seconds"] = time.perf_counter() - start
+    for suite in results.get("suites", {}).values():
+        if set(SUITE_GUIDES) <= set(suite["summary"]):
+            suite["goals"] = suite_goals(suite)  # from the rows: runs saved earlier too
     os.makedirs(args.out, exist_ok=True)
     with open(path, "w") as handle:
         json.dump(results, handle, indent=2)

@@ -57,3 +57,25 @@ def test_suite_run_evaluates_autohvm_with_the_evaluation_K_and_reports_every_see
     text = "\n".join(hierarchical.suites_summary_markdown(outs))
     assert "seeds 5, 6" in text and "worst vs AutoNormal (MC s.e.)" in text
     assert text.count("AutoHVM (seed") == 2
+
+
+def test_goals_compare_autohvms_median_with_the_other_guides():
+    # AutoHVM best everywhere: every median goal must read met (the guides were once
+    # unpacked in SUITE_GUIDES order, which put AutoNormal's median in AutoHVM's place)
+    gaps = {"AutoNormal": 2.0, "AutoIAFNormal": 1.5, "AutoHVM": 0.5}
+    rows = [{"target": f"t{i}", "guide": g, "gap": gap * (1 + i / 10), "se": 0.01,
+             "multimodal": i == 0, "ms_per_step": 1.0, "family": "f"}
+            for i in range(3) for g, gap in gaps.items()]
+    out = {"rows": rows, "summary": hierarchical.summarize_suite(rows),
+           "step_time": {"median": 2.0}}
+    goals = hierarchical.suite_goals(out)
+    assert goals["median gap <= half AutoNormal's"]
+    assert goals["median gap <= AutoIAFNormal's"]
+    assert all(goals.values())
+    rows[2]["gap"] = 10.0  # AutoHVM on t0 far worse than AutoNormal
+    out["summary"] = hierarchical.summarize_suite(rows)
+    goals = hierarchical.suite_goals(out)
+    assert [k for k, v in goals.items() if not v] == [
+        "never worse than AutoNormal by > 2 MC s.e. (worse on t0)",
+        "multimodal: closes >= 70% of mean-field's gap (least -400%)",
+    ]
