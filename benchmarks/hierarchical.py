@@ -95,7 +95,7 @@ Why the 0.2.0 defaults still lost to AutoNormal on unseen targets (development s
   step time (over the 3x goal).
 - the start of the components: the search placed them at the best of its random
   candidates, often between modes or on a mode's flank. Letting the best
-  ``2 * num_components`` candidates climb to their local modes (50 Adam steps each, at
+  ``2 * num_components`` candidates climb to their local modes (40 Adam steps each, at
   setup) and seeding the components with the distinct modes: square3d 0.39 -> 0.22,
   mixture4d 0.36 -> 0.25, mixture7d 0.92 -> 0.46, gaussian10d 3.48 -> 1.04, banana4d 2.01
   -> 1.31 (AutoNormal 1.79) at ``K = 32``. It costs eight schools: its climbs end in the

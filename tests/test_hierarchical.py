@@ -671,22 +671,3 @@ def test_components_start_at_distinct_modes_found_by_the_search():
     raw()
     assert not (nearest(raw) < 0.3).all()
 
-
-def test_mode_search_drops_points_that_climb_a_density_without_bound():
-    # log p(z) = z1 (improper in z1: the carrier's log density is added back) has no mode:
-    # the climb never settles, so no point may seed a component as a "mode"; a bounded
-    # density's climbs do settle, at one mode
-    def ramp():
-        z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
-        pyro.factor("ramp", z[..., 0] + 0.5 * z[..., 0] ** 2)
-
-    def bowl():
-        pyro.sample("z", dist.Normal(torch.tensor([1.0, -1.0]), 0.5).to_event(1))
-
-    pyro.set_rng_seed(0)
-    for model, expected in [(ramp, 0), (bowl, 1)]:
-        pyro.clear_param_store()
-        guide = AutoHVM(model, init_search=0)
-        guide()
-        points = guide.loc0.detach() + torch.randn(4, guide.latent_dim)
-        assert len(guide._distinct_modes(points)) == expected

@@ -491,7 +491,7 @@ class AutoHVM(AutoContinuous):
         dreg: bool = True,
         init_search: int = 256,
         laplace_init: bool = False,
-        mode_search_steps: int = 50,
+        mode_search_steps: int = 40,
     ) -> None:
         if aux_dim is not None:
             check_size(aux_dim, "aux_dim")
@@ -677,22 +677,24 @@ class AutoHVM(AutoContinuous):
         """Local maxima of the joint density near ``points`` (best first), one per basin:
         each point climbs ``mode_search_steps`` Adam steps of size ``0.1 · init_scale``, and
         a climbed point counts as a new mode when it is farther than ``0.5 · init_scale``
-        from every mode kept so far. A point is dropped if its density cannot be
-        differentiated, climbs to a non-finite value, or is still moving (more than
-        ``0.25 · init_scale`` over the last fifth of the steps: a density that grows without
-        bound, like a funnel's neck, has no mode to start a component at). Shape
-        ``(M, D)``, ``M`` possibly 0."""
+        from every mode kept so far. A point whose density cannot be differentiated, or
+        climbs to a non-finite value, is dropped. Shape ``(M, D)``, ``M`` possibly 0.
+
+        A density that grows without bound (the neck of centered eight schools as
+        ``tau -> 0``) has no mode, and its climbs end wherever Adam's jitter balances the
+        pull: components started there cost eight schools about 2 nats (seeds 0 and 2).
+        Rejecting climbs still moving over their last steps was tried and dropped: with
+        a fixed step, Adam's jitter at a true mode in 7-10 dimensions moves as much, and
+        the check discarded real modes (development seed 0: mixture7d 0.46 -> 0.89,
+        gaussian10d 1.04 -> 3.31)."""
         if not self.mode_search_steps:
             return points[:0]
         climbed, scores = [], []
-        settle = max(self.mode_search_steps // 5, 1)
         for point in points:
             u = point.detach().clone().requires_grad_(True)
             optim = torch.optim.Adam([u], lr=0.1 * self._init_scale)
             try:
-                for step in range(self.mode_search_steps):
-                    if step == self.mode_search_steps - settle:
-                        before = u.detach().clone()
+                for _ in range(self.mode_search_steps):
                     optim.zero_grad()
                     with torch.enable_grad():  # the search runs under no_grad
                         loss = -self._log_joint_tensor(u, *args, **kwargs)
@@ -702,10 +704,6 @@ class AutoHVM(AutoContinuous):
                     optim.step()
                 score = self._log_joint_at(u.detach(), *args, **kwargs)
             except (ValueError, RuntimeError, NotImplementedError):
-                continue
-            if float((u.detach() - before).norm()) > 0.25 * self._init_scale:
-                # still climbing: no mode within reach, e.g. the neck of a funnel whose
-                # density grows without bound (centered eight schools as tau -> 0)
                 continue
             if math.isfinite(score):
                 climbed.append(u.detach())
