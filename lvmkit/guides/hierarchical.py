@@ -419,7 +419,9 @@ class AutoHVM(AutoContinuous):
     is below its ELBO by ``E KL(q(a | z) || r(a | z))``, which on the development suite was
     0.1-2.7 nats (``K = 32`` tightened the bound by that much at no change to ``q``), and
     PSIS diagnostics need ``log q(z)``, for which the IWHVI estimate with large ``K`` is the
-    honest input (set ``guide.num_aux_samples = 64`` before calling ``psis_khat``). The
+    honest input (set ``guide.num_aux_samples = 64`` before calling ``psis_khat``, with
+    ``vectorize=True``: the estimate is random given ``z``, so its re-scoring check cannot
+    match it). The
     older defaults (components
     at ``2 N(0, I)`` with unit scales around the init point, one uniform component draw
     per particle) let the shared parameters drag every component into one basin in the
