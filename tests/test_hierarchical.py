@@ -567,3 +567,107 @@ def test_default_autohvm_finds_the_modes_of_a_target_seen_through_squares():
     value, se = _bound(target.model, guide, guide.num_aux_samples, reps=2, particles=2000)
     # old defaults: 15 nats here; new: about 1.5 after these few steps
     assert target.log_Z - value < 3 * math.log(2)
+
+
+def test_residual_gaussian_is_one_parameter_tensor_and_starts_at_the_identity():
+    # one tensor instead of one per layer (Pyro keeps a torch optimizer per tensor); the
+    # output layer starts at zero, so loc = P (v - v0) and scale = init_scale exactly
+    from lvmkit.guides.hierarchical import _ResidualGaussian
+
+    net = _ResidualGaussian(3, 2, (5, 4), init_scale=0.3)
+    assert [name for name, _ in net.named_parameters()] == ["flat"]
+    assert net.flat.numel() == (3 * 5 + 5) + (5 * 4 + 4) + (4 * 4 + 4)
+    v = torch.randn(6, 3)
+    loc, scale = net(v, v0=1.0)
+    assert torch.allclose(loc, (v - 1.0)[:, :2])
+    assert torch.allclose(scale, torch.full((6, 2), 0.3), atol=1e-3)
+    with torch.no_grad():
+        net.flat.normal_()
+    loc, scale = net(v, detach=True)
+    assert not loc.requires_grad and not scale.requires_grad
+    v.requires_grad_(True)
+    loc, _ = net(v, detach=True)
+    (grad,) = torch.autograd.grad(loc.sum(), v)  # v stays live when the weights are held
+    assert grad.abs().sum() > 0
+    loc_live, _ = net(v.detach())
+    (g_flat,) = torch.autograd.grad(loc_live.sum(), net.flat)
+    assert g_flat.abs().sum() > 0
+
+
+def test_laplace_init_starts_at_the_mean_field_optimum_of_a_gaussian():
+    # for a Gaussian posterior with precision L the reverse-KL mean-field optimum has
+    # variances 1 / L_ii: the guide's global scale starts there, whatever init_scale says
+    cov = torch.tensor([[1.0, 0.6, 0.0], [0.6, 0.5, 0.1], [0.0, 0.1, 4.0]])
+    loc = torch.tensor([1.0, -2.0, 0.5])
+
+    def model():
+        pyro.sample("z", dist.MultivariateNormal(loc, cov))
+
+    pyro.set_rng_seed(0)
+    # the Hessian of a Gaussian is the same everywhere: no search needed
+    guide = AutoHVM(model, init_scale=1.0, laplace_init=True, init_search=0)
+    guide()
+    expected = torch.linalg.inv(cov).diagonal().rsqrt()
+    assert torch.allclose(guide.log_scale0.exp().detach(), expected, rtol=1e-4)
+    pyro.clear_param_store()
+    off = AutoHVM(model, init_scale=0.7, init_search=0)  # the default: no Laplace
+    off()
+    assert torch.allclose(off.log_scale0.exp().detach(), torch.full((3,), 0.7))
+
+
+def test_laplace_init_keeps_init_scale_where_the_curvature_is_not_positive():
+    # u0 at a local minimum of the density in the first coordinate (log p = +z1^2 / 2 near
+    # 0, bounded by the quartic): its curvature is negative, so that coordinate falls back
+    def model():
+        z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        pyro.factor("bump", z[..., 0] ** 2 - 0.05 * z[..., 0] ** 4)
+
+    pyro.set_rng_seed(0)
+    guide = AutoHVM(model, init_scale=0.6, init_search=0, laplace_init=True)
+    guide()
+    scale = guide.log_scale0.exp().detach()
+    assert torch.allclose(scale, torch.tensor([0.6, 1.0]), atol=1e-5)
+
+
+def test_component_means_keep_their_positions_under_the_laplace_scale():
+    # the searched component means are found in units of init_scale and rescaled to the
+    # Laplace scale: u0 + s * a must land on the same points either way
+    from lvmkit.models.target_suite import SquaredObservationTarget
+
+    target = SquaredObservationTarget([2.5, 1.8], [0.4, 0.5])
+    points = []
+    for laplace in (False, True):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(3)  # the same search either way
+        guide = AutoHVM(target.model, laplace_init=laplace, init_search=64,
+                        mode_search_steps=0)
+        guide()
+        with torch.no_grad():
+            points.append(guide.loc0 + guide.log_scale0.exp() * guide.aux_locs)
+    assert torch.allclose(points[0], points[1], atol=1e-5)
+
+
+def test_components_start_at_distinct_modes_found_by_the_search():
+    # three separated modes in 4-D: the searched candidates climb to their local maxima, so
+    # each mode gets a component at it (the raw candidates alone land between modes)
+    from lvmkit.models.target_suite import GaussianMixtureTarget
+
+    locs = torch.tensor([[3.0, 0.0, 0.0, 1.0], [-2.0, 2.0, 0.0, 0.0], [0.0, -2.5, 1.5, -1.0]])
+    weights = torch.tensor([0.4, 0.3, 0.3], dtype=torch.float64)
+    target = GaussianMixtureTarget(locs, torch.full((3, 4), 0.4), weights)
+
+    def nearest(guide):
+        with torch.no_grad():
+            points = guide.loc0 + guide.log_scale0.exp() * guide.aux_locs
+        return torch.cdist(locs.float(), points).amin(-1)
+
+    pyro.set_rng_seed(0)
+    guide = AutoHVM(target.model, num_components=4)
+    guide()
+    assert (nearest(guide) < 0.3).all()
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    raw = AutoHVM(target.model, num_components=4, mode_search_steps=0)
+    raw()
+    assert not (nearest(raw) < 0.3).all()
+
