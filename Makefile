@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 OUT ?= results/demo
 
-.PHONY: install demo test test-arviz1 test-slow lint bench bench-runner bench-estimators bench-step-time bench-hierarchical bench-distributed bench-modern notebooks notebooks-full docs wheel-smoke clean
+.PHONY: install demo test test-arviz1 test-slow lint bench bench-runner bench-estimators bench-step-time bench-step-time-both bench-hierarchical bench-suite bench-vae-aux bench-distributed bench-modern notebooks notebooks-full docs wheel-smoke clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,7 +46,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check lvmkit tests benchmarks
 
 # Benchmarks (see the README's table); each writes results/bench_*.json and .md.
-bench: bench-runner bench-estimators bench-step-time bench-hierarchical bench-distributed bench-modern
+bench: bench-runner bench-estimators bench-step-time bench-hierarchical bench-suite bench-vae-aux bench-distributed bench-modern
 
 bench-runner: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) benchmarks/runner.py
@@ -61,6 +61,23 @@ bench-step-time: $(STAMP)
 
 bench-hierarchical: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) benchmarks/hierarchical.py
+
+# REBAR step time at the two batch sizes of the README's table.
+bench-step-time-both: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) benchmarks/step_time.py --steps 80 --warmup 10 --rounds 3 --batch-size 24 --out results/step_time_24.json
+	OMP_NUM_THREADS=1 $(PY) benchmarks/step_time.py --steps 30 --warmup 5 --rounds 3 --batch-size 256 --out results/step_time_256.json
+
+# Random target suite on two held-out seeds (AutoHVM's defaults were chosen on seeds 0 and 2).
+SUITE_SEEDS ?= 4 5
+bench-suite: $(STAMP)
+	for s in $(SUITE_SEEDS); do OMP_NUM_THREADS=1 $(PY) benchmarks/hierarchical.py --suite --seed $$s --n 20 --steps 600 --eval-particles 2000 --eval-reps 3 --out results/suite_$$s || exit 1; done
+	OMP_NUM_THREADS=1 $(PY) benchmarks/hierarchical.py --merge $(foreach s,$(SUITE_SEEDS),results/suite_$(s)/bench_hierarchical.json) --out results
+
+# Mean-field against auxiliary and IWHVI VAE encoders on MNIST-5k, 3 seeds (about 2 hours here).
+bench-vae-aux: $(STAMP)
+	PYTHONPATH=. OMP_NUM_THREADS=1 $(PY) benchmarks/vae_aux.py run --steps 3000 --test-images 500
+	PYTHONPATH=. OMP_NUM_THREADS=1 $(PY) benchmarks/vae_aux.py timing
+	PYTHONPATH=. OMP_NUM_THREADS=1 $(PY) benchmarks/vae_aux.py report --notes benchmarks/vae_aux_notes.md
 
 # RLOO, Double CV, RODEO, DisARM (K = 2) and those with REBAR, RELAX (K = 3) on full,
 # dynamically binarised Fashion-MNIST from Debian's package (installed here, never at import).
