@@ -315,7 +315,8 @@ class RebarELBO(Trace_ELBO):
             f"{self.estimator_name.lower()}_controls_{next(_instance_ids)}")
         self.controls = ControlParameters(temperature, learn_temperature)
         self.tracker = GradientVariance(variance_ema_decay)
-        self._last: dict[str, float] = {}
+        # detached tensors, read out as floats on demand: no host sync in the step
+        self._last: dict[str, torch.Tensor | float] = {}
         self._keys_seen: list[str] = []
         # per model/guide pair: _REFERENCE, or the fused pass's plate dimension
         self._paths = _PairDecisions()
@@ -346,11 +347,14 @@ class RebarELBO(Trace_ELBO):
         of the EMA per-coordinate gradient variance averaged over guide coordinates."""
         out = {"temperature": self.temperature}
         out.update({f"eta/{k}": v for k, v in self.eta.items()})
-        out.update(self._last)
+        out.update(self._last_floats())
         log_variance = self.tracker.log_variance()
         if log_variance is not None:
             out["log_grad_variance"] = log_variance
         return out
+
+    def _last_floats(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self._last.items()}
 
     def optim_args(self, base: dict) -> Callable[[str], dict]:
         """Per-parameter arguments for a ``pyro.optim`` optimizer: ``base`` for every
@@ -377,7 +381,7 @@ class RebarELBO(Trace_ELBO):
             "controls": {k: v.detach().clone() for k, v in self.controls.state_dict().items()},
             "tracker": self.tracker.state_dict(),
             "keys_seen": list(self._keys_seen),
-            "last": dict(self._last),
+            "last": self._last_floats(),
             "module_name": self.module_name,
         }
 
@@ -689,7 +693,7 @@ class RebarELBO(Trace_ELBO):
         if learn:
             objective = sum((g**2).sum() for g in squared)
             self.tracker.update(total)
-            self._last = {"variance_objective": float(objective.detach())}
+            self._last = {"variance_objective": objective.detach()}
             learnables = self._learnables(etas)
             if learnables and objective.requires_grad:
                 variance_grads = torch.autograd.grad(
