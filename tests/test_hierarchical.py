@@ -671,3 +671,37 @@ def test_components_start_at_distinct_modes_found_by_the_search():
     raw()
     assert not (nearest(raw) < 0.3).all()
 
+
+
+@pytest.mark.parametrize("guide_class", ["AutoDiagonalNormal", "AutoIAFNormal", "AutoHVM",
+                                         "AutoGuideList"])
+def test_check_auxiliary_guide_accepts_joint_autoguides(guide_class):
+    """An AutoContinuous guide's joint latent is a bijection of the model's latents, not an
+    auxiliary variable: check_auxiliary_guide refused every one of them before."""
+    from pyro.infer import autoguide
+
+    from lvmkit.guides.hierarchical import check_auxiliary_guide
+
+    def model():
+        a = pyro.sample("a", dist.Normal(0.0, 1.0))
+        pyro.sample("b", dist.LogNormal(a, 1.0).expand([2]).to_event(1))
+
+    pyro.clear_param_store()
+    if guide_class == "AutoHVM":
+        guide = AutoHVM(model)
+    elif guide_class == "AutoGuideList":
+        guide = autoguide.AutoGuideList(model)
+        guide.append(autoguide.AutoDiagonalNormal(poutine.block(model, expose=["a"])))
+        guide.append(autoguide.AutoDiagonalNormal(poutine.block(model, expose=["b"])))
+    else:
+        guide = getattr(autoguide, guide_class)(model)
+    check_auxiliary_guide(model, guide)  # raised ValueError before
+
+    class Leaky(autoguide.AutoDiagonalNormal):  # a genuine auxiliary, no reverse density
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            pyro.sample("extra", dist.Normal(0.0, 1.0), infer={"is_auxiliary": True})
+            return out
+
+    with pytest.raises(ValueError, match="guide site 'extra'"):
+        check_auxiliary_guide(model, Leaky(model))

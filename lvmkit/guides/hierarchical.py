@@ -236,7 +236,7 @@ def check_auxiliary_guide(model: Callable, guide: Callable, *args, **kwargs) -> 
         for name, site in model_trace.nodes.items()
         if site["type"] == "sample" and not site["is_observed"]
     }
-    corrected: set[str] = set()
+    corrected: set[str] = _joint_latent_names(guide)
     for site in guide_trace.nodes.values():
         if site["type"] == "sample":
             corrected.update(site["infer"].get("reverse_for", ()))
@@ -251,6 +251,21 @@ def check_auxiliary_guide(model: Callable, guide: Callable, *args, **kwargs) -> 
                 " corrects it: the objective would not be a lower bound. Add "
                 f"lvmkit.guides.hierarchical.reverse_factor(..., reverse_for=[{name!r}])"
             )
+
+
+def _joint_latent_names(guide: Callable) -> set[str]:
+    """The joint latent sites of Pyro's ``AutoContinuous`` guides inside ``guide``.
+
+    Such a site is a bijection of the model's latents (its Delta sites carry the
+    log-Jacobians), not a random auxiliary variable, so it needs no reverse density.
+    """
+    from pyro.infer.autoguide import AutoContinuous, AutoGuideList
+
+    if isinstance(guide, AutoContinuous):
+        return {f"_{guide._pyro_name}_latent"}
+    if isinstance(guide, AutoGuideList):
+        return set().union(*(_joint_latent_names(part) for part in guide))
+    return set()
 
 
 _LAPLACE_MAX_DIM = 100
