@@ -7,6 +7,8 @@ needs the learning signal ``f`` at both.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pyro.distributions as dist
 import torch
 from pyro.distributions.util import is_identically_zero
@@ -93,6 +95,51 @@ def check_antithetic_site(name: str, site: dict, estimator: str, kinds: tuple[st
     )
 
 
+def antithetic_traces(model, guide, args, kwargs, max_plate_nesting: float, noise_type: type,
+                      select: Callable[[str, dict], bool], uniform_key: str, signal_key: str,
+                      value_key: str | None = None, warn_enumerated: bool = False):
+    """Model and guide traces of one draw, with each selected guide site's antithetic signal.
+
+    For every site that ``select`` accepts (it refuses unsupported ones), the program runs
+    again with that site's uniforms flipped (``u -> 1 - u``), its upstream noise and the
+    subsamples fixed; the learning signal of that run, summed to the site's plates, goes
+    into ``site["infer"][signal_key]`` (and, with ``value_key``, the antithetic value).
+
+    :param noise_type: a :class:`_BernoulliNoise` (sub)class that records each site's
+        uniforms under ``uniform_key``.
+    :param warn_enumerated: give Pyro's warning for guide sites marked for enumeration
+        first (under validation).
+    """
+    noise = noise_type()
+    model_trace, guide_trace = get_importance_trace(
+        "flat", max_plate_nesting, model, noise(guide), args, kwargs
+    )
+    if warn_enumerated and is_validation_enabled():
+        check_if_enumerated(guide_trace)  # Pyro's warning, before ours refuses the site
+    selected = [name for name, site in latent_guide_sites(guide_trace) if select(name, site)]
+    uniforms = {name: guide_trace.nodes[name]["infer"][uniform_key] for name in selected}
+    subsamples = {
+        name: value
+        for name, value in noise.values.items()
+        if name not in guide_trace.nodes or site_is_subsample(guide_trace.nodes[name])
+    }
+    for name in selected:
+        upstream = noise.order[: noise.order.index(name)]
+        fixed = {n: noise.values[n] for n in upstream if n not in uniforms}
+        flipped = {**uniforms, name: 1.0 - uniforms[name]}
+        with torch.no_grad():
+            anti_model, anti_guide = get_importance_trace(
+                "flat", max_plate_nesting, model,
+                noise_type(flipped, {**subsamples, **fixed})(guide), args, kwargs,
+            )
+            site = guide_trace.nodes[name]
+            signal = _compute_log_r(anti_model, anti_guide).sum_to(site["cond_indep_stack"])
+            site["infer"][signal_key] = signal
+            if value_key is not None:
+                site["infer"][value_key] = anti_guide.nodes[name]["value"]
+    return model_trace, guide_trace
+
+
 def antithetic_loss_particle(model_trace, guide_trace, key: str, site_surrogate):
     """``(loss, surrogate loss)`` of one particle for an estimator that pairs each marked
     guide site with an antithetic draw: Trace_ELBO's ELBO and pathwise terms, plus
@@ -165,37 +212,10 @@ class ARMELBO(Trace_ELBO):
         )
 
     def _get_trace(self, model, guide, args, kwargs):
-        noise = _BernoulliNoise()
-        model_trace, guide_trace = get_importance_trace(
-            "flat", self.max_plate_nesting, model, noise(guide), args, kwargs
+        return antithetic_traces(
+            model, guide, args, kwargs, self.max_plate_nesting, _BernoulliNoise,
+            self._check_site, _UNIFORM, _ANTITHETIC, warn_enumerated=True,
         )
-        if is_validation_enabled():
-            check_if_enumerated(guide_trace)  # Pyro's warning, before ours refuses the site
-        latents = latent_guide_sites(guide_trace)
-        bernoulli = [name for name, site in latents if self._check_site(name, site)]
-        uniforms = {name: guide_trace.nodes[name]["infer"][_UNIFORM] for name in bernoulli}
-        subsamples = {
-            name: value
-            for name, value in noise.values.items()
-            if name not in guide_trace.nodes or site_is_subsample(guide_trace.nodes[name])
-        }
-        for name in bernoulli:
-            upstream = noise.order[: noise.order.index(name)]
-            fixed = {n: noise.values[n] for n in upstream if n not in uniforms}
-            flipped = {**uniforms, name: 1.0 - uniforms[name]}
-            with torch.no_grad():
-                anti_model, anti_guide = get_importance_trace(
-                    "flat",
-                    self.max_plate_nesting,
-                    model,
-                    _BernoulliNoise(flipped, {**subsamples, **fixed})(guide),
-                    args,
-                    kwargs,
-                )
-                signal = _compute_log_r(anti_model, anti_guide)
-                stack = guide_trace.nodes[name]["cond_indep_stack"]
-                guide_trace.nodes[name]["infer"][_ANTITHETIC] = signal.sum_to(stack)
-        return model_trace, guide_trace
 
     def _differentiable_loss_particle(self, model_trace, guide_trace):
         return antithetic_loss_particle(model_trace, guide_trace, _ANTITHETIC,

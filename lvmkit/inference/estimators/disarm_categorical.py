@@ -8,20 +8,17 @@ from __future__ import annotations
 
 import torch
 from pyro.infer import Trace_ELBO
-from pyro.infer.enum import get_importance_trace
-from pyro.infer.trace_elbo import _compute_log_r
-from pyro.poutine.util import site_is_subsample
 
 from lvmkit.inference.estimators._score import BERNOULLI, ONEHOT, element_mask
 from lvmkit.inference.estimators.arm import (
     _BernoulliNoise,
     antithetic_loss_particle,
+    antithetic_traces,
     check_antithetic_site,
 )
 from lvmkit.inference.estimators.nvil import (
     discrete_kind,
     innermost,
-    latent_guide_sites,
 )
 
 __all__ = ["CategoricalDisARMELBO", "stick_logits"]
@@ -151,30 +148,10 @@ class CategoricalDisARMELBO(Trace_ELBO):
         )
 
     def _get_trace(self, model, guide, args, kwargs):
-        noise = _CoupledNoise()
-        model_trace, guide_trace = get_importance_trace(
-            "flat", self.max_plate_nesting, model, noise(guide), args, kwargs
+        return antithetic_traces(
+            model, guide, args, kwargs, self.max_plate_nesting, _CoupledNoise,
+            self._check_site, _UNIFORM, _ANTITHETIC, value_key=_ANTI_VALUE,
         )
-        discrete = [n for n, s in latent_guide_sites(guide_trace) if self._check_site(n, s)]
-        uniforms = {n: guide_trace.nodes[n]["infer"][_UNIFORM] for n in discrete}
-        subsamples = {
-            n: v for n, v in noise.values.items()
-            if n not in guide_trace.nodes or site_is_subsample(guide_trace.nodes[n])
-        }
-        for name in discrete:
-            upstream = noise.order[: noise.order.index(name)]
-            fixed = {n: noise.values[n] for n in upstream if n not in uniforms}
-            flipped = {**uniforms, name: 1.0 - uniforms[name]}
-            with torch.no_grad():
-                anti_model, anti_guide = get_importance_trace(
-                    "flat", self.max_plate_nesting, model,
-                    _CoupledNoise(flipped, {**subsamples, **fixed})(guide), args, kwargs,
-                )
-                site = guide_trace.nodes[name]
-                signal = _compute_log_r(anti_model, anti_guide).sum_to(site["cond_indep_stack"])
-                site["infer"][_ANTITHETIC] = signal
-                site["infer"][_ANTI_VALUE] = anti_guide.nodes[name]["value"]
-        return model_trace, guide_trace
 
     def _differentiable_loss_particle(self, model_trace, guide_trace):
         return antithetic_loss_particle(model_trace, guide_trace, _ANTITHETIC,
