@@ -444,6 +444,21 @@ def mark_relaxed(value: torch.Tensor, site: str, estimator: str) -> RelaxedValue
     return marked
 
 
+def hard_record(hard: HardPass, msg: dict) -> SiteRecord | None:
+    """The hard pass's record of a relaxed pass's latent sample site; ``None`` for other sites.
+
+    A subsample site is fixed to the hard pass's indices on the way, so that every pass
+    sees the same mini-batch.
+    """
+    if site_is_subsample(msg):
+        if msg["name"] in hard.subsamples:
+            msg["value"] = hard.subsamples[msg["name"]]
+        return None
+    if msg["is_observed"]:
+        return None
+    return hard.records.get(msg["name"])
+
+
 class RelaxedReplay(Messenger):
     """Replay the guide with relaxed discrete values built from ``noise``.
 
@@ -485,12 +500,8 @@ class RelaxedReplay(Messenger):
         self._sampled_nodes: list = []  # autograd nodes of values sampled in this pass
 
     def _pyro_sample(self, msg) -> None:
-        if site_is_subsample(msg):
-            if msg["name"] in self.hard.subsamples:
-                msg["value"] = self.hard.subsamples[msg["name"]]
-            return
-        record = self.hard.records.get(msg["name"])
-        if record is None or msg["is_observed"]:
+        record = hard_record(self.hard, msg)
+        if record is None:
             return
         if record.relaxed:
             logits = full_logits(msg["fn"])
@@ -655,12 +666,8 @@ class FusedRelaxedReplay(Messenger):
         self._sampled_nodes: list = []
 
     def _pyro_sample(self, msg) -> None:
-        if site_is_subsample(msg):
-            if msg["name"] in self.hard.subsamples:
-                msg["value"] = self.hard.subsamples[msg["name"]]
-            return
-        record = self.hard.records.get(msg["name"])
-        if record is None or msg["is_observed"]:
+        record = hard_record(self.hard, msg)
+        if record is None:
             return
         name, fn = msg["name"], msg["fn"]
         if not record.relaxed:
