@@ -29,6 +29,7 @@ from __future__ import annotations
 import atexit
 import datetime
 import os
+import sys
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -136,6 +137,7 @@ def setup(device: str | torch.device = "cpu", timeout_s: float | None = None
         owns = True
         # The group outlives this call (fit may be called again in the same job).
         atexit.register(_destroy_if_initialised)
+        _note_uncaught_exceptions()
     return DistributedContext(rank=dist.get_rank(), world_size=dist.get_world_size(),
                               device=device, owns_group=owns)
 
@@ -160,9 +162,33 @@ def teardown(context: DistributedContext) -> None:
         dist.destroy_process_group()
 
 
+_exiting_on_exception = False
+
+
+def _note_uncaught_exceptions() -> None:
+    """Chain ``sys.excepthook`` so that the exit handler knows whether this process is
+    leaving on an uncaught exception."""
+    previous = sys.excepthook
+
+    def hook(*exc_info):
+        global _exiting_on_exception
+        _exiting_on_exception = True
+        previous(*exc_info)
+
+    sys.excepthook = hook
+
+
 def _destroy_if_initialised() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    if not dist.is_initialized():
+        return
+    # A rank that destroys its group and exits while a peer is still working (rank 0
+    # evaluates alone after fit) aborts the peer's gloo threads ("terminate called
+    # without an active exception", about one run in three here): ranks leaving normally
+    # meet first. A rank leaving on an exception does not wait for peers that may never
+    # come; torchrun then stops them.
+    if not _exiting_on_exception:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def shard(indices: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
