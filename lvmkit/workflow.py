@@ -249,6 +249,10 @@ def train_and_evaluate(
     # init_data: SBNs collapse to their prior without it (a resumed checkpoint overwrites it)
     model_fn, guide = build(model, train_set.x.shape[1], init_data=train_set.x, **model_kwargs)
     elbo = make_estimator(estimator, num_particles)
+    if getattr(elbo, "fuse_passes", False) is None:
+        # lvmkit's models broadcast over dimensions left of their plates (tests check it
+        # for each), so REBAR-type estimators may take their fast path on them
+        elbo.fuse_passes = True
     files: dict[str, Path] = {}
     if out is not None:
         files["run"] = write_json(

@@ -31,7 +31,7 @@ logging.getLogger("pyro").setLevel(logging.WARNING)
 
 ESTIMATORS = {
     "rebar": lambda **kw: RebarELBO(**kw),
-    "rebar-unfused": lambda **kw: RebarELBO(fuse_passes=False, **kw),
+    "rebar-fused": lambda **kw: RebarELBO(fuse_passes=True, **kw),
     "relax": lambda **kw: RelaxELBO(**kw),
     "concrete": lambda **kw: ConcreteELBO(**kw),
     "nvil": lambda **kw: NVILELBO(**kw),
@@ -39,7 +39,7 @@ ESTIMATORS = {
     "arm": lambda **kw: ARMELBO(**kw),
     "disarm": lambda **kw: DisARMELBO(**kw),
 }
-RELAXING = ["rebar", "rebar-unfused", "relax", "concrete"]
+RELAXING = ["rebar", "rebar-fused", "relax", "concrete"]
 
 
 def _prob():
@@ -142,9 +142,43 @@ def test_models_that_assert_their_shapes(name):
         assert elbo.path(model, guide) == "reference"
 
 
+@pytest.mark.parametrize("options", [{"fuse_passes": True},
+                                     {"vectorize_particles": True, "max_plate_nesting": 4}])
+def test_asking_for_the_fast_path_on_a_model_that_asserts_its_shapes_fails_loudly(options):
+    """The fast path is asked for (``fuse_passes=True``, or ``vectorize_particles``, Pyro's
+    declaration that the model broadcasts): a model that cannot run it is refused on the
+    first call, with the way out, and not run on another path behind the user's back."""
+    from lvmkit.inference.estimators import EstimatorError
+
+    model, guide = _dim_allocation("p_model", 0.4), _dim_allocation("p_guide", 0.7)
+    elbo = RebarELBO(**options)
+    with pytest.raises(EstimatorError, match="(?s)first call.*AssertionError.*fuse_passes=False"):
+        elbo.loss_and_grads(model, guide)
+
+
+def test_a_model_that_reduces_over_the_pass_dimension_is_refused():
+    """A model that runs fused but mixes the pass dimension into its numbers (a sum over
+    dimension 0 of a value that carries it) would be silently wrong: refused, naming the
+    site whose log-probability differs."""
+    from lvmkit.inference.estimators import EstimatorError
+
+    def model():
+        with pyro.plate("data", 3):
+            b = pyro.sample("b", dist.Bernoulli(0.5))
+        mixed = b.sum(0)  # over the data plate; fused, over the passes too
+        pyro.sample("y", dist.Normal(mixed, 1.0), obs=torch.zeros(mixed.shape))
+
+    with pytest.raises(EstimatorError, match="site 'y'.*fuse_passes=False"):
+        RebarELBO(fuse_passes=True).loss_and_grads(model, _enum_guide_plain)
+    elbo = RebarELBO()  # the reference path, by default
+    elbo.loss_and_grads(model, _enum_guide_plain)
+    assert elbo.path(model, _enum_guide_plain) == "reference"
+
+
 def test_the_path_is_decided_once_per_model_and_guide(monkeypatch):
-    """The fused pass is tried once, on the first call (checked against the separate passes
-    on the same noise), not attempted and caught on every call."""
+    """The path comes from the first trace: the reference path by default, without trying
+    the fused pass at all; the fast path where it is asked for, checked once on the first
+    call and then run alone."""
     import lvmkit.inference.estimators.rebar as rebar_module
 
     calls = []
@@ -159,11 +193,17 @@ def test_the_path_is_decided_once_per_model_and_guide(monkeypatch):
     model, guide = _dim_allocation("p_model", 0.4), _dim_allocation("p_guide", 0.7)
     for _ in range(4):
         elbo.loss_and_grads(model, guide)
-    assert len(calls) == 1
-    calls.clear()
+        elbo.loss_and_grads(_enum_model, _enum_guide_plain)
+    assert not calls
+    assert elbo.path(model, guide) == elbo.path(_enum_model, _enum_guide_plain) == "reference"
+    elbo = RebarELBO(fuse_passes=True)
+    checks = []
+    monkeypatch.setattr(elbo, "_reference_passes",
+                        lambda *a: checks.append(True) or RebarELBO._reference_passes(elbo, *a))
     for _ in range(4):
         elbo.loss_and_grads(_enum_model, _enum_guide_plain)
-    assert len(calls) == 4 and elbo.path(_enum_model, _enum_guide_plain) == "fused"
+    assert len(calls) == 4 and len(checks) == 1
+    assert elbo.path(_enum_model, _enum_guide_plain) == "fused"
 
 
 @pytest.mark.parametrize("name", list(ESTIMATORS))
@@ -518,7 +558,7 @@ def test_decisions_are_forgotten_with_the_model_and_guide():
     check)."""
     import gc
 
-    elbo = RebarELBO()
+    elbo = RebarELBO(fuse_passes=True)
 
     def make():
         def model():

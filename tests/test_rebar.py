@@ -783,7 +783,7 @@ def test_one_estimator_fuses_models_with_different_plate_nesting():
         with pyro.plate("data", x.shape[0], dim=-2), pyro.plate("pixels", 4, dim=-1):
             pyro.sample("zn", dist.Bernoulli(logits=x * v))
 
-    elbo = RebarELBO()
+    elbo = RebarELBO(fuse_passes=True)
     elbo.loss_and_grads(sbn_model, sbn_guide, X2)  # one plate
     elbo.loss_and_grads(nested_model, nested_guide, X2)  # two: the pass plate moves left
     assert elbo.path(sbn_model, sbn_guide) == elbo.path(nested_model, nested_guide) == "fused"
@@ -793,8 +793,10 @@ def test_one_estimator_fuses_models_with_different_plate_nesting():
 
 @pytest.mark.parametrize("name", ["continuous", "opt_out", "no_broadcast"])
 def test_fused_pass_falls_back_where_it_cannot_run(name, monkeypatch):
-    """Continuous or opted-out guide latents, or a model that does not broadcast over the
-    pass plate: the separate passes run, with the same random draws as without fusing."""
+    """Continuous or opted-out guide latents (seen in the first trace) run the separate
+    passes even where the fast path is asked for, with the same random draws as without
+    it; a model that does not broadcast over the pass plate runs them by default and is
+    refused where the fast path is asked for."""
     if name == "continuous":
         model, guide, x, _ = MODELS["continuous"]
     elif name == "opt_out":
@@ -810,9 +812,12 @@ def test_fused_pass_falls_back_where_it_cannot_run(name, monkeypatch):
                 flat = z.reshape(x.shape[0], 3)  # breaks on a stacked leading dimension
                 pyro.sample("x", dist.Bernoulli(logits=flat @ w).to_event(1), obs=x)
 
+    if name == "no_broadcast":
+        with pytest.raises(EstimatorError, match="(?s)RuntimeError.*fuse_passes=False"):
+            RebarELBO(fuse_passes=True).loss_and_grads(model, guide, x)
     clear_grads()
     pyro.set_rng_seed(8)
-    elbo = RebarELBO()
+    elbo = RebarELBO(fuse_passes=None if name == "no_broadcast" else True)
     elbo.loss_and_grads(model, guide, x)
     assert elbo.path(model, guide) == "reference", "the fused pass claimed a case it cannot run"
     first = param_grads()
@@ -956,7 +961,7 @@ _minibatch_guide.seen = []
 X_MB = torch.tensor([0.5, -1.0, 2.0, 0.1])
 
 
-@pytest.mark.parametrize("estimator", ["rebar", "rebar-unfused", "relax", "concrete"])
+@pytest.mark.parametrize("estimator", ["rebar", "rebar-fused", "relax", "concrete"])
 def test_every_pass_of_a_step_sees_the_hard_pass_minibatch(estimator):
     """Regression: the relaxed passes re-ran the guide's subsampling plate and drew other
     indices than the hard pass (whenever the passes were not fused), so the control variate
@@ -965,7 +970,7 @@ def test_every_pass_of_a_step_sees_the_hard_pass_minibatch(estimator):
     from lvmkit.inference.estimators.concrete import ConcreteELBO
     from lvmkit.inference.estimators.relax import RelaxELBO
 
-    make = {"rebar": RebarELBO, "rebar-unfused": lambda: RebarELBO(fuse_passes=False),
+    make = {"rebar": RebarELBO, "rebar-fused": lambda: RebarELBO(fuse_passes=True),
             "relax": RelaxELBO, "concrete": ConcreteELBO}[estimator]
     elbo = make()
     for step in range(5):
@@ -1004,3 +1009,19 @@ def test_unbiased_over_random_minibatches(fuse):
     target = torch.cat([exact[n].reshape(-1) for n in exact]).double()
     z = (draws.mean(0) - target) / (draws.std(0) / math.sqrt(len(draws)))
     assert z.abs().max() < 4.0, z
+
+
+@pytest.mark.parametrize("name", ["sbn-linear", "sbn-linear2", "sbn-nonlinear",
+                                  "categorical-vae"])
+def test_lvmkit_models_run_the_fast_path(name):
+    """train_and_evaluate runs lvmkit's own discrete models fused: each must pass the
+    first call's check against the separate passes (which would raise otherwise)."""
+    from lvmkit.models import build
+
+    pyro.clear_param_store()
+    x = torch.bernoulli(torch.full((5, 6), 0.4), generator=torch.Generator().manual_seed(0))
+    model, guide = build(name, x_dim=6, init_data=x)
+    for fuse in (True, None):
+        elbo = RebarELBO(fuse_passes=fuse)
+        elbo.loss_and_grads(model, guide, x)
+        assert elbo.path(model, guide) == ("fused" if fuse else "reference")
