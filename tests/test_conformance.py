@@ -183,12 +183,14 @@ def test_the_path_is_decided_once_per_model_and_guide(monkeypatch):
 
     calls = []
 
-    def spy(*args, **kwargs):
-        calls.append(True)
-        return original(*args, **kwargs)
+    def spy(original):
+        def traced(*args, **kwargs):
+            calls.append(True)
+            return original(*args, **kwargs)
+        return traced
 
-    original = rebar_module.fused_traces
-    monkeypatch.setattr(rebar_module, "fused_traces", spy)
+    for name in ("fused_traces", "reused_guide_traces"):
+        monkeypatch.setattr(rebar_module, name, spy(getattr(rebar_module, name)))
     elbo = RebarELBO()
     model, guide = _dim_allocation("p_model", 0.4), _dim_allocation("p_guide", 0.7)
     for _ in range(4):

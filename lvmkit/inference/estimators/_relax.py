@@ -537,14 +537,18 @@ def detach_safe(logits: torch.Tensor, sampled_nodes: list) -> bool:
 
 
 class RelaxedScores(Messenger):
-    """In the model, score the relaxed sites with the continuous extension of log p."""
+    """In the model, score the relaxed sites with the continuous extension of log p (and,
+    given the ``hard`` pass, draw its mini-batch where no guide trace replays it)."""
 
-    def __init__(self, names: Iterable[str]) -> None:
+    def __init__(self, names: Iterable[str], hard: HardPass | None = None) -> None:
         super().__init__()
         self.names = set(names)
+        self.hard = hard
 
     def _pyro_sample(self, msg) -> None:
-        if msg["name"] in self.names and not msg["is_observed"]:
+        if self.hard is not None and site_is_subsample(msg):
+            hard_record(self.hard, msg)
+        elif msg["name"] in self.names and not msg["is_observed"]:
             msg["fn"] = with_relaxed_scores(msg["fn"])
 
 
@@ -736,6 +740,110 @@ def fused_traces(
         return [
             (_fused_view(model_trace, pass_dim, k), _fused_view(guide_trace, pass_dim, k),
              replay.relaxed_values[k])
+            for k in range(FUSED_PASSES)
+        ]
+
+
+def guide_is_reusable(guide: Callable, args: tuple, kwargs: dict, hard: HardPass,
+                      guide_trace, noise: dict[str, torch.Tensor], temperature) -> bool:
+    """Whether the relaxed passes may reuse the hard pass's guide logits instead of
+    running the guide again: its only sample sites are relaxed latents and no site's
+    logits depend on another site's value (a one-layer encoder, as in the hand-written
+    REBAR). Checked by running the guide once with every relaxed value a fresh leaf
+    tensor: a site whose logits reach an earlier leaf in the autograd graph, or differ
+    from the hard pass's logits (a dependence that the graph does not show), is not
+    reusable. Not a ``try``: the guide ran on these relaxed values in the reference pass.
+    """
+    latents = {r.name for r in hard.relaxed}
+    sample_sites = {name for name, site in guide_trace.nodes.items()
+                    if site["type"] == "sample" and not site_is_subsample(site)}
+    if sample_sites != latents or len(latents) != len(hard.records):
+        return False
+    probe = _LogitsProbe(hard, noise, temperature)
+    with poutine.block():
+        poutine.trace(probe(guide)).get_trace(*args, **kwargs)
+    return probe.independent
+
+
+class _LogitsProbe(Messenger):
+    """Replay the guide with relaxed values as fresh leaves; note any site whose logits
+    depend on an earlier one (see :func:`guide_is_reusable`)."""
+
+    def __init__(self, hard: HardPass, noise: dict[str, torch.Tensor], temperature) -> None:
+        super().__init__()
+        self.hard, self.noise, self.temperature = hard, noise, temperature
+        self.leaves: list[torch.Tensor] = []
+        self.independent = True
+
+    def _pyro_sample(self, msg) -> None:
+        record = hard_record(self.hard, msg)
+        if record is None:
+            return
+        logits = full_logits(msg["fn"])
+        if self.leaves and any(any(leaf is found for found in graph_leaves([logits]))
+                               for leaf in self.leaves):
+            self.independent = False
+        with torch._C.DisableTorchFunctionSubclass():
+            same = (logits.shape == record.logits.shape
+                    and torch.equal(logits.detach(), record.logits.detach()))
+        self.independent &= same
+        value = relax(record.kind, logits.detach(), self.noise[record.name],
+                      self.temperature).detach().requires_grad_()
+        self.leaves.append(value)
+        msg["value"] = value
+        msg["fn"] = with_relaxed_scores(msg["fn"], detach=True)
+
+
+def reused_guide_traces(
+    model: Callable,
+    guide_trace,
+    args: tuple,
+    kwargs: dict,
+    hard: HardPass,
+    noises: list[dict[str, torch.Tensor]],
+    temperature,
+    pass_dim: int,
+    estimator: str,
+) -> list[tuple]:
+    """Both relaxed passes of REBAR with the guide not run again: what
+    :func:`fused_traces` returns, for a guide that :func:`guide_is_reusable` accepts.
+
+    The relaxed values are ``sigma_lambda(L + n_k)`` with ``L`` the hard pass's logits
+    (one autograd graph for all three passes, as in the hand-written REBAR), stacked along
+    the pass dimension; each guide site keeps the hard pass's distribution, rebuilt to
+    score relaxed values with stop-gradient logits (as :class:`RelaxedReplay` does with
+    ``detach_scores``). Only the model runs, inside the pass plate, on 2 x B rows.
+    """
+    relaxed_trace = poutine.Trace(graph_type=guide_trace.graph_type)
+    values: list[dict[str, torch.Tensor]] = [{} for _ in noises]
+    for record in hard.relaxed:
+        site = guide_trace.nodes[record.name]
+        axis = pass_dim - site["fn"].event_dim  # the pass dimension, counted from the right
+        logits = record.logits
+        # a global site gets the leading singleton dimensions that the plates would give
+        row = (1,) * max(0, -axis - 1 - logits.dim()) + tuple(logits.shape)
+        noise = torch.stack([n[record.name].reshape(row) for n in noises], dim=axis)
+        value = relax(record.kind, logits.reshape(row), noise, temperature)
+        for k, by_name in enumerate(values):
+            by_name[record.name] = value.select(axis, k)
+        fields = {key: v for key, v in site.items()
+                  if key not in ("value", "fn", "log_prob", "log_prob_sum",
+                                 "unscaled_log_prob", "score_parts")}
+        relaxed_trace.add_node(
+            record.name, **dict(fields, value=mark_relaxed(value, record.name, estimator),
+                                fn=with_relaxed_scores(site["fn"], detach=True)))
+    passes = pyro.plate(PASS_PLATE, FUSED_PASSES, dim=pass_dim)
+    model_trace = poutine.trace(
+        RelaxedScores([r.name for r in hard.relaxed], hard)(
+            poutine.replay(passes(model), trace=relaxed_trace))
+    ).get_trace(*args, **kwargs)
+    model_trace = prune_subsample_sites(model_trace)
+    with torch._C.DisableTorchFunctionSubclass():
+        model_trace.compute_log_prob()
+        relaxed_trace.compute_log_prob()
+        return [
+            (_fused_view(model_trace, pass_dim, k), _fused_view(relaxed_trace, pass_dim, k),
+             values[k])
             for k in range(FUSED_PASSES)
         ]
 

@@ -52,10 +52,12 @@ from lvmkit.inference.estimators._relax import (
     elbo_integrand,
     fused_traces,
     graph_leaves,
+    guide_is_reusable,
     hard_traces,
     log_weight_terms,
     plate_nesting,
     relaxed_traces,
+    reused_guide_traces,
 )
 from lvmkit.inference.estimators.variance import GradientVariance
 
@@ -183,6 +185,15 @@ class _PairDecisions:
 
 
 _REFERENCE = "reference"  # the decision for a pair that runs the separate passes
+
+
+@dataclass(frozen=True)
+class _FastPath:
+    """The decision for a pair that runs the fast path."""
+
+    pass_dim: int  # where the pass plate goes: left of every plate of the model
+    # the relaxed passes reuse the hard pass's guide logits (None: not checked yet)
+    reuse_guide: bool | None = None
 
 
 class RebarELBO(Trace_ELBO):
@@ -331,7 +342,7 @@ class RebarELBO(Trace_ELBO):
         # detached tensors, read out as floats on demand: no host sync in the step
         self._last: dict[str, torch.Tensor | float] = {}
         self._keys_seen: list[str] = []
-        # per model/guide pair: _REFERENCE, or the fused pass's plate dimension
+        # per model/guide pair: _REFERENCE or a _FastPath
         self._paths = _PairDecisions()
         self._pair: tuple[Callable, Callable] | None = None
         self._hard_only = False
@@ -561,14 +572,15 @@ class RebarELBO(Trace_ELBO):
         path = self._paths.get(*self._pair)
         if path is None:
             path = self._decide_path(model_trace, guide_trace, hard)
-            self._paths.set(*self._pair, path)
             if path != _REFERENCE:
-                return model_trace, guide_trace, hard, self._checked_fused_passes(
-                    *relaxed, path)
+                path, passes = self._checked_fast_passes(guide_trace, relaxed, path)
+                self._paths.set(*self._pair, path)
+                return model_trace, guide_trace, hard, passes
+            self._paths.set(*self._pair, path)
         if path == _REFERENCE:
             return model_trace, guide_trace, hard, self._reference_passes(*relaxed)
         try:
-            passes = fused_traces(*relaxed, path, self.estimator_name)
+            passes = self._fast_passes(guide_trace, relaxed, path)
         except NotFusable as error:
             raise EstimatorError(
                 f"{self.estimator_name}: the fused pass ran for this model and guide on"
@@ -576,6 +588,13 @@ class RebarELBO(Trace_ELBO):
                 " from call to call needs fuse_passes=False"
             ) from error
         return model_trace, guide_trace, hard, passes
+
+    def _fast_passes(self, guide_trace, relaxed: tuple, path: _FastPath) -> list:
+        if path.reuse_guide:
+            model, _, args, kwargs, hard, noises, temperature = relaxed
+            return reused_guide_traces(model, guide_trace, args, kwargs, hard, noises,
+                                       temperature, path.pass_dim, self.estimator_name)
+        return fused_traces(*relaxed, path.pass_dim, self.estimator_name)
 
     def _fusing_requested(self) -> bool:
         return self.vectorize_particles if self.fuse_passes is None else self.fuse_passes
@@ -589,20 +608,24 @@ class RebarELBO(Trace_ELBO):
             return _REFERENCE
         nesting = (plate_nesting(model_trace, guide_trace)
                    if self.max_plate_nesting == float("inf") else int(self.max_plate_nesting))
-        return -nesting - 1
+        return _FastPath(-nesting - 1)
 
-    def _checked_fused_passes(self, model, guide, args, kwargs, hard, noises, temperature,
-                              pass_dim: int) -> list:
-        """The fused passes of a pair's first call, checked against the reference passes
-        on the same noise and mini-batch: a model that asserts its shapes, reshapes,
-        reduces over the pass dimension or mixes it into its data cannot run fused, and
-        says so here, once, as an :class:`EstimatorError` (never silently)."""
-        relaxed = (model, guide, args, kwargs, hard, noises, temperature)
+    def _checked_fast_passes(self, guide_trace, relaxed: tuple, path: _FastPath
+                             ) -> tuple[_FastPath, list]:
+        """The fast path's passes on a pair's first call, checked against the reference
+        passes on the same noise and mini-batch, and the decision completed: whether the
+        guide's logits can be reused (:func:`guide_is_reusable`). A model that asserts its
+        shapes, reshapes, reduces over the pass dimension or mixes it into its data cannot
+        run fused, and says so here, once, as an :class:`EstimatorError` (never silently)."""
+        model, guide, args, kwargs, hard, noises, temperature = relaxed
         reference = self._reference_passes(*relaxed)
+        reuse = guide_is_reusable(guide, args, kwargs, hard, guide_trace, noises[0],
+                                  temperature)
+        path = _FastPath(path.pass_dim, reuse)
         advice = ("the model and guide must broadcast over a dimension left of their"
                   " plates to run fused; pass fuse_passes=False")
         try:
-            fused = fused_traces(*relaxed, pass_dim, self.estimator_name)
+            fast = self._fast_passes(guide_trace, relaxed, path)
         except EstimatorError:
             raise
         except Exception as error:  # noqa: BLE001 - re-raised, with the way out
@@ -610,13 +633,13 @@ class RebarELBO(Trace_ELBO):
                 f"{self.estimator_name}: the fused pass failed on the first call"
                 f" ({type(error).__name__}: {error}); {advice}"
             ) from error
-        difference = _fused_difference(reference, fused)
+        difference = _fused_difference(reference, fast)
         if difference is not None:
             raise EstimatorError(
                 f"{self.estimator_name}: the fused pass does not reproduce the separate"
                 f" passes on the first call ({difference}); {advice}"
             )
-        return fused
+        return path, fast
 
     def _reference_passes(self, model, guide, args, kwargs, hard, noises, temperature
                           ) -> list:
