@@ -15,11 +15,13 @@ Three kinds of guide passes are needed:
   Appendix), computed from the hard-pass logits so that it stays differentiable in them.
 
 REBAR and RELAX run the hard pass, then the two relaxed passes as one *fused* evaluation
-where they can (:func:`fused_traces`: a size-2 plate left of the model's plates, each site
-sampling both relaxed passes at once; the fast path), else one after the other (the
-reference path), decided once per model and guide (``RebarELBO._first_passes``). All
-noise comes from one keyed source per step (:class:`StepNoise`), so every path sees the
-same numbers.
+where they are asked to (:func:`fused_traces`: a size-2 plate left of the model's plates,
+each site sampling both relaxed passes at once; the fast path), else one after the other
+(the reference path), decided once per model and guide from the first trace
+(``RebarELBO._decide_path``). On the fast path a guide whose logits depend on no other
+latent is not run again (:func:`guide_is_reusable`, :func:`reused_guide_traces`): only
+the model runs on the relaxed values. All noise comes from one keyed source per step
+(:class:`StepNoise`), so every path sees the same numbers.
 
 Numerics: uniforms are clamped to ``[tiny, 1 - eps]`` and every formula is written with
 ``logsigmoid`` / ``logaddexp`` so that logits of +-50 give finite values and gradients.

@@ -237,7 +237,10 @@ class RebarELBO(Trace_ELBO):
     **Passes.** Each particle runs a hard pass (Pyro's importance trace, guide sampled
     through its noise) and two relaxed passes. The fast path runs the two relaxed passes as
     one model and guide evaluation inside a plate of size 2 left of the model's plates
-    (like Pyro's vectorized particles); the reference path runs them one after the other.
+    (like Pyro's vectorized particles), and where no guide site's logits depend on
+    another latent (checked once) it does not run the guide again but reuses the hard
+    pass's logits, as a hand-written REBAR does; the reference path runs the passes one
+    after the other.
     All noise comes from one keyed source, ``(site, role) -> uniform``
     (:class:`~lvmkit.inference.estimators._relax.StepNoise`), so both paths see the same
     numbers. The path is decided once per model and guide, from their first trace, and
@@ -252,8 +255,9 @@ class RebarELBO(Trace_ELBO):
     mini-batch; a model that fails there or gives any site another log-probability raises
     :class:`~lvmkit.inference.estimators.EstimatorError` (pass ``fuse_passes=False``), and
     so does a decided fast path that fails later. lvmkit's own models broadcast, and
-    :func:`lvmkit.workflow.train_and_evaluate` runs them fused. The fast path saves about
-    13% of a step (one model and guide evaluation); both paths give the same gradients.
+    :func:`lvmkit.workflow.train_and_evaluate` runs them fused. On lvmkit's one-layer
+    SBNs the reference path takes about 1.3x the fast path's time per step; both paths
+    give the same gradients.
 
     :param temperature: initial ``lambda`` of ``sigma_lambda`` (stored as ``log lambda``).
     :param eta: initial control-variate scale; learned as ``eta = 2 sigmoid(w)`` (in (0, 2))
