@@ -1034,3 +1034,20 @@ def test_lvmkit_models_run_the_fast_path(name):
         elbo = RebarELBO(fuse_passes=fuse)
         elbo.loss_and_grads(model, guide, x)
         assert elbo.path(model, guide) == ("fused" if fuse else "reference")
+
+
+@pytest.mark.parametrize("name", ["sbn-nonlinear", "categorical-vae"])
+def test_reused_guide_logits_give_the_reference_gradients(name, monkeypatch):
+    """lvmkit's one-layer encoders (Bernoulli and one-hot) take the fast path with the
+    guide's logits reused: same noise, same gradients as the separate passes."""
+    from lvmkit.models import build
+
+    pyro.clear_param_store()
+    x = torch.bernoulli(torch.full((5, 6), 0.4), generator=torch.Generator().manual_seed(1))
+    model, guide = build(name, x_dim=6, init_data=x)
+    fused, took = _fused_or_not_grads(model, guide, x, True, monkeypatch)
+    separate, _ = _fused_or_not_grads(model, guide, x, False, monkeypatch)
+    assert took["path"] == "fused" and took["reused_guide"]
+    assert set(fused) == set(separate)
+    for key, g in separate.items():
+        torch.testing.assert_close(fused[key], g, rtol=1e-5, atol=1e-6, msg=key)
