@@ -239,7 +239,8 @@ def train_and_evaluate(
         # fit refuses it too, but only after the run folder was begun
         raise ValueError(f"batch_size={batch_size} exceeds the {len(train_set)} images of "
                          f"train_set ({train_set.name})")
-    main_rank = distributed.setup().is_main
+    context = distributed.setup()
+    main_rank = context.is_main
     out = None if out is None or not main_rank else Path(out)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -290,6 +291,9 @@ def train_and_evaluate(
 
     last = history.loss[-max(1, len(history.loss) // 20) :]
     if not main_rank:
+        # wait for rank 0's evaluation: leaving (or starting the next job's fit) while it
+        # works alone would meet it in a collective with a timeout, or abort at exit
+        distributed.wait_for_main(context)
         metrics = {"model": model, "elbo_estimator": estimator, "steps": steps,
                    "train_elbo": -float(sum(last) / len(last))}
         return RunResult(model=model_fn, guide=guide, history=history, metrics=metrics,
@@ -313,6 +317,7 @@ def train_and_evaluate(
     }
     if out is not None:
         files["metrics"] = write_json(out / "metrics.json", metrics)
+    distributed.wait_for_main(context)
     return RunResult(model=model_fn, guide=guide, history=history, metrics=metrics, files=files)
 
 

@@ -1051,3 +1051,42 @@ def test_reused_guide_logits_give_the_reference_gradients(name, monkeypatch):
     assert set(fused) == set(separate)
     for key, g in separate.items():
         torch.testing.assert_close(fused[key], g, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def _layered_model(x, deep=True):
+    with pyro.plate("data", 2):
+        z1 = pyro.sample("z1", dist.Bernoulli(logits=torch.zeros(2, 3)).to_event(1))
+        h = pyro.sample("z2", dist.Bernoulli(logits=2 * z1 - 1).to_event(1)) if deep else z1
+        pyro.sample("x", dist.Bernoulli(logits=3 * h - 1.5).to_event(1), obs=x)
+
+
+def _layered_guide(x, deep=True):
+    a = pyro.param("a_l", torch.full((3,), 0.3))
+    w = pyro.param("w_l", torch.zeros(3))  # zero at first: the layers look independent
+    with pyro.plate("data", 2):
+        z1 = pyro.sample("z1", dist.Bernoulli(logits=a * x).to_event(1))
+        if deep:
+            pyro.sample("z2", dist.Bernoulli(logits=a - x + w * z1).to_event(1))
+
+
+X_LAYERED = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
+
+
+def test_a_first_call_without_grad_does_not_hide_a_layer():
+    """Regression (review): a first call under torch.no_grad() (a validation loss) built
+    no graph, and with the coupling weight at zero the logits agreed, so a two-layer guide
+    was taken for a one-layer one for good: wrong gradients once the weight moved."""
+    elbo = RebarELBO(fuse_passes=True)
+    with torch.no_grad():
+        elbo.differentiable_loss(_layered_model, _layered_guide, X_LAYERED)
+    assert elbo._paths.get(_layered_model, _layered_guide).reuse_guide is False
+
+
+def test_a_guide_that_changes_its_latents_after_the_first_call_is_refused():
+    """Regression (review): the fast path decided on a one-layer call reused the hard
+    logits on a later call that added a dependent layer (gradient of w_l silently 0)."""
+    elbo = RebarELBO(fuse_passes=True)
+    elbo.loss_and_grads(_layered_model, _layered_guide, X_LAYERED, False)
+    with pytest.raises(EstimatorError, match=r"were \['z1'\] on the first call and are"
+                                             r" \['z1', 'z2'\] now.*fuse_passes=False"):
+        elbo.loss_and_grads(_layered_model, _layered_guide, X_LAYERED, True)

@@ -178,17 +178,51 @@ def _note_uncaught_exceptions() -> None:
     sys.excepthook = hook
 
 
+#: seconds a rank leaving normally waits for its peers at exit (gloo)
+EXIT_BARRIER_TIMEOUT_S = 30.0
+
+
 def _destroy_if_initialised() -> None:
     if not dist.is_initialized():
         return
-    # A rank that destroys its group and exits while a peer is still working (rank 0
-    # evaluates alone after fit) aborts the peer's gloo threads ("terminate called
-    # without an active exception", about one run in three here): ranks leaving normally
-    # meet first. A rank leaving on an exception does not wait for peers that may never
-    # come; torchrun then stops them.
-    if not _exiting_on_exception:
-        dist.barrier()
+    # A rank that exits while a peer still works aborts gloo's threads at teardown
+    # ("terminate called without an active exception", one test_distributed run in
+    # three here), with or without destroying the group: ranks leaving normally meet
+    # first. The wait is short and bounded: a rank whose peer called sys.exit (which
+    # no hook sees) mid-collective, or is still busy, leaves after the timeout instead of
+    # waiting out the group's. Work that only rank 0 does (evaluation) ends with
+    # wait_for_main, so the peers do not reach this point early. A rank leaving on an
+    # uncaught exception does not wait: torchrun stops the others.
+    if not _exiting_on_exception and dist.get_backend() == "gloo":
+        try:
+            dist.monitored_barrier(
+                timeout=datetime.timedelta(seconds=EXIT_BARRIER_TIMEOUT_S))
+        except RuntimeError as error:
+            print(f"lvmkit: rank {dist.get_rank()} leaves without its peers"
+                  f" ({str(error).splitlines()[0][:200]})", file=sys.stderr)
+            return
     dist.destroy_process_group()
+
+
+def wait_for_main(context: DistributedContext, timeout_s: float | None = None) -> None:
+    """Every rank waits here until rank 0 gets here too, however long rank 0 works alone
+    before that (evaluating, writing files): up to ``timeout_s`` seconds
+    (``LVMKIT_DIST_WAIT_TIMEOUT``, default a day) on gloo; on NCCL, the group's timeout.
+    Nothing to wait for in one process.
+
+    Example:
+
+    >>> from lvmkit.inference.distributed import DistributedContext, wait_for_main
+    >>> wait_for_main(DistributedContext())  # a single process
+    """
+    if not context.enabled:
+        return
+    if dist.get_backend() != "gloo":
+        dist.barrier()
+        return
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("LVMKIT_DIST_WAIT_TIMEOUT", 86400.0))
+    dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def shard(indices: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:

@@ -762,7 +762,9 @@ def guide_is_reusable(guide: Callable, args: tuple, kwargs: dict, hard: HardPass
     if sample_sites != latents or len(latents) != len(hard.records):
         return False
     probe = _LogitsProbe(hard, noise, temperature)
-    with poutine.block():
+    # with grad on even when the caller's first call has it off (a validation loss under
+    # torch.no_grad()): without a graph a dependence is visible only in the values
+    with poutine.block(), torch.enable_grad():
         poutine.trace(probe(guide)).get_trace(*args, **kwargs)
     return probe.independent
 

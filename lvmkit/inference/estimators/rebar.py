@@ -192,6 +192,8 @@ class _FastPath:
     """The decision for a pair that runs the fast path."""
 
     pass_dim: int  # where the pass plate goes: left of every plate of the model
+    # the guide's latent sites on the first call, in order; every call must have them
+    sites: tuple[str, ...]
     # the relaxed passes reuse the hard pass's guide logits (None: not checked yet)
     reuse_guide: bool | None = None
 
@@ -254,7 +256,10 @@ class RebarELBO(Trace_ELBO):
     the fast path is checked against the reference passes on the same noise and
     mini-batch; a model that fails there or gives any site another log-probability raises
     :class:`~lvmkit.inference.estimators.EstimatorError` (pass ``fuse_passes=False``), and
-    so does a decided fast path that fails later. lvmkit's own models broadcast, and
+    so does a decided fast path that fails later or whose guide has other latent sites
+    than on the first call. A guide whose logits depend on other latents on some calls
+    only, with the same sites, is beyond what the first call can see: it needs
+    ``fuse_passes=False``. lvmkit's own models broadcast, and
     :func:`lvmkit.workflow.train_and_evaluate` runs them fused. On lvmkit's one-layer
     SBNs the reference path takes about 1.3x the fast path's time per step; both paths
     give the same gradients.
@@ -594,6 +599,12 @@ class RebarELBO(Trace_ELBO):
         return model_trace, guide_trace, hard, passes
 
     def _fast_passes(self, guide_trace, relaxed: tuple, path: _FastPath) -> list:
+        hard = relaxed[4]
+        if tuple(hard.records) != path.sites or not all(r.relaxed for r in hard.records.values()):
+            # What was decided on the first call (the plate dimension, that the guide's
+            # logits depend on no other latent) may not hold for other sites.
+            raise NotFusable(f"the guide's latent sites were {list(path.sites)} on the"
+                             f" first call and are {list(hard.records)} now")
         if path.reuse_guide:
             model, _, args, kwargs, hard, noises, temperature = relaxed
             return reused_guide_traces(model, guide_trace, args, kwargs, hard, noises,
@@ -612,7 +623,7 @@ class RebarELBO(Trace_ELBO):
             return _REFERENCE
         nesting = (plate_nesting(model_trace, guide_trace)
                    if self.max_plate_nesting == float("inf") else int(self.max_plate_nesting))
-        return _FastPath(-nesting - 1)
+        return _FastPath(-nesting - 1, tuple(hard.records))
 
     def _checked_fast_passes(self, guide_trace, relaxed: tuple, path: _FastPath
                              ) -> tuple[_FastPath, list]:
@@ -625,7 +636,7 @@ class RebarELBO(Trace_ELBO):
         reference = self._reference_passes(*relaxed)
         reuse = guide_is_reusable(guide, args, kwargs, hard, guide_trace, noises[0],
                                   temperature)
-        path = _FastPath(path.pass_dim, reuse)
+        path = _FastPath(path.pass_dim, path.sites, reuse)
         advice = ("the model and guide must broadcast over a dimension left of their"
                   " plates to run fused; pass fuse_passes=False")
         try:
