@@ -673,6 +673,34 @@ def test_components_start_at_distinct_modes_found_by_the_search():
 
 
 
+def test_mode_search_does_not_climb_down_an_unbounded_neck():
+    """A density that grows without bound along a neck has no mode there. Climbing the
+    density itself runs down it (here ``log p = -log s - x^2 / 2s^2`` per coordinate in
+    ``log s``: unbounded as ``s -> 0`` at ``x = 0``); climbing the expected log density over
+    a component-sized ball stops where a component of that width fits."""
+
+    def model():
+        log_s = pyro.sample("log_s", dist.Normal(0.0, 3.0))
+        x = pyro.sample("x", dist.Normal(0.0, 3.0).expand([4]).to_event(1))
+        pyro.factor("neck", dist.Normal(0.0, log_s.exp()).log_prob(x).sum())
+
+    lowest = {}
+    for smoothing in (0.0, 1.0):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        guide = AutoHVM(model, num_components=2, init_search=32, mode_search_steps=60,
+                        mode_search_smoothing=smoothing)
+        points = torch.zeros(4, 5)
+        points[:, 0] = torch.tensor([-1.0, -0.5, 0.0, 0.5])
+        guide._setup_prototype()
+        with torch.no_grad():
+            modes = guide._distinct_modes(points)
+        lowest[smoothing] = float(modes[:, 0].min())
+    assert lowest[0.0] < lowest[1.0] - 1.0, lowest
+    with pytest.raises(ValueError, match="mode_search_smoothing"):
+        AutoHVM(model, mode_search_smoothing=-1.0)
+
+
 @pytest.mark.parametrize("guide_class", ["AutoDiagonalNormal", "AutoIAFNormal", "AutoHVM",
                                          "AutoGuideList"])
 def test_check_auxiliary_guide_accepts_joint_autoguides(guide_class):

@@ -427,7 +427,8 @@ class AutoHVM(AutoContinuous):
     evaluated on another seed, ``benchmarks/hierarchical.py --suite``): ``K = 0``; eight
     narrow components (``0.1 s``) started by a search of ``init_search`` model evaluations
     so that they sit in different high-density regions, the best of them climbing to
-    their local modes (``mode_search_steps``) so that each distinct mode found gets a
+    their local modes (``mode_search_steps``; the mean log density over a component-sized
+    ball is climbed, ``mode_search_smoothing``) so that each distinct mode found gets a
     component; ``u0`` at the best point found; draws of the component index stratified
     across particles.
 
@@ -470,6 +471,11 @@ class AutoHVM(AutoContinuous):
         ``2 · num_components`` searched candidates climb to their local modes
         (:meth:`_distinct_modes`); the distinct modes found seed the components first, the
         farthest-first fill the rest. ``0`` keeps the raw candidates (the 0.2.0 behaviour).
+    :param mode_search_smoothing: the climbs maximise the mean log density over a ball
+        of ``mode_search_smoothing`` times a component's initial standard deviation (two
+        antithetic points) instead of the density itself, so they end where a component
+        of that width fits, not down a neck where the density grows without bound;
+        ``0`` climbs the density itself (the behaviour before).
     :param laplace_init: start the global scale ``s`` at the Laplace widths
         ``(-∂² log p / ∂u_i²)^{-1/2}`` at ``u0`` (:meth:`_laplace_scale`) instead of
         ``init_scale``. Off by default: on the development suite it helped Student-t targets
@@ -510,6 +516,7 @@ class AutoHVM(AutoContinuous):
         init_search: int = 256,
         laplace_init: bool = False,
         mode_search_steps: int = 40,
+        mode_search_smoothing: float = 1.0,
     ) -> None:
         if aux_dim is not None:
             check_size(aux_dim, "aux_dim")
@@ -545,6 +552,11 @@ class AutoHVM(AutoContinuous):
         self.init_search = _check_count(init_search, "init_search")
         self.laplace_init = bool(laplace_init)
         self.mode_search_steps = _check_count(mode_search_steps, "mode_search_steps")
+        if not (isinstance(mode_search_smoothing, int | float)
+                and math.isfinite(mode_search_smoothing) and mode_search_smoothing >= 0):
+            raise ValueError(
+                f"mode_search_smoothing must be a number >= 0, got {mode_search_smoothing!r}")
+        self.mode_search_smoothing = float(mode_search_smoothing)
         # a tuple, so that a PyroModule model is not registered as a submodule of the guide
         self._original_model = (model,)
 
@@ -710,28 +722,44 @@ class AutoHVM(AutoContinuous):
         climbs to a non-finite value, is dropped. Shape ``(M, D)``, ``M`` possibly 0.
 
         A density that grows without bound (the neck of centered eight schools as
-        ``tau -> 0``) has no mode, and its climbs end wherever Adam's jitter balances the
-        pull: components started there cost eight schools about 2 nats (seeds 0 and 2).
-        Rejecting climbs still moving over their last steps was tried and dropped: with
-        a fixed step, Adam's jitter at a true mode in 7-10 dimensions moves as much, and
-        the check discarded real modes (development seed 0: mixture7d 0.46 -> 0.89,
-        gaussian10d 1.04 -> 3.31)."""
+        ``tau -> 0``) has no mode, and climbs of the density itself end wherever Adam's
+        jitter balances the pull: components started there cost eight schools about 2
+        nats (seeds 0 and 2). So each climb maximises ``E log p(u + w e)`` over the
+        antithetic pair ``e, -e``, ``e ~ N(0, I)`` drawn once per climb, with ``w`` a
+        component's initial standard deviation times ``mode_search_smoothing``: the
+        location where a component of that width has the best expected log density,
+        which is bounded where the density is not (development seeds 0 and 2, 600 steps:
+        eight schools ELBO -39.16 -> -37.03 and -39.65 -> -36.51, AutoNormal -38.19; the
+        random suites' medians 0.310 -> 0.292 and 0.268 -> 0.264). Rejecting climbs
+        still moving over their last steps was tried before and dropped: with a fixed
+        step, Adam's jitter at a true mode in 7-10 dimensions moves as much, and the check
+        discarded real modes (development seed 0: mixture7d 0.46 -> 0.89, gaussian10d
+        1.04 -> 3.31)."""
         if not self.mode_search_steps:
             return points[:0]
         climbed, scores = [], []
+        width = self.mode_search_smoothing * self._component_scale * self._init_scale
         for point in points:
             u = point.detach().clone().requires_grad_(True)
             optim = torch.optim.Adam([u], lr=0.1 * self._init_scale)
+            # fixed draws: each climb maximises E log p(u + w e) over a ball of a
+            # component's initial width w, bounded where the density itself is not
+            if width > 0:
+                shift = width * torch.randn(self.latent_dim).to(point)
+                shifts = torch.stack([shift, -shift])  # antithetic: no first-order noise
+            else:
+                shifts = point[:0]
             try:
                 for _ in range(self.mode_search_steps):
                     optim.zero_grad()
                     with torch.enable_grad():  # the search runs under no_grad
-                        loss = -self._log_joint_tensor(u, *args, **kwargs)
+                        loss = -self._smoothed_log_joint(u, shifts, *args, **kwargs)
                     if not torch.isfinite(loss):
                         raise ValueError("non-finite density")
                     loss.backward()
                     optim.step()
-                score = self._log_joint_at(u.detach(), *args, **kwargs)
+                score = float(self._smoothed_log_joint(u.detach(), shifts, *args,
+                                                       **kwargs).detach())
             except (ValueError, RuntimeError, NotImplementedError):
                 continue
             if math.isfinite(score):
@@ -742,6 +770,14 @@ class AutoHVM(AutoContinuous):
             if all(float((climbed[i] - m).norm()) > 0.5 * self._init_scale for m in modes):
                 modes.append(climbed[i])
         return torch.stack(modes) if modes else points[:0]
+
+    def _smoothed_log_joint(self, u: torch.Tensor, shifts: torch.Tensor, *args, **kwargs):
+        """The mean of :meth:`_log_joint_tensor` at ``u + shift`` over the rows of
+        ``shifts``; the density at ``u`` itself when there are none."""
+        if not len(shifts):
+            return self._log_joint_tensor(u, *args, **kwargs)
+        return torch.stack([self._log_joint_tensor(u + e, *args, **kwargs)
+                            for e in shifts]).mean()
 
     def _component_inits(
         self, init_loc: torch.Tensor, *args, _count: int | None = None, _raw: bool = False, **kwargs
