@@ -218,7 +218,7 @@ def wait_for_main(context: DistributedContext, timeout_s: float | None = None) -
     if not context.enabled:
         return
     if dist.get_backend() != "gloo":
-        dist.barrier()
+        barrier(context)
         return
     if timeout_s is None:
         timeout_s = float(os.environ.get("LVMKIT_DIST_WAIT_TIMEOUT", 86400.0))

@@ -261,6 +261,11 @@ class HardPass:
     def relaxed(self) -> list[SiteRecord]:
         return [r for r in self.records.values() if r.relaxed]
 
+    @property
+    def all_relaxed(self) -> bool:
+        """Whether every guide latent is relaxed (what the fast path needs)."""
+        return all(r.relaxed for r in self.records.values())
+
 
 
 
@@ -727,10 +732,21 @@ def fused_traces(
     passes = pyro.plate(PASS_PLATE, FUSED_PASSES, dim=pass_dim)
     # The replay sits outside the plate so that it sees the broadcast distributions.
     guide_trace = poutine.trace(replay(passes(guide))).get_trace(*args, **kwargs)
-    names = [r.name for r in hard.relaxed]
+    return _fused_model_views(model, guide_trace, args, kwargs, hard, replay.relaxed_values,
+                              pass_dim)
+
+
+def _fused_model_views(model, guide_trace, args, kwargs, hard: HardPass,
+                       relaxed_values: list[dict[str, torch.Tensor]], pass_dim: int
+                       ) -> list[tuple]:
+    """The model replayed on a fused relaxed ``guide_trace`` inside the pass plate (on the
+    hard pass's mini-batch), both traces scored, and each pass's view of them with its
+    relaxed values: the return value of :func:`fused_traces`."""
+    passes = pyro.plate(PASS_PLATE, FUSED_PASSES, dim=pass_dim)
     model_trace = poutine.trace(
         # Replay outside the plate: it marks sites done, which stops broadcasting.
-        RelaxedScores(names)(poutine.replay(passes(model), trace=guide_trace))
+        RelaxedScores([r.name for r in hard.relaxed], hard)(
+            poutine.replay(passes(model), trace=guide_trace))
     ).get_trace(*args, **kwargs)
     guide_trace = prune_subsample_sites(guide_trace)
     model_trace = prune_subsample_sites(model_trace)
@@ -741,7 +757,7 @@ def fused_traces(
         guide_trace.compute_log_prob()
         return [
             (_fused_view(model_trace, pass_dim, k), _fused_view(guide_trace, pass_dim, k),
-             replay.relaxed_values[k])
+             relaxed_values[k])
             for k in range(FUSED_PASSES)
         ]
 
@@ -759,7 +775,7 @@ def guide_is_reusable(guide: Callable, args: tuple, kwargs: dict, hard: HardPass
     latents = {r.name for r in hard.relaxed}
     sample_sites = {name for name, site in guide_trace.nodes.items()
                     if site["type"] == "sample" and not site_is_subsample(site)}
-    if sample_sites != latents or len(latents) != len(hard.records):
+    if sample_sites != latents or not hard.all_relaxed:
         return False
     probe = _LogitsProbe(hard, noise, temperature)
     # with grad on even when the caller's first call has it off (a validation loss under
@@ -836,20 +852,7 @@ def reused_guide_traces(
         relaxed_trace.add_node(
             record.name, **dict(fields, value=mark_relaxed(value, record.name, estimator),
                                 fn=with_relaxed_scores(site["fn"], detach=True)))
-    passes = pyro.plate(PASS_PLATE, FUSED_PASSES, dim=pass_dim)
-    model_trace = poutine.trace(
-        RelaxedScores([r.name for r in hard.relaxed], hard)(
-            poutine.replay(passes(model), trace=relaxed_trace))
-    ).get_trace(*args, **kwargs)
-    model_trace = prune_subsample_sites(model_trace)
-    with torch._C.DisableTorchFunctionSubclass():
-        model_trace.compute_log_prob()
-        relaxed_trace.compute_log_prob()
-        return [
-            (_fused_view(model_trace, pass_dim, k), _fused_view(relaxed_trace, pass_dim, k),
-             values[k])
-            for k in range(FUSED_PASSES)
-        ]
+    return _fused_model_views(model, relaxed_trace, args, kwargs, hard, values, pass_dim)
 
 
 def _fused_view(trace, pass_dim: int, index: int):

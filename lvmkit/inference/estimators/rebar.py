@@ -600,7 +600,7 @@ class RebarELBO(Trace_ELBO):
 
     def _fast_passes(self, guide_trace, relaxed: tuple, path: _FastPath) -> list:
         hard = relaxed[4]
-        if tuple(hard.records) != path.sites or not all(r.relaxed for r in hard.records.values()):
+        if tuple(hard.records) != path.sites or not hard.all_relaxed:
             # What was decided on the first call (the plate dimension, that the guide's
             # logits depend on no other latent) may not hold for other sites.
             raise NotFusable(f"the guide's latent sites were {list(path.sites)} on the"
@@ -619,7 +619,7 @@ class RebarELBO(Trace_ELBO):
         dimension where it was asked for (``fuse_passes``, or ``vectorize_particles``:
         the model is declared to broadcast over dimensions left of its plates) and every
         guide latent is a relaxable discrete site; the reference path otherwise."""
-        if not self._fusing_requested() or not all(r.relaxed for r in hard.records.values()):
+        if not self._fusing_requested() or not hard.all_relaxed:
             return _REFERENCE
         nesting = (plate_nesting(model_trace, guide_trace)
                    if self.max_plate_nesting == float("inf") else int(self.max_plate_nesting))
