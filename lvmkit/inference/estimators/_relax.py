@@ -112,7 +112,7 @@ def draw_uniform(shape: torch.Size, like: torch.Tensor, site: str, role: str) ->
 
 def logistic_noise(u: torch.Tensor) -> torch.Tensor:
     """``logit(u)``: ``logits + logit(u) > 0`` has probability ``sigmoid(logits)``."""
-    return torch.log(u) - torch.log1p(-u)
+    return torch.logit(u)
 
 
 def gumbel_noise(u: torch.Tensor) -> torch.Tensor:
@@ -187,12 +187,23 @@ def full_logits(fn: dist.Distribution) -> torch.Tensor:
     return innermost(fn).logits.expand(fn.shape())
 
 
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """``t`` without the repeats of its broadcast (stride-0) dimensions, which broadcast
+    back in arithmetic: an expanded prior's logits are evaluated once, not per datum."""
+    for dim, (size, stride) in enumerate(zip(t.shape, t.stride(), strict=True)):
+        if stride == 0 and size > 1:
+            t = t.narrow(dim, 0, 1)
+    return t
+
+
 class _RelaxedBernoulliScore(dist.Bernoulli):
-    """Bernoulli whose ``log_prob`` is the continuous extension ``v log p + (1-v) log(1-p)``."""
+    """Bernoulli whose ``log_prob`` is the continuous extension ``v log p + (1-v) log(1-p)``,
+    computed as ``v l + log(1 - p)`` (``log p - log(1-p) = l``: one ``logsigmoid``)."""
 
     def log_prob(self, value):
-        logits = self.logits
-        return value * F.logsigmoid(logits) + (1 - value) * F.logsigmoid(-logits)
+        logits = _compact(self.logits)
+        shape = torch.broadcast_shapes(value.shape, self.logits.shape)
+        return (value * logits + F.logsigmoid(-logits)).expand(shape)
 
 
 class _RelaxedOneHotScore(dist.OneHotCategorical):
