@@ -56,6 +56,43 @@ def test_conditional_logistic_noise_reproduces_b(logits, seed):
     assert torch.isfinite(grad).all()
 
 
+def test_conditional_logistic_noise_is_tuckers_map_of_v():
+    # the paper's u~ = v (1 - p) for b = 0 and 1 - p + v p for b = 1, computed directly in
+    # float64 where that is accurate: the log-space form must be the same map of v (and
+    # have the same gradient in the logits), not merely the same distribution
+    torch.manual_seed(0)
+    theta = (4 * torch.randn(2000, dtype=torch.float64)).requires_grad_()
+    v = uniform_like(theta.shape, theta)
+    b = (torch.rand(2000, dtype=torch.float64) < 0.5).double()
+    p = torch.sigmoid(theta)
+    direct = torch.logit(torch.where(b > 0.5, 1 - p + v * p, v * (1 - p)))
+    noise = conditional_logistic_noise(theta, b, v)
+    assert torch.allclose(noise, direct, rtol=1e-9, atol=1e-9)
+    (g_noise,) = torch.autograd.grad(noise.sum(), theta)
+    (g_direct,) = torch.autograd.grad(direct.sum(), theta)
+    assert torch.allclose(g_noise, g_direct, rtol=1e-7, atol=1e-9)
+
+
+def test_relaxed_bernoulli_score_on_broadcast_logits():
+    # the relaxed score v l + logsigmoid(-l), evaluated on a prior's logits before their
+    # broadcast, equals v log p + (1 - v) log(1 - p) on the broadcast logits, with the
+    # same shape and gradients
+    torch.manual_seed(1)
+    prior = torch.randn(5, requires_grad=True)
+    fn = dist.Bernoulli(logits=prior).expand([2, 3, 5]).to_event(1)
+    value = torch.rand(2, 3, 5, requires_grad=True)
+    score = with_relaxed_scores(fn).log_prob(value)
+    logits = prior.expand(2, 3, 5)
+    expected = (value * torch.nn.functional.logsigmoid(logits)
+                + (1 - value) * torch.nn.functional.logsigmoid(-logits)).sum(-1)
+    assert score.shape == expected.shape == (2, 3)
+    assert torch.allclose(score, expected, atol=1e-6)
+    grads = torch.autograd.grad(score.sum(), [prior, value])
+    expected_grads = torch.autograd.grad(expected.sum(), [prior, value])
+    for got, want in zip(grads, expected_grads, strict=True):
+        assert torch.allclose(got, want, atol=1e-5)
+
+
 @settings(max_examples=30, deadline=None)
 @given(logit_lists, st.integers(0, 2**31 - 1))
 def test_conditional_gumbel_noise_reproduces_argmax(logits, seed):

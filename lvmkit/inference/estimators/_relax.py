@@ -130,20 +130,17 @@ def conditional_logistic_noise(
     for ``b = 1``, ``log(1 - u~) = log p + log(1 - v)`` and
     ``log u~ = logaddexp(log(1 - p), log v + log p)``; for ``b = 0``,
     ``log u~ = log v + log(1 - p)`` and ``log(1 - u~) = logaddexp(log p, log(1-v) + log(1-p))``.
-    Differentiable in ``logits``.
+    Differentiable in ``logits``; finite for logits of any size.
     """
-    log_p = F.logsigmoid(logits)
-    log_1mp = F.logsigmoid(-logits)
+    # Dividing through by p (b = 1) or 1 - p (b = 0), with p / (1 - p) = exp(logits):
+    # b = 1: logaddexp(-logits, log v) - log(1 - v); b = 0: log v - logaddexp(logits,
+    # log(1 - v)). One logaddexp on the selected arguments serves both branches.
+    is_one = b > 0.5
     log_v = torch.log(v)
     log_1mv = torch.log1p(-v)
-    one_log_u = torch.logaddexp(log_1mp, log_v + log_p)
-    one_log_1mu = log_p + log_1mv
-    zero_log_u = log_v + log_1mp
-    zero_log_1mu = torch.logaddexp(log_p, log_1mv + log_1mp)
-    is_one = b > 0.5
-    log_u = torch.where(is_one, one_log_u, zero_log_u)
-    log_1mu = torch.where(is_one, one_log_1mu, zero_log_1mu)
-    return log_u - log_1mu
+    both = torch.logaddexp(torch.where(is_one, -logits, logits),
+                           torch.where(is_one, log_v, log_1mv))
+    return torch.where(is_one, both - log_1mv, log_v - both)
 
 
 def conditional_gumbel_noise(
