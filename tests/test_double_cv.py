@@ -66,7 +66,7 @@ def test_unbiased_slow(estimator, options, x, k):
 class _DoubleCVWithoutCorrection(DoubleCVELBO):
     """Drops the closed-form E[c_k (b_k - pi)] term: biased whenever alpha != 0."""
 
-    def _discrete_coefficient(self, name, kind, f, value, probs, grad_b, pdim):
+    def _discrete_coefficient(self, name, kind, f, value, probs, grad_b, pdim, mask=None):
         alpha = self._control(name, value).alpha
         s = value - probs
         shifted = f + alpha * reduce_like(loo_mean(grad_b, pdim) * s, f.shape)
@@ -76,8 +76,8 @@ class _DoubleCVWithoutCorrection(DoubleCVELBO):
 class _RodeoOwnStein(RodeoELBO):
     """Puts draw k's own Stein term into its baseline: biased whenever alpha != 0."""
 
-    def _discrete_coefficient(self, name, kind, f, value, probs, grad_b, pdim):
-        coef = super()._discrete_coefficient(name, kind, f, value, probs, grad_b, pdim)
+    def _discrete_coefficient(self, name, kind, f, value, probs, grad_b, pdim, mask=None):
+        coef = super()._discrete_coefficient(name, kind, f, value, probs, grad_b, pdim, mask)
         alpha = self._control(name, value).alpha
         return coef - alpha * (value - probs) * reduce_like(grad_b * (value - probs), f.shape)
 

@@ -226,12 +226,10 @@ class LeaveOneOutELBO(Trace_ELBO):
         if signal.dim() < -pdim:
             signal = signal.reshape((1,) * (-pdim - signal.dim()) + signal.shape)
         centred = signal - loo_mean(signal, pdim) if signal.shape[pdim] > 1 else 0 * signal
-        term = centred.detach() * score_term
-        if site["mask"] is False:
-            term = term * 0
-        elif torch.is_tensor(site["mask"]):
-            term = term * site["mask"]
-        return term.sum()
+        # Not masked: a mask removes the site's own log-density from the ELBO, not the
+        # dependence of the rest of it on the value drawn (Trace_ELBO's score term is
+        # unmasked too); where nothing else depends on a masked element its signal is 0.
+        return (centred.detach() * score_term).sum()
 
     def _value_grads(self, model_trace, guide_trace, sites) -> dict[str, torch.Tensor]:
         leaves = [s["value"] for _, s in sites]
@@ -259,18 +257,19 @@ class LeaveOneOutELBO(Trace_ELBO):
         else:
             probs = torch.softmax(logits.detach(), -1)
         f = site_signal(site, log_r, pdim_el).detach()
-        coef = self._discrete_coefficient(name, kind, f, value, probs, grad_b, pdim_el)
-        mask = element_mask(site)
-        if mask is not None:
-            coef = coef * mask
+        # not masked, for the reason given in _rloo_score_surrogate (a learned control
+        # may use the mask: it is zero-mean either way)
+        coef = self._discrete_coefficient(name, kind, f, value, probs, grad_b, pdim_el,
+                                          element_mask(site))
         control = 0.0
         if coef.requires_grad:
             estimate = coef.mean(pdim_el)
             control = estimate.pow(2).mean()
         return (coef.detach() * logits).sum(), control
 
-    def _discrete_coefficient(self, name, kind, f, value, probs, grad_b, pdim):
-        """Per-element estimate of ``d E[f] / d eta`` for each draw (element space)."""
+    def _discrete_coefficient(self, name, kind, f, value, probs, grad_b, pdim, mask=None):
+        """Per-element estimate of ``d E[f] / d eta`` for each draw (element space);
+        ``mask`` is the site's element mask (``None``: unmasked)."""
         return (f - loo_mean(f, pdim)) * (value - probs)
 
 

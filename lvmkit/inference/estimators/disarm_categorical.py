@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from pyro.infer import Trace_ELBO
 
-from lvmkit.inference.estimators._score import BERNOULLI, ONEHOT, element_mask
+from lvmkit.inference.estimators._score import BERNOULLI, ONEHOT
 from lvmkit.inference.estimators.arm import (
     _BernoulliNoise,
     antithetic_loss_particle,
@@ -175,13 +175,10 @@ class CategoricalDisARMELBO(Trace_ELBO):
         )
         u = site["infer"][_UNIFORM]
         base = innermost(site["fn"])
-        mask = element_mask(site)
         if discrete_kind(site["fn"]) == BERNOULLI:
             logits = base.logits.expand(value.shape)
         else:
             logits = stick_logits(base.logits).expand(u.shape)
-            if mask is not None:
-                mask = mask[..., :1].expand(u.shape)
         probs = torch.sigmoid(logits.detach())
         main = u < probs
         anti = (1.0 - u) < probs
@@ -194,6 +191,6 @@ class CategoricalDisARMELBO(Trace_ELBO):
                 site["infer"][_ANTI_VALUE].argmax(-1, keepdim=True) >= k
             )
             coefficient = coefficient * reached
-        if mask is not None:
-            coefficient = coefficient * mask
+        # Not masked: a mask removes the site's own log-density, not the dependence of the
+        # rest of the ELBO on the value drawn (as Trace_ELBO's unmasked score term).
         return (coefficient.detach() * logits).sum()

@@ -144,7 +144,7 @@ class DoubleCVELBO(LeaveOneOutELBO, nn.Module):
         register_own_parameters(self.module_name, self.controls)
         return self.controls[key]
 
-    def _discrete_coefficient(self, name, kind, f, value, probs, grad_b, pdim):
+    def _discrete_coefficient(self, name, kind, f, value, probs, grad_b, pdim, mask=None):
         alpha = self._control(name, value).alpha.to(value.dtype)
         s = value - probs
         gbar = loo_mean(grad_b, pdim)

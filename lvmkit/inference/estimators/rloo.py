@@ -26,8 +26,9 @@ class RLOOELBO(LeaveOneOutELBO):
     baseline of draw ``k`` depends only on the other draws, so ``E[g] = grad ELBO``.
     Reparameterized continuous sites keep their pathwise gradient (the second term); the
     score term applies to every non-reparameterized site (Bernoulli, OneHotCategorical,
-    Categorical, Poisson, ...). Masked elements (``poutine.mask``, ``.mask()``) get no score
-    gradient; subsampling scales enter through the signal, as in ``Trace_ELBO``.
+    Categorical, Poisson, ...). A masked element (``poutine.mask``, ``.mask()``) drops its
+    own log-density but keeps the score gradient of the rest of the ELBO's dependence on
+    its value, and subsampling scales enter through the signal, both as in ``Trace_ELBO``.
 
     :param num_particles: ``K >= 2`` draws per datum; ``K = 1`` is refused (there is no
         leave-one-out baseline). Particles are always vectorized.

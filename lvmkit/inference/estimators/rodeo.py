@@ -106,7 +106,7 @@ class RodeoELBO(DoubleCVELBO):
     def _make_control(self) -> nn.Module:
         return _SteinSurrogate(self.hidden)
 
-    def _discrete_coefficient(self, name, kind, f, value, probs, grad_b, pdim):
+    def _discrete_coefficient(self, name, kind, f, value, probs, grad_b, pdim, mask=None):
         control = self._control(name, value)
         s = value - probs
         fbar = loo_mean(f, pdim)
@@ -139,5 +139,10 @@ class RodeoELBO(DoubleCVELBO):
             group = weighted.sum(-1, keepdim=True)
             moved = s * (total - group) + weighted - probs * group
         stein_h1 = (moved - h_x[..., 1] * s * total_weight) / coords
-        shifted = f + control.alpha.to(f.dtype) * stein_h0
-        return (f - loo_mean(shifted, pdim)) * s + control.beta.to(f.dtype) * stein_h1
+        base = (f - loo_mean(f, pdim)) * s
+        # the Stein terms have mean zero element by element, so dropping them where the
+        # site is masked keeps the estimate unbiased, and a masked element that nothing
+        # depends on keeps its exact zero instead of the net's noise
+        stein = (-loo_mean(control.alpha.to(f.dtype) * stein_h0, pdim) * s
+                 + control.beta.to(f.dtype) * stein_h1)
+        return base + (stein if mask is None else stein * mask)
