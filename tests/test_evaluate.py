@@ -350,3 +350,31 @@ def test_scalar_observations_in_the_data_plate_still_work():
 
     exact = dist.Normal(0.0, 2.0 ** 0.5).log_prob(x)
     assert torch.allclose(log_likelihood(model, guide, x, num_samples=2), exact, atol=1e-5)
+
+
+@pytest.mark.parametrize("mask", [False, True])
+def test_bool_masks_are_honoured(mask):
+    """Regression: ``poutine.mask(mask=False)`` (Pyro takes a bool as well as a tensor)
+    crashed ``torch.where``. With the exact posterior as the guide, a guide factor masked
+    out leaves the exact log-likelihood; unmasked it shifts every datum by its value."""
+    import pyro.poutine as poutine
+
+    s = 0.7
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
+            pyro.sample("x", dist.Normal(z, s).to_event(1), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(x / (1 + s**2),
+                                         math.sqrt(s**2 / (1 + s**2))).to_event(1))
+            with poutine.mask(mask=mask):
+                pyro.factor("aux", torch.full((x.shape[0],), 5.0), has_rsample=True)
+
+    exact = dist.Normal(0.0, math.sqrt(1 + s**2)).log_prob(x).sum(-1)
+    got = log_likelihood(model, guide, x, num_samples=4)
+    expected = exact - (5.0 if mask else 0.0)
+    assert torch.allclose(got, expected, atol=1e-4)

@@ -129,9 +129,9 @@ def test_masked_guide_element_keeps_the_score_gradient_of_what_depends_on_it(nam
     observation still depends on got a logit gradient of exactly 0 (exact: 1.076). A mask
     drops only the site's own log-density (Trace_ELBO's score term is unmasked)."""
     from lvmkit.inference import (
+        RLOOELBO,
         CategoricalDisARMELBO,
         DoubleCVELBO,
-        RLOOELBO,
         RodeoELBO,
         check_unbiased,
     )

@@ -317,8 +317,11 @@ def _log_weights_chunk(model, guide, x, kwargs, size: int, particle_dim: int) ->
             if site["type"] != "sample":
                 continue
             log_p = site["fn"].log_prob(site["value"])
-            if site["mask"] is not None:
-                log_p = torch.where(site["mask"], log_p, torch.zeros_like(log_p))
+            mask = site["mask"]
+            if mask is False:  # poutine.mask takes a bool as well as a tensor
+                log_p = torch.zeros_like(log_p)
+            elif torch.is_tensor(mask):
+                log_p = torch.where(mask, log_p, torch.zeros_like(log_p))
             log_w = log_w + sign * _per_datum(log_p, site, name, particle_dim, size, batch)
     return log_w
 
