@@ -221,3 +221,44 @@ def test_normalised_variant_is_biased_beside_a_continuous_site():
     result = check_unbiased(model, guide, elbo, X2, num_draws=150, num_continuous_draws=16)
     assert not result.passed
     assert result.max_abs_z > 3 * result.threshold, result.summary()
+
+
+def test_tensor_scale_without_a_baseline_input_is_unbiased_and_refused_with_one():
+    """Regression: a ``poutine.scale`` by a tensor (a weight per row) crashed NVIL with
+    "only one element tensors can be converted to Python scalars". Without a 'data' plate
+    there is no baseline network to scale and the estimate is unbiased; with one, the
+    per-datum baseline needs a scalar scale and the error names the site."""
+    from lvmkit.inference.estimators import EstimatorError
+
+    x = torch.tensor([[0.3, -1.2, 0.8], [2.0, 1.1, -0.4]])
+    weights = torch.tensor([[1.0], [2.5]])
+
+    def model():
+        with pyro.plate("outer", 2, dim=-2), pyro.plate("inner", 3, dim=-1), \
+                poutine.scale(scale=weights):
+            b = pyro.sample("b", dist.Bernoulli(0.4))
+            pyro.sample("y", dist.Normal(b, 1.0), obs=x)
+
+    def guide():
+        a = pyro.param("a", torch.tensor([0.2, -0.3, 0.5]))
+        with pyro.plate("outer", 2, dim=-2), pyro.plate("inner", 3, dim=-1), \
+                poutine.scale(scale=weights):
+            pyro.sample("b", dist.Bernoulli(logits=a))
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    result = check_unbiased(model, guide, NVILELBO(), num_draws=200)
+    assert result.passed, result.summary()
+
+    def data_model(x):
+        with pyro.plate("data", 2), poutine.scale(scale=weights[:, 0]):
+            b = pyro.sample("b", dist.Bernoulli(0.4).expand([3]).to_event(1))
+            pyro.sample("y", dist.Normal(b, 1.0).to_event(1), obs=x)
+
+    def data_guide(x):
+        a = pyro.param("a2", torch.zeros(3))
+        with pyro.plate("data", 2), poutine.scale(scale=weights[:, 0]):
+            pyro.sample("b", dist.Bernoulli(logits=a).to_event(1))
+
+    with pytest.raises(EstimatorError, match="site 'b'.*scalar.*shape \\(2,\\)"):
+        NVILELBO().loss_and_grads(data_model, data_guide, x)

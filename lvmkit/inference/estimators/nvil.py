@@ -292,8 +292,8 @@ class NVILELBO(Trace_ELBO, nn.Module):
         per_datum = log_r.sum_to(frames)
         if not torch.is_tensor(per_datum):
             per_datum = torch.as_tensor(per_datum)
-        scale = float(score_sites[0][1]["scale"])
         if frame is not None:
+            scale = _scalar_scale(*score_sites[0][:2])
             # Put the baseline's data axis at the plate's dim so it broadcasts like the signal.
             baseline = scale * self._baseline(self._x).reshape((-1,) + (1,) * (-1 - frame.dim))
         else:
@@ -317,3 +317,17 @@ class NVILELBO(Trace_ELBO, nn.Module):
             learning_signal = (signal - site_shift) / divisor
             surrogate = surrogate + (learning_signal.detach() * score_term).sum()
         return surrogate
+
+
+def _scalar_scale(name: str, site: dict) -> float:
+    """The site's scale as a float (the data-dependent baseline is scaled by it); a tensor
+    scale with several elements (``poutine.scale`` by a weight per datum) is refused
+    rather than collapsed."""
+    scale = site["scale"]
+    if torch.is_tensor(scale) and scale.numel() != 1:
+        raise EstimatorError(
+            f"site {name!r}: NVILELBO scales its per-datum baseline network by the site's"
+            f" scale, which must be a scalar; got a tensor of shape {tuple(scale.shape)}"
+            " (poutine.scale)"
+        )
+    return float(scale)
