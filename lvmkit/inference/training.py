@@ -1231,12 +1231,22 @@ def _checkpoint_state(step: int, optim, elbo, batches: _Batches, history: Histor
         "optim": optim.get_state(),
         # What the estimator learns or tracks outside the param store (REBAR's temperature
         # and etas, NVIL's running moments, ...), if it has any.
-        "elbo": {"type": type(elbo).__name__, "state": _elbo_state(elbo)},
+        "elbo": {"type": type(elbo).__name__, "state": _elbo_state(elbo),
+                 "max_plate_nesting": _guessed_nesting(elbo)},
         # CUDA's generators once CUDA is in use (saving them would otherwise start it)
         "rng": RandomState().as_dict(),
         "batches": batches.state(),
         "history": history.to_dict(),
     }
+
+
+def _guessed_nesting(elbo) -> int | None:
+    """The plate nesting a Pyro ELBO with vectorized particles guessed on its first step.
+    The guess traces model and guide, drawing random numbers, so a resumed run must not
+    guess again after its generators are restored: it would draw other latents from there
+    on than the run it continues."""
+    nesting = getattr(elbo, "max_plate_nesting", None)
+    return int(nesting) if isinstance(nesting, int | float) and math.isfinite(nesting) else None
 
 
 def _elbo_state(elbo) -> dict | None:
@@ -1273,6 +1283,9 @@ def _restore(path: str, state: dict, optim, elbo, batches: _Batches, n: int, bat
             # First: an estimator may register networks in the param store, whose saved
             # values _load_params then writes into the networks' own tensors.
             elbo.load_state_dict(saved["state"])
+        nesting = saved.get("max_plate_nesting")
+        if nesting is not None and getattr(elbo, "max_plate_nesting", None) == math.inf:
+            elbo.max_plate_nesting = nesting  # not guessed again (see _guessed_nesting)
     _check_params_match(path, state["params"]["params"], used)
     _load_params(state["params"])
     optim.set_state(state["optim"])

@@ -223,6 +223,14 @@ class NVILELBO(Trace_ELBO, nn.Module):
         nn.init.zeros_(net[-1].bias)
         self.baseline_net = net
 
+    def get_extra_state(self) -> dict:
+        # saved with the net, so a restored estimator keeps the param-store names (and so
+        # the optimizer state) of the run that saved it
+        return {"module_name": self.module_name}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.module_name = state["module_name"]
+
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """``nn.Module.load_state_dict``, creating the baseline net a saved state holds
         (it is otherwise built on the first call) and registering it in Pyro's param store
