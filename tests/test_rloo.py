@@ -88,7 +88,11 @@ def test_k_counts_model_evaluations_per_datum():
 
     elbo = RLOOELBO(num_particles=5, max_plate_nesting=1)
     elbo.loss_and_grads(counted, guide, X2)
-    # one vectorized model call holding 5 draws of each datum
+    # the first call also runs particle 0 alone, once, to check that the model broadcasts
+    assert len(calls) == 2
+    calls.clear()
+    elbo.loss_and_grads(counted, guide, X2)
+    # then one vectorized model call holding 5 draws of each datum
     assert len(calls) == 1
     tr = poutine.trace(elbo._vectorized_num_particles(guide)).get_trace(X2)
     assert tr.nodes["z"]["value"].shape == (5, 2, H)

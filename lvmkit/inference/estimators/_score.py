@@ -25,6 +25,7 @@ from pyro.infer.util import is_validation_enabled, torch_item
 from pyro.poutine.messenger import Messenger
 from pyro.util import check_if_enumerated
 
+from lvmkit.inference.estimators._pairs import checked_particle_traces
 from lvmkit.inference.estimators.nvil import (
     discrete_kind,
     innermost,
@@ -164,6 +165,11 @@ class LeaveOneOutELBO(Trace_ELBO):
         super().__init__(num_particles=num_particles, vectorize_particles=True, **kwargs)
 
     # -- traces -------------------------------------------------------------------------
+
+    def _get_traces(self, model, guide, args, kwargs):
+        yield from checked_particle_traces(
+            self, super()._get_traces, model, guide, args, kwargs,
+            "use an estimator that runs particles one by one (NVILELBO, RebarELBO)")
 
     def _get_trace(self, model, guide, args, kwargs):
         if self.value_gradients:

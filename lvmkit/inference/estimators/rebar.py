@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -41,6 +40,7 @@ from pyro.infer.util import MultiFrameTensor
 from pyro.params import param_with_module_name
 
 from lvmkit.inference.estimators import EstimatorError
+from lvmkit.inference.estimators._pairs import PairDecisions
 from lvmkit.inference.estimators._relax import (
     BERNOULLI,
     HardPass,
@@ -133,55 +133,6 @@ class _Estimate:
 
 def _score_weight(terms: MultiFrameTensor, site: dict) -> torch.Tensor:
     return terms.sum_to(site["cond_indep_stack"])
-
-
-class _PairDecisions:
-    """The path decided for each model/guide pair, held weakly: forgotten when either
-    callable is freed, so a new callable is decided afresh. A bound method is keyed by its
-    owner and function (``obj.model`` is a new object on every access)."""
-
-    def __init__(self) -> None:
-        self._by_guide: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-    @staticmethod
-    def _split(fn: Callable) -> tuple:
-        owner, func = getattr(fn, "__self__", None), getattr(fn, "__func__", None)
-        return (owner, func) if owner is not None and func is not None else (fn, None)
-
-    def get(self, model: Callable, guide: Callable):
-        (m, m_func), (g, g_func) = self._split(model), self._split(guide)
-        try:
-            return self._by_guide.get(g, {}).get(m, {}).get((g_func, m_func))
-        except TypeError:  # not weakly referenceable: never stored
-            return None
-
-    def set(self, model: Callable, guide: Callable, value) -> None:
-        (m, m_func), (g, g_func) = self._split(model), self._split(guide)
-        try:
-            by_model = self._by_guide.setdefault(g, weakref.WeakKeyDictionary())
-            by_model.setdefault(m, {})[(g_func, m_func)] = value
-        except TypeError:  # not weakly referenceable: decided on every call instead
-            pass
-
-    def values(self) -> list:
-        return [v for by_model in self._by_guide.values() for d in by_model.values()
-                for v in d.values()]
-
-    def __len__(self) -> int:
-        return len(self.values())
-
-    def __deepcopy__(self, memo) -> _PairDecisions:
-        copied = _PairDecisions()
-        for g, by_model in self._by_guide.items():
-            for m, d in by_model.items():
-                copied._by_guide.setdefault(g, weakref.WeakKeyDictionary())[m] = dict(d)
-        return copied
-
-    def __getstate__(self) -> dict:
-        return {}  # decisions are not pickled: the pairs are decided afresh
-
-    def __setstate__(self, state: dict) -> None:
-        self._by_guide = weakref.WeakKeyDictionary()
 
 
 _REFERENCE = "reference"  # the decision for a pair that runs the separate passes
@@ -352,7 +303,7 @@ class RebarELBO(Trace_ELBO):
         self._last: dict[str, torch.Tensor | float] = {}
         self._keys_seen: list[str] = []
         # per model/guide pair: _REFERENCE or a _FastPath
-        self._paths = _PairDecisions()
+        self._paths = PairDecisions()
         self._pair: tuple[Callable, Callable] | None = None
         self._hard_only = False
 
@@ -503,7 +454,7 @@ class RebarELBO(Trace_ELBO):
         try:
             yield from super()._get_traces(model, guide, args, kwargs)
         finally:
-            self._pair = None  # held weakly otherwise (see _PairDecisions)
+            self._pair = None  # held weakly otherwise (see PairDecisions)
         self._register_controls()  # after the particles, which create the etas and nets
 
     def _get_trace(self, model, guide, args, kwargs):

@@ -31,7 +31,10 @@ class RLOOELBO(LeaveOneOutELBO):
     its value, and subsampling scales enter through the signal, both as in ``Trace_ELBO``.
 
     :param num_particles: ``K >= 2`` draws per datum; ``K = 1`` is refused (there is no
-        leave-one-out baseline). Particles are always vectorized.
+        leave-one-out baseline). Particles are always vectorized; the first call with a
+        model and guide runs particle 0 alone as well and raises
+        :class:`~lvmkit.inference.estimators.EstimatorError`, naming the site, if the
+        vectorized log-probabilities differ (a model that reduces with ``.sum()``).
 
     Example: one SVI step with four draws per datum, on a VAE with categorical latents.
 

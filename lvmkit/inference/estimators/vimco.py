@@ -12,6 +12,7 @@ from pyro.poutine.util import site_is_subsample
 from pyro.util import warn_if_nan
 
 from lvmkit.inference.estimators import EstimatorError
+from lvmkit.inference.estimators._pairs import checked_particle_traces
 from lvmkit.inference.estimators.nvil import (
     _PARTICLE_PLATE,
     latent_guide_sites,
@@ -97,8 +98,11 @@ class VIMCOELBO(Trace_ELBO):
     sites must then have the same subsampling scale ``scale``. The particles are
     vectorized by default (Pyro's ``vectorize_particles``); with
     ``vectorize_particles=False`` they are K traces, for models whose plates or parameters
-    assume no particle dimension (same estimator). ``loss`` returns ``-L_K`` (estimated), not
-    the ELBO.
+    assume no particle dimension (same estimator). Vectorized, the first call with a model
+    and guide also runs particle 0 alone and raises
+    :class:`~lvmkit.inference.estimators.EstimatorError`, naming the site, where the two
+    disagree (a model that reduces with ``.sum()``). ``loss`` returns ``-L_K`` (estimated),
+    not the ELBO.
 
     This estimates the gradient of ``L_K``, *not* of the ELBO (``objective = "iwae"``);
     :func:`lvmkit.inference.check.exact_iwae_gradient` computes the exact ``L_K`` gradient
@@ -131,6 +135,13 @@ class VIMCOELBO(Trace_ELBO):
             )
         super().__init__(num_particles=num_particles,
                          vectorize_particles=kwargs.pop("vectorize_particles", True), **kwargs)
+
+    def _get_traces(self, model, guide, args, kwargs):
+        if not self.vectorize_particles:
+            yield from super()._get_traces(model, guide, args, kwargs)
+            return
+        yield from checked_particle_traces(self, super()._get_traces, model, guide, args,
+                                           kwargs, "pass vectorize_particles=False")
 
     def _particle_terms(self, model_trace, guide_trace, ndim: int | None = None):
         """``(log_w, score, scale, pdim)``: per-particle log-weights and guide scores,
