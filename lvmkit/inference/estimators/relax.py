@@ -185,6 +185,8 @@ def _features(values, guide_trace, records) -> torch.Tensor:
         event_dim = site["fn"].event_dim
         batch_shape = value.shape[: value.dim() - event_dim]
         pieces.append(value.reshape(batch_shape + (-1,)))
+    if len(pieces) == 1:
+        return pieces[0]  # one site: its values are the features (no copy)
     ndim = max(p.dim() for p in pieces)
     pieces = [p.reshape((1,) * (ndim - p.dim()) + p.shape) for p in pieces]
     batch = torch.broadcast_shapes(*(p.shape[:-1] for p in pieces))
