@@ -199,8 +199,10 @@ class _RelaxedBernoulliScore(dist.Bernoulli):
 
     def log_prob(self, value):
         logits = _compact(self.logits)
-        shape = torch.broadcast_shapes(value.shape, self.logits.shape)
-        return (value * logits + F.logsigmoid(-logits)).expand(shape)
+        out = value * logits + F.logsigmoid(-logits)
+        if out.shape == self.logits.shape:  # the usual case: no broadcast to restore
+            return out
+        return out.expand(torch.broadcast_shapes(out.shape, self.logits.shape))
 
 
 class _RelaxedOneHotScore(dist.OneHotCategorical):
