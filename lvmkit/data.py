@@ -31,8 +31,10 @@ gives each row's position in the source.
 from __future__ import annotations
 
 import gzip
+import math
 import numbers
 import os
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -169,7 +171,7 @@ def load_idx(path: str | os.PathLike) -> np.ndarray:
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
-        except (OSError, EOFError) as err:
+        except (OSError, EOFError, zlib.error) as err:
             raise ValueError(f"IDX file {str(path)!r}: corrupt gzip stream ({err})") from err
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise ValueError(
@@ -185,9 +187,10 @@ def load_idx(path: str | os.PathLike) -> np.ndarray:
     header = 4 + 4 * ndim
     if len(raw) < header:
         raise ValueError(f"IDX file {str(path)!r}: truncated header ({len(raw)} bytes)")
-    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">i4", count=ndim, offset=4))
+    # unsigned: a size of 2**31 or more is a corrupt header, not a negative dimension
+    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
     dtype = np.dtype(_IDX_DTYPES[code])
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize  # Python ints: no overflow
     found = len(raw) - header
     if found != expected:
         problem = "truncated" if found < expected else "trailing data"

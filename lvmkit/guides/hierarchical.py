@@ -881,6 +881,8 @@ class AutoHVM(AutoContinuous):
 
         if self._custom_reverse is not None:
             r = self.reverse(v)
+            if K == 0:  # the plain auxiliary bound: the ancestral term alone
+                return -r.log_prob(a0)
             extra = r.rsample((K,))
             log_w = torch.cat(
                 [
