@@ -236,3 +236,22 @@ def check_observed_values(model_trace: Any, plate: str, data_description: str) -
                 f"event dim {fn.event_dim}), so every datum would be scored against the same "
                 f"value; {data_description}: is it what the model expects?"
             )
+
+
+def check_full_plates(traces: Any, what: str) -> None:
+    """Refuse sites in a subsampled plate (``pyro.plate(..., subsample_size=B)``) for
+    ``what``, a computation that scores every datum of the data passed: each trace would
+    draw another subset, so that a column would hold other data in each draw, and the
+    plate's N / B scale would enter the log densities."""
+    for trace in traces:
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample":
+                continue
+            for frame in site["cond_indep_stack"]:
+                if frame.full_size is not None and frame.full_size != frame.size:
+                    raise ValueError(
+                        f"site {name!r} is in the subsampled plate {frame.name!r}"
+                        f" (subsample_size {frame.size} of {frame.full_size}): {what} scores"
+                        " every datum of the data passed, and each trace would draw another"
+                        " subset; run the model with the full plate (subsample_size=None)"
+                    )

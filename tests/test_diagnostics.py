@@ -733,3 +733,79 @@ def test_diagnostics_reexports_the_split_modules():
     assert diagnostics.NutsComparison is nuts.NutsComparison is inference.NutsComparison
     for name in inference.__all__:  # the lazy table names only modules that define the name
         assert getattr(inference, name) is not None, name
+
+
+# ------------------------------------------------------- regressions of the second review
+
+
+def _normal_mean_pair(mask=None, subsample_size=None, site="y"):
+    data = torch.tensor([0.3, -1.2, 0.8, 2.0])
+
+    def model(x):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", len(x), subsample_size=subsample_size) as idx:
+            with pyro.poutine.mask(mask=True if mask is None else mask[idx]):
+                pyro.sample(site, dist.Normal(mu, 1.0), obs=x[idx])
+
+    def guide(x):
+        pyro.sample("mu", dist.Normal(0.2, 0.5))
+
+    return model, guide, data
+
+
+def test_to_arviz_log_likelihood_leaves_masked_observations_out():
+    """Masked observations (missing values filled with a placeholder) got a
+    log-likelihood, so az.loo counted them as data; lp already left them out."""
+    mask = torch.tensor([True, False, True, False])
+    model, guide, data = _normal_mean_pair(mask)
+    pyro.set_rng_seed(0)
+    out = to_arviz(model, guide, data, num_samples=20)
+    log_lik = torch.tensor(np.asarray(out["log_likelihood"]["y"].values[0]))
+    mu = torch.tensor(np.asarray(out["posterior"]["mu"].values[0]))
+    expected = dist.Normal(mu[:, None], 1.0).log_prob(data) * mask
+    assert torch.allclose(log_lik, expected.to(log_lik.dtype), atol=1e-5)
+
+
+@pytest.mark.parametrize("what", ["to_arviz", "log_likelihood"])
+def test_subsampled_plates_are_refused_by_full_data_scoring(what):
+    """Pyro's subsample_size idiom made every draw score another random subset (to_arviz)
+    or crashed on a shape (log_likelihood); both refuse it, naming the plate."""
+    from lvmkit.inference.evaluate import log_likelihood
+
+    model, guide, data = _normal_mean_pair(subsample_size=2)
+    with pytest.raises(ValueError, match="subsampled plate 'data'.*subsample_size 2 of 4"):
+        if what == "to_arviz":
+            to_arviz(model, guide, data, num_samples=5)
+        else:
+            log_likelihood(model, guide, data, num_samples=5)
+
+
+def test_to_arviz_leaves_out_the_likelihood_of_models_with_enumerated_latents():
+    """With an enumerated latent the guide leaves out, a draw of it from the prior made the
+    log_likelihood group log p(x_i | z, c_i) (per datum about -16 where log p(x_i | z) is
+    about -1); the group is left out, with a warning saying why."""
+    from pyro.infer import config_enumerate
+
+    x = torch.tensor([2.1, -1.9, 2.3, -2.2, 1.8])
+
+    @config_enumerate
+    def model(x):
+        z = pyro.sample("z", dist.Normal(0.0, 3.0))
+        with pyro.plate("data", len(x)):
+            c = pyro.sample("c", dist.Bernoulli(0.5))
+            pyro.sample("x", dist.Normal(z * (2 * c - 1), 0.5), obs=x)
+
+    def guide(x):
+        pyro.sample("z", dist.Normal(2.0, 0.1))
+
+    pyro.set_rng_seed(0)
+    with pytest.warns(UserWarning, match="log_likelihood group is left out"):
+        out = to_arviz(model, guide, x, num_samples=20)
+    assert "log_likelihood" not in group_names(out)
+    assert "posterior" in group_names(out)
+
+
+def test_to_arviz_refuses_a_site_named_like_a_sample_stat():
+    model, guide, data = _normal_mean_pair(site="lp")
+    with pytest.raises(ValueError, match=r"site\(s\) \['lp'\].*rename"):
+        to_arviz(model, guide, data, num_samples=5)

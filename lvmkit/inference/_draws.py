@@ -26,6 +26,7 @@ from pyro.poutine.util import site_is_subsample
 from lvmkit._validation import (
     PROGRAM_ERRORS,
     check_count,
+    check_full_plates,
     check_observed_values,
     check_precision,
     check_tensor_arguments,
@@ -170,7 +171,9 @@ def _roles(model_trace: Trace, guide_trace: Trace) -> Roles:
     if roles.model_only:
         warnings.warn(
             f"model sites {roles.model_only} are not sampled by the guide; they are drawn from"
-            " their prior, left out of the posterior, and cancel out of the importance weights",
+            " their prior, left out of the posterior, and cancel out of the importance weights"
+            " (in expectation). The per-datum likelihood needs them summed out, which a draw"
+            " of them does not do, so the log_likelihood group is left out",
             stacklevel=3,
         )
     model_sites = sample_sites(model_trace).values()
@@ -245,7 +248,16 @@ def _vectorized_value(value: torch.Tensor, event_dim: int, num_draws: int, plate
 
 
 def _log_lik(site: dict) -> torch.Tensor:
-    return site["fn"].log_prob(site["value"])
+    """Per-element log-likelihood of an observed site, zero where ``poutine.mask`` (or a
+    ``.mask()``, which ``log_prob`` applies itself) masks it out: masked entries are not
+    data (missing values filled with a placeholder), as in the weights' ``lp``."""
+    log_p = site["fn"].log_prob(site["value"])
+    mask = site["mask"]
+    if mask is False:
+        return torch.zeros_like(log_p)
+    if torch.is_tensor(mask):
+        return torch.where(mask, log_p, torch.zeros_like(log_p))
+    return log_p
 
 
 def _draw_vectorized(
@@ -423,6 +435,7 @@ def draw(
                 raise
             raise wrapped from err
         check_observed_values(probe[0], DATA_PLATE, f"the arguments are ({described})")
+        check_full_plates(probe, "drawing from the guide and scoring under the model")
         roles = _roles(*probe)
         draws = Draws(_max_plate_nesting(*probe), roles, probe[0])
         if vectorize is not False:

@@ -113,10 +113,19 @@ def draws_to_tree(draws: Draws, data_dim: str = DATA_PLATE) -> ArvizData:
         array, dims[name], site_coords = site_layout(name, site_draws, plates, data_dim)
         groups["posterior"][name] = array[None]
         coords.update(site_coords)
-    for name, site_draws in draws.log_lik.items():
+    # With model latents the guide leaves out (enumerated, drawn from their prior), a
+    # draw's log p(x_i | z, c_i) is not the likelihood log p(x_i | z): the group is left
+    # out (see _roles' warning) rather than filled with the wrong numbers.
+    for name, site_draws in ({} if draws.roles.model_only else draws.log_lik).items():
         array, _, site_coords = site_layout(name, site_draws, plates, data_dim)
         groups["log_likelihood"][name] = array[None]
         coords.update(site_coords)
+    reserved = {"log_weight", "lp", "log_q"} & set(sample_sites(draws.probe_model))
+    if reserved:
+        raise ValueError(
+            f"the model's site(s) {sorted(reserved)} take the name of a sample_stats"
+            " variable (log_weight, lp, log_q) that the export writes: rename the site(s)"
+        )
     groups["observed_data"] = {}
     for name in draws.roles.observed:
         array, dims[name], site_coords = _observed_layout(

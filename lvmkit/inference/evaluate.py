@@ -34,6 +34,7 @@ from lvmkit._validation import (
     PROGRAM_ERRORS,
     check_count,
     check_data,
+    check_full_plates,
     check_observed_values,
     check_precision,
     check_tensor_arguments,
@@ -253,6 +254,7 @@ def _max_plate_nesting(model, guide, x, kwargs) -> int:
                 raise
             raise wrapped from err
     _check_guide_covers_model(model_trace, guide_trace)
+    check_full_plates((model_trace, guide_trace), "the per-datum log-likelihood")
     _check_observed_values(model_trace, x)
     if not any(frame.name == "data" for site in model_trace.nodes.values()
                for frame in site.get("cond_indep_stack", ())):
