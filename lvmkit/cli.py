@@ -114,14 +114,26 @@ def train_options(args: argparse.Namespace) -> dict[str, Any]:
             "seed": args.seed, "progress": not args.no_progress}
 
 
+def check_folders(args: argparse.Namespace, *options: str) -> None:
+    """A usage error naming the option whose folder is an existing file."""
+    for option in options:
+        path = getattr(args, option.lstrip("-").replace("-", "_"), None)
+        if path is not None and Path(path).exists() and not Path(path).is_dir():
+            args.subparser.error(f"argument {option}: {str(path)!r} is a file, not a folder")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from lvmkit.workflow import format_table, train_and_evaluate
 
-    result = train_and_evaluate(
-        args.model, training_data(args), load_data(args, "test"), estimator=args.elbo,
-        out=args.out, num_particles=args.num_particles, eval_samples=args.eval_samples,
-        checkpoint_dir=args.checkpoint_dir, **train_options(args),
-    )
+    check_folders(args, "--out", "--checkpoint-dir")
+    try:
+        result = train_and_evaluate(
+            args.model, training_data(args), load_data(args, "test"), estimator=args.elbo,
+            out=args.out, num_particles=args.num_particles, eval_samples=args.eval_samples,
+            checkpoint_dir=args.checkpoint_dir, **train_options(args),
+        )
+    except (ValueError, OSError) as err:  # a refused resume, an unwritable folder, ...
+        raise SystemExit(f"lvmkit train: {err}") from err
     if result.files:  # rank 0 of a torchrun job, or a single process
         print(format_table([result.metrics]))
         print(f"wrote {args.out}")
@@ -151,6 +163,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from lvmkit.inference import compare_estimators
     from lvmkit.inference.registry import make_estimator
 
+    check_folders(args, "--out")
     estimators = None
     if args.estimators:
         estimators = {name: make_estimator(name, comparable=True) for name in args.estimators}

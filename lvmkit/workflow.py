@@ -255,21 +255,17 @@ def train_and_evaluate(
         # for each), so REBAR-type estimators may take their fast path on them
         elbo.fuse_passes = True
     files: dict[str, Path] = {}
-    if out is not None:
-        files["run"] = write_json(
-            out / "run.json",
-            {
-                "model": model,
-                "model_kwargs": model_kwargs,
-                "dataset": train_set.name,
-                "binarize": train_set.binarize,
-                "elbo": estimator,
-                "steps": steps,
-                "batch_size": batch_size,
-                "lr": lr,
-                "seed": seed,
-            },
-        )
+    run_record = {
+        "model": model,
+        "model_kwargs": model_kwargs,
+        "dataset": train_set.name,
+        "binarize": train_set.binarize,
+        "elbo": estimator,
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+    }
     history = fit(
         model_fn,
         guide,
@@ -283,6 +279,12 @@ def train_and_evaluate(
         progress=progress,
     )
     if out is not None:
+        # Only now, with the training done: a run that fails leaves the folder's previous
+        # run whole (its run.json describing its weights), and the previous run's results
+        # go with its weights rather than sit beside the new ones.
+        for stale in [out / "metrics.json", *out.glob("evaluate_*.json")]:
+            stale.unlink(missing_ok=True)
+        files["run"] = write_json(out / "run.json", run_record)
         save_weights(out / "weights.pt", model_fn, guide)
         files["weights"] = out / "weights.pt"
         history.save(out / "history.json")

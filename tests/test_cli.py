@@ -249,3 +249,22 @@ def test_train_and_evaluate_on_idx_files(tmp_path, capsys):
     (digits_run / "weights.pt").write_bytes(b"")
     with pytest.raises(SystemExit, match="are for dataset 'idx', not 'digits'"):
         main(["evaluate", "--run", str(digits_run), "--no-progress", *files[2:]])
+
+
+def test_a_failed_train_leaves_the_folders_previous_run_whole(tmp_path, capsys):
+    """Regressions (found by a review): a train that failed (here: a refused resume) had
+    already rewritten run.json, so evaluate scored the old weights under the new settings;
+    and the failure was a traceback. Now run.json is written with the weights, and the
+    error is one line."""
+    out, ckpt = tmp_path / "run", tmp_path / "ckpt"
+    base = ["train", "--model", "vae", "--eval-samples", "2", "--out", str(out),
+            "--checkpoint-dir", str(ckpt), "--no-progress"]
+    assert main([*base, "--steps", "3", "--batch-size", "20"]) == 0
+    before = json.loads((out / "run.json").read_text())
+    with pytest.raises(SystemExit, match="lvmkit train: .*batch_size=20"):
+        main([*base, "--steps", "6", "--batch-size", "10"])
+    assert json.loads((out / "run.json").read_text()) == before
+    # a folder option naming a file is a usage error naming the option
+    (tmp_path / "afile").write_text("")
+    err = usage_error(["train", "--out", str(tmp_path / "afile")], capsys)
+    assert "argument --out:" in err and "is a file, not a folder" in err

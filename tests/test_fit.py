@@ -490,3 +490,50 @@ def test_fit_gives_the_estimators_controls_their_own_rate():
     assert set(controls) == {"rate_rebar$$$log_temperature", "rate_rebar$$$eta_logits.b1"}
     assert set(controls.values()) == {0.02}
     assert {r for n, r in rates.items() if n not in controls} == {0.001}
+
+
+def test_resume_refuses_other_optimizer_settings_and_fewer_steps(tmp_path):
+    """Regressions (found by a review): a resumed run silently kept the checkpoint's
+    learning rate (torch's optimizer state carries it), crashed with a bare KeyError on
+    another optimizer class, and with fewer steps than the checkpoint returned the
+    longer-trained model."""
+    def model(x):
+        with pyro.plate("data", len(x)):
+            pyro.sample("x", dist.Normal(pyro.param("mu", torch.tensor(0.0)), 1.0), obs=x)
+
+    def guide(x):
+        pass
+
+    x = torch.full((10,), 5.0)
+    pyro.clear_param_store()
+    fit(model, guide, x, steps=5, batch_size=10, optim=pyro.optim.SGD({"lr": 1e-3}),
+        checkpoint_dir=tmp_path, progress=False)
+    cases = [(pyro.optim.SGD({"lr": 0.1}), 6, "lr=0.001 for parameter 'mu'.*lr=0.1"),
+             (pyro.optim.Adam({"lr": 1e-3}), 6, "optimizer SGD; this run uses Adam"),
+             (pyro.optim.SGD({"lr": 1e-3}), 3, "at step 5, past the 3 steps")]
+    for optim, steps, match in cases:
+        pyro.clear_param_store()
+        with pytest.raises(ValueError, match=match):
+            fit(model, guide, x, steps=steps, batch_size=10, optim=optim,
+                checkpoint_dir=tmp_path, progress=False)
+    pyro.clear_param_store()
+    history = fit(model, guide, x, steps=6, batch_size=10, optim=pyro.optim.SGD({"lr": 1e-3}),
+                  checkpoint_dir=tmp_path, progress=False)
+    assert history.step == [1, 2, 3, 4, 5, 6]
+
+
+def test_differentiable_loss_path_with_nothing_to_train():
+    """Regression: use_differentiable_loss=True with no parameters raised torch's "element
+    0 of tensors does not require grad"; it runs as the SVI path does."""
+    def model(x):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", len(x)):
+            pyro.sample("x", dist.Normal(mu, 1.0), obs=x)
+
+    def guide(x):
+        pyro.sample("mu", dist.Normal(0.0, 1.0))
+
+    pyro.clear_param_store()
+    history = fit(model, guide, torch.zeros(10), steps=2, batch_size=5, progress=False,
+                  use_differentiable_loss=True)
+    assert len(history) == 2

@@ -562,6 +562,13 @@ def fit(
             if restored is not None:
                 step, history = _restore(restored[0], restored[1], optim, elbo, batches, n,
                                          batch_size, plan.params, context)
+                if step > total:
+                    raise ValueError(
+                        f"checkpoint {restored[0]!r} is at step {step}, past the {total} steps"
+                        " this run asks for: it would return the longer-trained model. Ask"
+                        f" for at least {step} steps, or use another checkpoint_dir or"
+                        " resume=False."
+                    )
         else:
             checkpoints.replace_existing()
 
@@ -1072,13 +1079,14 @@ def _saturation_message(site: str, count: int, total: int, worst: float, thresho
 def _differentiable_step(elbo, optim, model, guide, x, kwargs) -> float:
     with poutine.trace(param_only=True) as param_capture:
         loss = elbo.differentiable_loss(model, guide, x, **kwargs)
-        loss.backward()
+        if torch.is_tensor(loss) and loss.requires_grad:  # nothing to train: as SVI does
+            loss.backward()
     # An estimator's own parameters (REBAR's temperature and etas, ...) are read through
     # the param store in the loss, so they are captured and stepped with the model's.
     params = {site["value"].unconstrained() for site in param_capture.trace.nodes.values()}
     optim(params)
     pyro.infer.util.zero_grads(params)
-    return loss.item()
+    return loss.item() if torch.is_tensor(loss) else float(loss)
 
 
 def _give_controls_their_rate(elbo, optim: pyro.optim.PyroOptim) -> None:
@@ -1229,6 +1237,7 @@ def _checkpoint_state(step: int, optim, elbo, batches: _Batches, history: Histor
         "batch_size": batch_size,
         "params": pyro.get_param_store().get_state(),
         "optim": optim.get_state(),
+        "optim_config": _optim_config(optim),
         # What the estimator learns or tracks outside the param store (REBAR's temperature
         # and etas, NVIL's running moments, ...), if it has any.
         "elbo": {"type": type(elbo).__name__, "state": _elbo_state(elbo),
@@ -1238,6 +1247,48 @@ def _checkpoint_state(step: int, optim, elbo, batches: _Batches, history: Histor
         "batches": batches.state(),
         "history": history.to_dict(),
     }
+
+
+def _optim_config(optim) -> dict:
+    """The optimizer's class and, per parameter, its arguments (plain values): a resumed
+    run's torch optimizers take their learning rate and betas from the saved state, so a run
+    resumed with other settings would silently keep the old ones."""
+    constructor = getattr(optim, "pt_optim_constructor", None)
+    args = {}
+    get_args = getattr(optim, "_get_optim_args", None)
+    if callable(get_args):
+        for name, param in pyro.get_param_store().named_parameters():
+            try:
+                values = get_args(param)
+            except (KeyError, TypeError, ValueError):
+                continue
+            args[name] = {k: v for k, v in dict(values).items()
+                          if isinstance(v, int | float | str | bool | tuple)}
+    return {"class": getattr(constructor, "__name__", type(optim).__name__), "args": args}
+
+
+def _check_optim_config(path: str, saved: dict | None, optim) -> None:
+    if saved is None:
+        return  # a checkpoint written before the optimizer's settings were saved
+    now = _optim_config(optim)
+    if saved["class"] != now["class"]:
+        raise ValueError(
+            f"checkpoint {path!r} was written by a run with the optimizer {saved['class']};"
+            f" this run uses {now['class']}. Use another checkpoint_dir or resume=False."
+        )
+    for name, args in now["args"].items():
+        old = saved["args"].get(name)
+        if old is None:
+            continue
+        changed = {k: (old[k], v) for k, v in args.items() if k in old and old[k] != v}
+        if changed:
+            key, (was, got) = next(iter(changed.items()))
+            raise ValueError(
+                f"checkpoint {path!r} was written with {key}={was!r} for parameter {name!r};"
+                f" this run asks for {key}={got!r}, which the restored optimizer state would"
+                " silently replace. Resume with the same optimizer settings, or use another"
+                " checkpoint_dir or resume=False."
+            )
 
 
 def _guessed_nesting(elbo) -> int | None:
@@ -1288,6 +1339,7 @@ def _restore(path: str, state: dict, optim, elbo, batches: _Batches, n: int, bat
             elbo.max_plate_nesting = nesting  # not guessed again (see _guessed_nesting)
     _check_params_match(path, state["params"]["params"], used)
     _load_params(state["params"])
+    _check_optim_config(path, state.get("optim_config"), optim)
     optim.set_state(state["optim"])
     rng = state.get("rng_ranks") or [state["rng"]]
     RandomState.from_dict(rng[context.rank]).restore()
