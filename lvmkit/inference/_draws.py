@@ -247,10 +247,11 @@ def _vectorized_value(value: torch.Tensor, event_dim: int, num_draws: int, plate
     return value
 
 
-def _log_lik(site: dict) -> torch.Tensor:
-    """Per-element log-likelihood of an observed site, zero where ``poutine.mask`` (or a
-    ``.mask()``, which ``log_prob`` applies itself) masks it out: masked entries are not
-    data (missing values filled with a placeholder), as in the weights' ``lp``."""
+def masked_log_prob(site: dict) -> torch.Tensor:
+    """Per-element log-density of a sample site, unscaled, zero where ``poutine.mask`` (a
+    bool or a tensor; a ``.mask()`` is applied by ``log_prob`` itself) masks it out:
+    masked entries are not data (missing values filled with a placeholder), as in the
+    weights' ``lp``."""
     log_p = site["fn"].log_prob(site["value"])
     mask = site["mask"]
     if mask is False:
@@ -288,7 +289,7 @@ def _draw_vectorized(
             latents[name] = SiteDraws(value, plate_frames(site), event_dim)
         for name in draws.roles.observed:
             site = model_trace.nodes[name]
-            value = _vectorized_value(_log_lik(site), 0, num_draws, plates)
+            value = _vectorized_value(masked_log_prob(site), 0, num_draws, plates)
             log_lik[name] = SiteDraws(value, plate_frames(site), 0)
     return latents, log_lik, log_p, log_q, (model_trace, guide_trace)
 
@@ -377,7 +378,7 @@ def _draw_loop(
         for name in draws.roles.observed:
             site = model_trace.nodes[name]
             frames[name] = plate_frames(site)
-            liks.setdefault(name, []).append(pad_batch(_log_lik(site), 0, plates))
+            liks.setdefault(name, []).append(pad_batch(masked_log_prob(site), 0, plates))
     latents = {
         name: SiteDraws(torch.stack(v), frames[name], events[name]) for name, v in values.items()
     }

@@ -86,9 +86,16 @@ def model_kwargs(labels: torch.Tensor | None, kwargs: dict) -> dict:
     return dict(kwargs) if labels is None else {**kwargs, "labels": labels}
 
 
-def _check_data_dim(data_dim: str, probe_model: Trace, roles: Roles) -> None:
-    """The "data" plate's dim may not take the name of a site or of another plate: xarray
-    would make a variable of that name a coordinate (empty groups) or merge two dims."""
+def _check_names(data_dim: str, probe_model: Trace, roles: Roles) -> None:
+    """No site may take the name of a sample_stats variable the export writes, and the
+    "data" plate's dim may not take the name of a site or of another plate: xarray would
+    make a variable of that name a coordinate (empty groups) or merge two dims."""
+    reserved = {"log_weight", "lp", "log_q"} & set(sample_sites(probe_model))
+    if reserved:
+        raise ValueError(
+            f"the model's site(s) {sorted(reserved)} take the name of a sample_stats"
+            " variable (log_weight, lp, log_q) that the export writes: rename the site(s)"
+        )
     if data_dim == DATA_PLATE:
         return  # the plate's own name: Pyro keeps it for the plate's site, no site can take it
     if data_dim in sample_sites(probe_model):
@@ -104,7 +111,7 @@ def _check_data_dim(data_dim: str, probe_model: Trace, roles: Roles) -> None:
 
 
 def draws_to_tree(draws: Draws, data_dim: str = DATA_PLATE) -> ArvizData:
-    _check_data_dim(data_dim, draws.probe_model, draws.roles)
+    _check_names(data_dim, draws.probe_model, draws.roles)
     plates = draws.num_plate_dims
     groups: dict[str, dict[str, np.ndarray]] = {"posterior": {}, "log_likelihood": {}}
     dims: dict[str, list[str]] = {}
@@ -120,12 +127,6 @@ def draws_to_tree(draws: Draws, data_dim: str = DATA_PLATE) -> ArvizData:
         array, _, site_coords = site_layout(name, site_draws, plates, data_dim)
         groups["log_likelihood"][name] = array[None]
         coords.update(site_coords)
-    reserved = {"log_weight", "lp", "log_q"} & set(sample_sites(draws.probe_model))
-    if reserved:
-        raise ValueError(
-            f"the model's site(s) {sorted(reserved)} take the name of a sample_stats"
-            " variable (log_weight, lp, log_q) that the export writes: rename the site(s)"
-        )
     groups["observed_data"] = {}
     for name in draws.roles.observed:
         array, dims[name], site_coords = _observed_layout(

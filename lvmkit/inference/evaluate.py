@@ -41,7 +41,7 @@ from lvmkit._validation import (
     program_error,
 )
 from lvmkit.data import Dataset, check_dataset
-from lvmkit.inference._draws import trace_pair, vectorized_trace_pair
+from lvmkit.inference._draws import masked_log_prob, trace_pair, vectorized_trace_pair
 
 
 def log_likelihood(
@@ -318,12 +318,7 @@ def _log_weights_chunk(model, guide, x, kwargs, size: int, particle_dim: int) ->
         for name, site in trace.nodes.items():
             if site["type"] != "sample":
                 continue
-            log_p = site["fn"].log_prob(site["value"])
-            mask = site["mask"]
-            if mask is False:  # poutine.mask takes a bool as well as a tensor
-                log_p = torch.zeros_like(log_p)
-            elif torch.is_tensor(mask):
-                log_p = torch.where(mask, log_p, torch.zeros_like(log_p))
+            log_p = masked_log_prob(site)
             log_w = log_w + sign * _per_datum(log_p, site, name, particle_dim, size, batch)
     return log_w
 

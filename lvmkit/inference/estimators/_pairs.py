@@ -16,8 +16,7 @@ from pyro.poutine.util import site_is_subsample
 
 from lvmkit._rng import RandomState
 from lvmkit.inference.estimators import EstimatorError
-
-PARTICLE_PLATE = "num_particles_vectorized"  # the plate of Pyro's vectorized particles
+from lvmkit.inference.estimators.sites import PARTICLE_PLATE, sample_sites
 
 
 class PairDecisions:
@@ -91,7 +90,7 @@ def particle_difference(model: Callable, guide: Callable, args: tuple, kwargs: d
     0's slice of the vectorized one. A model that reduces over all dimensions
     (``z.sum()``), reshapes, or asserts its shapes fails here. The random state is left as
     it was (the check draws only the model's own latents, if any)."""
-    frame = next((f for _, site in _sample_sites(guide_trace)
+    frame = next((f for _, site in sample_sites(guide_trace)
                   for f in site["cond_indep_stack"] if f.name == PARTICLE_PLATE), None)
     if frame is None:
         return None  # no sample site in the particle plate: nothing to compare
@@ -117,7 +116,7 @@ def particle_difference(model: Callable, guide: Callable, args: tuple, kwargs: d
             return f"particle 0 alone fails ({type(error).__name__}: {first_line})"
     for role, single, vectorized in (("model", single_model, model_trace),
                                      ("guide", single_guide, guide_trace)):
-        for name, site in _sample_sites(single):
+        for name, site in sample_sites(single):
             if role == "model" and not site["is_observed"] and name not in values.nodes:
                 continue  # a latent of the model alone: drawn afresh, not comparable
             other = vectorized.nodes.get(name)
@@ -141,9 +140,10 @@ def checked_particle_traces(elbo, get_traces: Callable, model, guide, args, kwar
                             advice: str):
     """The traces of ``get_traces(model, guide, args, kwargs)`` (an ELBO's vectorized
     ``_get_traces``), checked by :func:`particle_difference` on the first call of each
-    model and guide; an :class:`EstimatorError` naming the site where they do not
-    broadcast over the particle dimension."""
-    decisions = elbo.__dict__.setdefault("_broadcast_checked", PairDecisions())
+    model and guide (the pairs checked are kept in ``elbo._broadcast_checked``, a
+    :class:`PairDecisions`); an :class:`EstimatorError` naming the site where they do
+    not broadcast over the particle dimension."""
+    decisions = elbo._broadcast_checked
     if decisions.get(model, guide) is not None:
         yield from get_traces(model, guide, args, kwargs)
         return
@@ -181,7 +181,3 @@ def _particle_zero(value, axis: int, size: int, site: dict):
         value = value[0]
     return value
 
-
-def _sample_sites(trace) -> list[tuple[str, dict]]:
-    return [(name, site) for name, site in trace.nodes.items() if site["type"] == "sample"
-            and not site_is_subsample(site)]

@@ -25,7 +25,7 @@ from pyro.infer.util import is_validation_enabled, torch_item
 from pyro.poutine.messenger import Messenger
 from pyro.util import check_if_enumerated
 
-from lvmkit.inference.estimators._pairs import checked_particle_traces
+from lvmkit.inference.estimators._pairs import PairDecisions, checked_particle_traces
 from lvmkit.inference.estimators.nvil import (
     discrete_kind,
     innermost,
@@ -33,8 +33,8 @@ from lvmkit.inference.estimators.nvil import (
     model_terms,
     refuse_enumerated,
 )
+from lvmkit.inference.estimators.sites import PARTICLE_PLATE
 
-PARTICLE_PLATE = "num_particles_vectorized"
 BERNOULLI, ONEHOT = "bernoulli", "onehot"
 
 
@@ -163,6 +163,7 @@ class LeaveOneOutELBO(Trace_ELBO):
                 "vectorize_particles=False is not supported"
             )
         super().__init__(num_particles=num_particles, vectorize_particles=True, **kwargs)
+        self._broadcast_checked = PairDecisions()  # pairs checked to broadcast
 
     # -- traces -------------------------------------------------------------------------
 

@@ -21,11 +21,10 @@ from pyro.poutine.util import site_is_subsample
 from torch import nn
 
 from lvmkit.inference.estimators import EstimatorError
-from lvmkit.inference.estimators.sites import discrete_kind, innermost  # noqa: F401
+from lvmkit.inference.estimators.sites import PARTICLE_PLATE, discrete_kind, innermost  # noqa: F401
 
 __all__ = ["NVILELBO"]
 
-_PARTICLE_PLATE = "num_particles_vectorized"
 _instance_ids = itertools.count()
 
 
@@ -71,7 +70,7 @@ def data_frame(guide_trace, x: torch.Tensor | None):
         frame
         for _, site in latent_guide_sites(guide_trace)
         for frame in site["cond_indep_stack"]
-        if frame.vectorized and frame.name != _PARTICLE_PLATE and frame.size == x.shape[0]
+        if frame.vectorized and frame.name != PARTICLE_PLATE and frame.size == x.shape[0]
     }
     named = [f for f in frames if f.name == "data"]
     if named:
@@ -295,7 +294,7 @@ class NVILELBO(Trace_ELBO, nn.Module):
         frames = tuple(
             f
             for f in score_sites[0][1]["cond_indep_stack"]
-            if f.name == _PARTICLE_PLATE and f.vectorized
+            if f.name == PARTICLE_PLATE and f.vectorized
         ) + ((frame,) if frame is not None else ())
         per_datum = log_r.sum_to(frames)
         if not torch.is_tensor(per_datum):

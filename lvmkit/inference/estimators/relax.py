@@ -21,8 +21,8 @@ import torch
 from pyro.infer.util import MultiFrameTensor
 
 from lvmkit.inference.estimators._relax import EstimatorError, HardPass
-from lvmkit.inference.estimators.nvil import _PARTICLE_PLATE
 from lvmkit.inference.estimators.rebar import RebarELBO, _sanitize
+from lvmkit.inference.estimators.sites import PARTICLE_PLATE
 
 __all__ = ["RelaxELBO"]
 
@@ -170,7 +170,7 @@ def _plate_groups(guide_trace, hard: HardPass) -> dict[str, list]:
     groups: dict[str, list] = {}
     for record in hard.relaxed:
         frames = guide_trace.nodes[record.name]["cond_indep_stack"]
-        names = sorted(f.name for f in frames if f.vectorized and f.name != _PARTICLE_PLATE)
+        names = sorted(f.name for f in frames if f.vectorized and f.name != PARTICLE_PLATE)
         groups.setdefault("+".join(names) or "global", []).append(record)
     return groups
 

@@ -6,8 +6,13 @@ from __future__ import annotations
 
 import pyro.distributions as dist
 import torch
+from pyro.poutine.util import site_is_subsample
 
-__all__ = ["BERNOULLI", "CATEGORICAL", "ONEHOT", "discrete_kind", "innermost", "plate_nesting"]
+__all__ = ["BERNOULLI", "CATEGORICAL", "ONEHOT", "PARTICLE_PLATE", "discrete_kind", "innermost",
+           "plate_nesting", "sample_sites"]
+
+#: the plate of Pyro's vectorized particles (``ELBO._vectorized_num_particles``)
+PARTICLE_PLATE = "num_particles_vectorized"
 
 BERNOULLI = "bernoulli"
 ONEHOT = "onehot"
@@ -82,3 +87,9 @@ def plate_nesting(*traces) -> int:
         for frame in site["cond_indep_stack"] if frame.vectorized
     ]
     return -min(dims) if dims else 0
+
+
+def sample_sites(trace) -> list[tuple[str, dict]]:
+    """``(name, site)`` of a trace's sample sites, subsample sites left out."""
+    return [(name, site) for name, site in trace.nodes.items()
+            if site["type"] == "sample" and not site_is_subsample(site)]

@@ -8,27 +8,17 @@ import torch
 from pyro.distributions.util import is_identically_zero
 from pyro.infer import Trace_ELBO
 from pyro.infer.util import torch_item
-from pyro.poutine.util import site_is_subsample
 from pyro.util import warn_if_nan
 
 from lvmkit.inference.estimators import EstimatorError
-from lvmkit.inference.estimators._pairs import checked_particle_traces
+from lvmkit.inference.estimators._pairs import PairDecisions, checked_particle_traces
 from lvmkit.inference.estimators.nvil import (
-    _PARTICLE_PLATE,
     latent_guide_sites,
     refuse_enumerated,
 )
-from lvmkit.inference.estimators.sites import plate_nesting
+from lvmkit.inference.estimators.sites import PARTICLE_PLATE, plate_nesting, sample_sites
 
 __all__ = ["VIMCOELBO"]
-
-
-def _sample_sites(trace) -> list[tuple[str, dict]]:
-    return [
-        (name, site)
-        for name, site in trace.nodes.items()
-        if site["type"] == "sample" and not site_is_subsample(site)
-    ]
 
 
 def _vectorized_frames(site: dict) -> frozenset:
@@ -135,6 +125,7 @@ class VIMCOELBO(Trace_ELBO):
             )
         super().__init__(num_particles=num_particles,
                          vectorize_particles=kwargs.pop("vectorize_particles", True), **kwargs)
+        self._broadcast_checked = PairDecisions()  # pairs checked to broadcast
 
     def _get_traces(self, model, guide, args, kwargs):
         if not self.vectorize_particles:
@@ -153,10 +144,10 @@ class VIMCOELBO(Trace_ELBO):
         # Every guide sample site enters the weight, observed ones too: a hierarchical guide
         # adds its reverse model -log r(a|x,z) as a factor site, and dropping it would make
         # the bound invalid. Only the latent sites carry a score term.
-        guide_sites = _sample_sites(guide_trace)
-        sites = _sample_sites(model_trace) + guide_sites
+        guide_sites = sample_sites(guide_trace)
+        sites = sample_sites(model_trace) + guide_sites
         particle_frame = next(
-            (f for f in sites[0][1]["cond_indep_stack"] if f.name == _PARTICLE_PLATE), None
+            (f for f in sites[0][1]["cond_indep_stack"] if f.name == PARTICLE_PLATE), None
         )
         shared = frozenset.intersection(*(_vectorized_frames(s) for _, s in sites))
         keep = {f.dim for f in shared}
@@ -164,7 +155,7 @@ class VIMCOELBO(Trace_ELBO):
         scale = _common_scale(sites)
 
         log_w = 0.0
-        for _, site in _sample_sites(model_trace):
+        for _, site in sample_sites(model_trace):
             log_w = log_w + _sum_to(site["log_prob"] / scale, keep, ndim)
         for _, site in guide_sites:
             log_w = log_w - _sum_to(site["log_prob"] / scale, keep, ndim)
@@ -190,7 +181,7 @@ class VIMCOELBO(Trace_ELBO):
         return -scale * float(bound.sum()), -scale * surrogate.sum()
 
     def _differentiable_loss_particle(self, model_trace, guide_trace):
-        if not _sample_sites(model_trace) + _sample_sites(guide_trace):
+        if not sample_sites(model_trace) + sample_sites(guide_trace):
             return 0.0, 0.0  # an empty program, as Trace_ELBO scores it
         loss, surrogate = self._objective(*self._particle_terms(model_trace, guide_trace))
         # Trace_ELBO divides by num_particles; the vectorized trace holds all K at once.
@@ -201,7 +192,7 @@ class VIMCOELBO(Trace_ELBO):
         plates or parameters assume no particle dimension), their terms stacked along a
         new leftmost dimension; ``(loss, surrogate)``."""
         traces = [self._get_trace(model, guide, args, kwargs) for _ in range(self.num_particles)]
-        if not any(_sample_sites(m) + _sample_sites(g) for m, g in traces):
+        if not any(sample_sites(m) + sample_sites(g) for m, g in traces):
             return 0.0, 0.0
         ndim = max(plate_nesting(m, g) for m, g in traces)
         terms = [self._particle_terms(m, g, ndim) for m, g in traces]
@@ -236,7 +227,7 @@ class VIMCOELBO(Trace_ELBO):
                 return self._sequential(model, guide, args, kwargs)[0]
             total = 0.0
             for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
-                if not _sample_sites(model_trace) + _sample_sites(guide_trace):
+                if not sample_sites(model_trace) + sample_sites(guide_trace):
                     continue
                 log_w, _, scale, pdim = self._particle_terms(model_trace, guide_trace)
                 bound = torch.logsumexp(log_w, pdim) - math.log(self.num_particles)
