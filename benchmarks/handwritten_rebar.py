@@ -15,9 +15,17 @@ gradient is
 
     [f(b) - eta f(s(z~))] grad log q(b) + eta grad f(s(z)) - eta grad f(s(z~)) + grad f(b),
 
-``s(z) = sigmoid(z / lambda)``; the model's parameters get ``grad f(b)``. ``eta`` (as
+``s(z) = sigmoid(z / lambda)``; the model's parameters get ``grad f(b)``. In the relaxed
+``f(s(z))`` the guide's density of ``s(z)`` is taken at stop-gradient logits (as lvmkit
+does: ``c`` may be any differentiable function of the noise). ``eta`` (as
 ``2 sigmoid(w)``) and ``log lambda`` are trained by a separate Adam (10x the learning
 rate) on the sum of squared guide gradients, an unbiased estimate of their second moment.
+That objective's gradient includes the score term's: its weight ``f(b) - eta f(s(z~))``
+depends on ``eta`` and ``lambda`` (Tucker et al.'s dynamic REBAR adds this term,
+``reinf_g_t`` in their code), so the weight is held fixed for the guide's parameters only,
+by multiplying it with the zero-valued ``log q(b) - stop_gradient(log q(b))``.
+A test checks that every gradient, the controls' included, equals ``RebarELBO``'s on the
+same weights and noise.
 """
 
 from __future__ import annotations
@@ -91,12 +99,15 @@ class HandwrittenRebar:
         log_lik = -F.binary_cross_entropy_with_logits(x_logits, x, reduction="none").sum(-1)
         return _bernoulli_log_prob(b, prior) + log_lik - _bernoulli_log_prob(b, q_logits)
 
-    def estimate(self, x: torch.Tensor, scale: float = 1.0):
-        """``(loss, guide grads, model grads, control grads)`` of one REBAR draw."""
+    def estimate(self, x: torch.Tensor, scale: float = 1.0,
+                 noise: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """``(loss, guide grads, model grads, control grads)`` of one REBAR draw, from the
+        uniforms ``noise = (u, v)`` if given."""
         q_logits = self.encoder(x)
         p = torch.sigmoid(q_logits)
-        u = torch.rand_like(q_logits).clamp(1e-6, 1 - 1e-6)
-        v = torch.rand_like(q_logits).clamp(1e-6, 1 - 1e-6)
+        if noise is None:
+            noise = torch.rand_like(q_logits), torch.rand_like(q_logits)
+        u, v = (w.clamp(1e-6, 1 - 1e-6) for w in noise)
         z = q_logits + torch.logit(u)
         b = (z > 0).to(x.dtype)
         v_cond = torch.where(b > 0, v * p + (1 - p), v * (1 - p)).clamp(1e-6, 1 - 1e-6)
@@ -104,13 +115,17 @@ class HandwrittenRebar:
         temperature = self.log_temperature.exp()
         eta = 2 * torch.sigmoid(self.eta_logit)
 
-        f_hard = self._f(x, b, q_logits, self.model_params)
+        # q's logits held fixed in f: the guide's gradient of -log q(b) has mean zero,
+        # and Trace_ELBO leaves it out too (its score term carries the guide's gradient)
+        frozen_q = q_logits.detach()
+        f_hard = self._f(x, b, frozen_q, self.model_params)
         frozen = [param.detach() for param in self.model_params]
-        f_relaxed = self._f(x, torch.sigmoid(z / temperature), q_logits, frozen)
-        f_cond = self._f(x, torch.sigmoid(z_cond / temperature), q_logits, frozen)
+        f_relaxed = self._f(x, torch.sigmoid(z / temperature), frozen_q, frozen)
+        f_cond = self._f(x, torch.sigmoid(z_cond / temperature), frozen_q, frozen)
         log_q = _bernoulli_log_prob(b, q_logits)
+        score = log_q - log_q.detach()  # zero, with the gradient of log q(b)
         guide_surrogate = (
-            (f_hard - eta * f_cond).detach() * log_q + eta * f_relaxed - eta * f_cond + f_hard
+            (f_hard.detach() - eta * f_cond) * score + eta * f_relaxed - eta * f_cond + f_hard
         ).sum() * scale
 
         guide_grads = torch.autograd.grad(
