@@ -41,12 +41,7 @@ def test_handwritten_score_function_computes_trace_elbos_gradient(monkeypatch):
     hand = HandwrittenScoreFunction(7, units=3, nonlinear=True, hidden=4)
     model = SigmoidBeliefNet(7, layers=(3,), nonlinear=True, hidden=4, name="yard")
     guide = model.default_guide()
-    with torch.no_grad():
-        model.prior_logits.copy_(hand.prior_logits)
-        for pyro_net, hand_net in ((model.decoders[0], hand.decoder),
-                                   (guide.nets[0], hand.encoder)):
-            for p, q in zip(pyro_net.parameters(), hand_net.parameters(), strict=True):
-                p.copy_(q)
+    pairs = _copy_weights(model, guide, hand)
     b = torch.bernoulli(torch.full((5, 3), 0.5))
     monkeypatch.setattr(torch, "bernoulli", lambda probs: b)
     monkeypatch.setattr(hand.optim, "step", lambda: None)  # keep the gradients
@@ -54,9 +49,6 @@ def test_handwritten_score_function_computes_trace_elbos_gradient(monkeypatch):
     fixed = poutine.trace(guide).get_trace(x)
     fixed.nodes["b1"]["value"] = b
     Trace_ELBO().loss_and_grads(model, poutine.replay(guide, trace=fixed), x)
-    pairs = [(model.prior_logits, hand.prior_logits)]
-    pairs += zip(model.decoders[0].parameters(), hand.decoder.parameters(), strict=True)
-    pairs += zip(guide.nets[0].parameters(), hand.encoder.parameters(), strict=True)
     for pyro_param, hand_param in pairs:
         torch.testing.assert_close(pyro_param.grad, hand_param.grad)
     assert pyro.get_param_store()  # the Pyro side really ran through the store
