@@ -73,6 +73,29 @@ def test_conditional_logistic_noise_is_tuckers_map_of_v():
     assert torch.allclose(g_noise, g_direct, rtol=1e-7, atol=1e-9)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_conditional_logistic_noise_equals_the_branchwise_log_space_form(dtype):
+    # the arithmetic branch selection gives, bit for bit, the two branches written out
+    # with torch.where, values and logit gradients, for logits up to |80| and uniforms
+    # at the limits that uniform_like clamps to
+    torch.manual_seed(3)
+    theta = (30 * torch.randn(400, 25, dtype=dtype)).clamp(-80, 80).requires_grad_()
+    v = uniform_like(theta.shape, theta)
+    finfo = torch.finfo(dtype)
+    v[0], v[1] = finfo.tiny, 1 - finfo.eps
+    b = (torch.rand(theta.shape, dtype=dtype) < 0.5).to(dtype)
+    one = b > 0.5
+    log_v, log_1mv = torch.log(v), torch.log1p(-v)
+    both = torch.logaddexp(torch.where(one, -theta, theta), torch.where(one, log_v, log_1mv))
+    branchwise = torch.where(one, both - log_1mv, log_v - both)
+    noise = conditional_logistic_noise(theta, b, v)
+    assert torch.isfinite(noise).all()
+    assert torch.equal(noise, branchwise)
+    (g_noise,) = torch.autograd.grad(noise.sum(), theta)
+    (g_branchwise,) = torch.autograd.grad(branchwise.sum(), theta)
+    assert torch.equal(g_noise, g_branchwise)
+
+
 def test_relaxed_bernoulli_score_on_broadcast_logits():
     # the relaxed score v l + logsigmoid(-l), evaluated on a prior's logits before their
     # broadcast, equals v log p + (1 - v) log(1 - p) on the broadcast logits, with the
