@@ -130,6 +130,24 @@ def test_conditional_gumbel_noise_reproduces_argmax(logits, seed):
     assert torch.isfinite(grad).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_conditional_gumbel_noise_equals_the_branchwise_form(dtype):
+    torch.manual_seed(4)
+    theta = (10 * torch.randn(300, 6, dtype=dtype)).requires_grad_()
+    log_p = torch.log_softmax(theta, -1)
+    b = torch.nn.functional.one_hot(torch.randint(6, (300,)), 6).to(dtype)
+    v = uniform_like(log_p.shape, log_p)
+    log_neg_log_v = torch.log(-torch.log(v))
+    top = (b * log_neg_log_v).sum(-1, keepdim=True)
+    others = -torch.logaddexp(log_neg_log_v - log_p, top)
+    branchwise = torch.where(b > 0.5, -top.expand_as(log_p), others) - log_p
+    noise = conditional_gumbel_noise(log_p, b, v)
+    assert torch.equal(noise, branchwise)
+    (g_noise,) = torch.autograd.grad(noise.sum(), theta, retain_graph=True)
+    (g_branchwise,) = torch.autograd.grad(branchwise.sum(), theta)
+    assert torch.equal(g_noise, g_branchwise)
+
+
 @pytest.mark.parametrize("theta", [-2.0, 0.3, 3.0])
 def test_conditional_logistic_noise_has_the_logistic_marginal(theta):
     # b ~ q, then n~ ~ p(n | b): marginally n~ is Logistic(0, 1), i.e. sigmoid(n~) ~ U(0, 1).

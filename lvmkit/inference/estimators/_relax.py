@@ -159,7 +159,7 @@ def conditional_gumbel_noise(
     log_neg_log_v = torch.log(-torch.log(v))
     top = (b * log_neg_log_v).sum(-1, keepdim=True)  # log(-log v_b)
     others = -torch.logaddexp(log_neg_log_v - log_probs, top)
-    z = torch.where(b > 0.5, -top.expand_as(log_probs), others)
+    z = torch.lerp(others, -top, b)  # b's 0/1 select exactly, as in the Bernoulli case
     return z - log_probs
 
 
