@@ -21,7 +21,6 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.poutine.trace_struct import Trace
-from pyro.poutine.util import site_is_subsample
 
 from lvmkit._validation import (
     PROGRAM_ERRORS,
@@ -33,6 +32,7 @@ from lvmkit._validation import (
     describe,
     program_error,
 )
+from lvmkit.inference.estimators.sites import sample_sites as site_pairs
 
 DATA_PLATE = "data"
 #: The plate over draws (and over evaluate's particles), left of the model's plates.
@@ -93,11 +93,8 @@ def _is_factor(site: dict) -> bool:
 
 
 def sample_sites(trace: Trace) -> dict[str, dict]:
-    return {
-        name: site
-        for name, site in trace.nodes.items()
-        if site["type"] == "sample" and not site_is_subsample(site)
-    }
+    """A trace's sample sites by name, subsample sites left out."""
+    return dict(site_pairs(trace))
 
 
 def trace_pair(model: Callable, guide: Callable, args: tuple, kwargs: dict) -> tuple[Trace, Trace]:

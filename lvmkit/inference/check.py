@@ -51,6 +51,7 @@ from lvmkit.inference.estimators.sites import (
     discrete_kind,
     innermost,
     plate_nesting,
+    sample_sites,
 )
 from lvmkit.inference.estimators.vimco import _common_scale, _sum_to
 
@@ -205,7 +206,7 @@ class _SetValues(Messenger):
 
 
 def _sample_sites(trace) -> list[dict]:
-    return [s for s in trace.nodes.values() if s["type"] == "sample" and not site_is_subsample(s)]
+    return [site for _, site in sample_sites(trace)]
 
 
 def _independent_frames(model_trace, guide_trace) -> frozenset:
