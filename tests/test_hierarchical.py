@@ -673,6 +673,104 @@ def test_components_start_at_distinct_modes_found_by_the_search():
 
 
 
+def test_component_allocation_is_the_exact_reverse_kl_minimiser():
+    # against brute force over every way of splitting the components, on random masses
+    import itertools
+
+    from lvmkit.guides.hierarchical import _allocate_components
+
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        modes = int(torch.randint(2, 5, (), generator=generator))
+        count = int(torch.randint(2, 9, (), generator=generator))
+        log_masses = 2 * torch.randn(modes, generator=generator, dtype=torch.float64)
+        weights = torch.softmax(log_masses, 0)
+
+        def kl(counts, weights=weights, count=count):
+            return sum((n / count) * math.log(n / (count * float(w)))
+                       for n, w in zip(counts, weights, strict=True) if n)
+
+        best = min(kl(c) for c in itertools.product(range(count + 1), repeat=modes)
+                   if sum(c) == count)
+        got = _allocate_components(log_masses, count)
+        assert sum(got) == count
+        assert kl(got) <= best + 1e-12
+    # a mode 800 nats lighter: its weight underflows, and it gets nothing
+    assert _allocate_components(torch.tensor([0.0, -800.0], dtype=torch.float64), 3) == [3, 0]
+
+
+def test_laplace_mass_of_a_gaussian_is_its_normaliser():
+    # Laplace's method is exact for a Gaussian: C N(z; m, S) has mass C, correlations included
+    cov = torch.tensor([[1.0, 0.6, 0.0], [0.6, 2.0, -0.3], [0.0, -0.3, 0.5]])
+    mean = torch.tensor([1.0, -2.0, 0.5])
+    log_c = 1.7
+
+    def model():
+        z = pyro.sample("z", dist.Normal(0.0, 5.0).expand([3]).to_event(1))
+        gaussian = dist.MultivariateNormal(mean, cov)
+        pyro.factor("f", gaussian.log_prob(z) + log_c - dist.Normal(0.0, 5.0).log_prob(z).sum())
+
+    guide = AutoHVM(model, init_search=0)
+    guide._setup_prototype()
+    # from a point off the mode: Newton's steps reach it, and the mass is C's
+    mode, log_mass = guide._laplace_log_mass(mean + torch.tensor([0.3, -0.2, 0.1]))
+    assert torch.allclose(mode, mean, atol=1e-4)
+    assert abs(log_mass - log_c) < 1e-4
+    # not at a mode of a density with a saddle: no mass
+    def saddle():
+        z = pyro.sample("z", dist.Normal(0.0, 5.0).expand([2]).to_event(1))
+        pyro.factor("f", z[0] ** 2 - z[1] ** 2 - dist.Normal(0.0, 5.0).log_prob(z).sum())
+
+    guide = AutoHVM(saddle, init_search=0)
+    guide._setup_prototype()
+    assert guide._laplace_log_mass(torch.zeros(2)) is None
+
+    # a non-Gaussian mode (log p = -z^4 / 4 - z^2 / 2 per coordinate, in float64) needs
+    # several Newton steps from afar; the mass is that of the quadratic at the mode
+    def quartic():
+        z = pyro.sample("z", dist.Normal(0.0, 5.0).expand([2]).to_event(1))
+        pyro.factor("f", (-z**4 / 4 - z**2 / 2).sum() - dist.Normal(0.0, 5.0).log_prob(z).sum())
+
+    guide = AutoHVM(quartic, init_search=0)
+    guide._setup_prototype()
+    mode, log_mass = guide._laplace_log_mass(torch.tensor([0.6, -0.5], dtype=torch.float64))
+    assert torch.allclose(mode, torch.zeros(2, dtype=torch.float64), atol=1e-4)
+    assert abs(log_mass - math.log(2 * math.pi)) < 1e-6  # det(-H) = 1 at the mode
+
+
+def test_components_are_shared_out_by_the_modes_masses():
+    # two separated modes holding 0.8 and 0.2 of the mass: eight equal components start
+    # six or seven at the heavy mode and the rest at the light one (one each, as before,
+    # would give the light mode half of q); with equal masses, one per mode and the spares
+    # elsewhere, exactly as without the weighting
+    from lvmkit.models.target_suite import GaussianMixtureTarget
+
+    locs = torch.tensor([[3.0, 0.0, 1.0], [-2.0, 2.0, -1.0]])
+
+    def shares(weights, mode_weighting):
+        target = GaussianMixtureTarget(locs, torch.full((2, 3), 0.5),
+                                       torch.tensor(weights, dtype=torch.float64))
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        guide = AutoHVM(target.model, mode_weighting=mode_weighting)
+        guide()
+        with torch.no_grad():
+            points = guide.loc0 + guide.log_scale0.exp() * guide.aux_locs
+        distance = torch.cdist(points, locs.float())
+        # the search's climbs end within a few tenths of a mode; spares start far away
+        at_mode = distance.amin(-1) < 0.5
+        return torch.bincount(distance.argmin(-1)[at_mode], minlength=2).tolist(), points
+
+    weighted, _ = shares([0.8, 0.2], True)
+    assert weighted == [6, 2], weighted  # the reverse-KL optimum for 0.8 / 0.2
+    unweighted, _ = shares([0.8, 0.2], False)
+    assert unweighted == [1, 1], unweighted
+    equal, equal_on = shares([0.5, 0.5], True)
+    assert equal == [1, 1], equal  # both modes found, one component each
+    _, equal_off = shares([0.5, 0.5], False)
+    assert torch.equal(equal_on, equal_off)
+
+
 def test_mode_search_does_not_climb_down_an_unbounded_neck():
     """A density that grows without bound along a neck has no mode there. Climbing the
     density itself runs down it (here ``log p = -log s - x^2 / 2s^2`` per coordinate in

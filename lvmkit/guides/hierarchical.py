@@ -269,6 +269,36 @@ def _joint_latent_names(guide: Callable) -> set[str]:
 
 
 _LAPLACE_MAX_DIM = 100
+_MODE_REFINE_FACTOR = 4  # refining climbs run this many times mode_search_steps
+_NEWTON_STEPS = 8  # from a refined climb to the mode, for its Laplace mass
+_NEWTON_TOLERANCE = 1e-5  # a Newton step this short (times init_scale) has converged
+# Modes whose Laplace masses agree within this (log scale, 5%) count as symmetric copies
+_EQUAL_MASSES = 0.05
+
+
+def _allocate_components(log_masses: torch.Tensor, count: int) -> list[int]:
+    """How many of ``count`` equal-weight components each mode gets: the integer counts
+    ``n_m`` (summing to ``count``) that minimise ``KL(n / count || w)`` with ``w`` the
+    normalised masses, the reverse KL of the mixture's mode weights that the ELBO pays.
+    The objective is a sum of convex functions of each ``n_m``, so adding components one
+    at a time where the KL grows least is exact.
+
+    >>> import math, torch
+    >>> _allocate_components(torch.tensor([0.5, 0.3, 0.15, 0.05]).log(), 8)
+    [4, 2, 1, 1]
+    """
+    # in log space: a mode hundreds of nats lighter than another has weight 0 in floats
+    log_weights = torch.log_softmax(log_masses.double(), 0).tolist()
+    counts = [0] * len(log_weights)
+
+    def cost(n: int, log_w: float) -> float:
+        return 0.0 if n == 0 else (n / count) * (math.log(n / count) - log_w)
+
+    for _ in range(count):
+        increase = [cost(n + 1, lw) - cost(n, lw)
+                    for n, lw in zip(counts, log_weights, strict=True)]
+        counts[min(range(len(counts)), key=increase.__getitem__)] += 1
+    return counts
 
 
 def _inverse_softplus(y: float) -> float:
@@ -429,8 +459,9 @@ class AutoHVM(AutoContinuous):
     so that they sit in different high-density regions, the best of them climbing to
     their local modes (``mode_search_steps``; the mean log density over a component-sized
     ball is climbed, ``mode_search_smoothing``) so that each distinct mode found gets a
-    component; ``u0`` at the best point found; draws of the component index stratified
-    across particles.
+    component, or, for modes of unequal mass, a share of the components that matches
+    their Laplace masses (``mode_weighting``); ``u0`` at the best point found; draws of
+    the component index stratified across particles.
 
     Evaluate it with more reverse draws than it trains with: its training bound (``K = 0``)
     is below its ELBO by ``E KL(q(a | z) || r(a | z))``, which on the development suite was
@@ -476,6 +507,13 @@ class AutoHVM(AutoContinuous):
         antithetic points) instead of the density itself, so they end where a component
         of that width fits, not down a neck where the density grows without bound;
         ``0`` climbs the density itself (the behaviour before).
+    :param mode_weighting: when the search finds several modes of unequal mass, share
+        the equal-weight components out among them by their Laplace masses
+        (:meth:`_components_by_mass`): a mode holding half the mass gets about half the
+        components instead of one, and a very light one may get none. When all the modes
+        found have equal masses (within 5%: symmetric copies, of which the search usually
+        finds only some), or a mode cannot be verified by Newton's method, it does what
+        ``False`` does: one component per mode and the spare ones elsewhere.
     :param laplace_init: start the global scale ``s`` at the Laplace widths
         ``(-∂² log p / ∂u_i²)^{-1/2}`` at ``u0`` (:meth:`_laplace_scale`) instead of
         ``init_scale``. Off by default: on the development suite it helped Student-t targets
@@ -517,6 +555,7 @@ class AutoHVM(AutoContinuous):
         laplace_init: bool = False,
         mode_search_steps: int = 40,
         mode_search_smoothing: float = 1.0,
+        mode_weighting: bool = True,
     ) -> None:
         if aux_dim is not None:
             check_size(aux_dim, "aux_dim")
@@ -557,6 +596,7 @@ class AutoHVM(AutoContinuous):
             raise ValueError(
                 f"mode_search_smoothing must be a number >= 0, got {mode_search_smoothing!r}")
         self.mode_search_smoothing = float(mode_search_smoothing)
+        self.mode_weighting = bool(mode_weighting)
         # a tuple, so that a PyroModule model is not registered as a submodule of the guide
         self._original_model = (model,)
 
@@ -699,6 +739,21 @@ class AutoHVM(AutoContinuous):
                 return init_loc, self._component_inits(init_loc, *args, **kwargs)
             top = candidates[scores.argsort(descending=True)[: 4 * self.num_components]]
             modes = self._distinct_modes(top[: 2 * self.num_components], *args, **kwargs)
+            best = top[0]
+            weighted = None
+            if self.mode_weighting and len(modes) > 1:
+                # its own torch random stream: where it declines, the rest of the setup
+                # draws exactly what it drew without it (Python's and NumPy's generators
+                # are not forked; the search draws from torch's only)
+                devices = [init_loc.device] if init_loc.device.type == "cuda" else []
+                with torch.random.fork_rng(devices=devices):
+                    weighted = self._components_by_mass(modes, *args, **kwargs)
+            if weighted is not None:
+                means = (weighted - best) / self._init_scale
+                aux = torch.zeros(self.num_components, self.aux_dim).to(init_loc)
+                width = min(self.aux_dim, self.latent_dim)
+                aux[:, :width] = means[:, :width]
+                return best.clone(), aux
             # the modes found first, then the farthest-first fill from the raw candidates
             pool = torch.cat([modes, top]) if len(modes) else top
             chosen = list(range(min(len(modes), self.num_components))) or [0]
@@ -707,7 +762,6 @@ class AutoHVM(AutoContinuous):
                 pick = int(distance.argmax())
                 chosen.append(pick)
                 distance = torch.minimum(distance, (pool - pool[pick]).norm(dim=-1))
-            best = top[0]
             means = (pool[chosen] - best) / self._init_scale
         aux = torch.zeros(self.num_components, self.aux_dim).to(init_loc)
         width = min(self.aux_dim, self.latent_dim)
@@ -738,38 +792,150 @@ class AutoHVM(AutoContinuous):
         if not self.mode_search_steps:
             return points[:0]
         climbed, scores = [], []
-        width = self.mode_search_smoothing * self._component_scale * self._init_scale
         for point in points:
-            u = point.detach().clone().requires_grad_(True)
-            optim = torch.optim.Adam([u], lr=0.1 * self._init_scale)
-            # fixed draws: each climb maximises E log p(u + w e) over a ball of a
-            # component's initial width w, bounded where the density itself is not
-            if width > 0:
-                shift = width * torch.randn(self.latent_dim).to(point)
-                shifts = torch.stack([shift, -shift])  # antithetic: no first-order noise
-            else:
-                shifts = point[:0]
-            try:
-                for _ in range(self.mode_search_steps):
-                    optim.zero_grad()
-                    with torch.enable_grad():  # the search runs under no_grad
-                        loss = -self._smoothed_log_joint(u, shifts, *args, **kwargs)
-                    if not torch.isfinite(loss):
-                        raise ValueError("non-finite density")
-                    loss.backward()
-                    optim.step()
-                score = float(self._smoothed_log_joint(u.detach(), shifts, *args,
-                                                       **kwargs).detach())
-            except (ValueError, RuntimeError, NotImplementedError):
-                continue
-            if math.isfinite(score):
-                climbed.append(u.detach())
-                scores.append(score)
+            result = self._climb(point, self.mode_search_steps, *args, **kwargs)
+            if result is not None:
+                climbed.append(result[0])
+                scores.append(result[1])
         modes: list[torch.Tensor] = []
         for i in sorted(range(len(scores)), key=lambda i: -scores[i]):
             if all(float((climbed[i] - m).norm()) > 0.5 * self._init_scale for m in modes):
                 modes.append(climbed[i])
         return torch.stack(modes) if modes else points[:0]
+
+    def _climb(self, point: torch.Tensor, steps: int, *args, anneal: bool = False,
+               **kwargs) -> tuple[torch.Tensor, float] | None:
+        """``(end point, smoothed log density there)`` of ``steps`` Adam steps of size
+        ``0.1 · init_scale`` up the smoothed density from ``point`` (see
+        :meth:`_distinct_modes`); ``None`` if the density cannot be differentiated there
+        or climbs to a non-finite value. With ``anneal`` the step size falls linearly to
+        zero, so that the climb ends at the maximum rather than within Adam's jitter of
+        it (about one step size)."""
+        width = self.mode_search_smoothing * self._component_scale * self._init_scale
+        u = point.detach().clone().requires_grad_(True)
+        optim = torch.optim.Adam([u], lr=0.1 * self._init_scale)
+        # fixed draws: each climb maximises E log p(u + w e) over a ball of a
+        # component's initial width w, bounded where the density itself is not
+        if width > 0:
+            shift = width * torch.randn(self.latent_dim).to(point)
+            shifts = torch.stack([shift, -shift])  # antithetic: no first-order noise
+        else:
+            shifts = point[:0]
+        try:
+            for step in range(steps):
+                if anneal:
+                    optim.param_groups[0]["lr"] = 0.1 * self._init_scale * (1 - step / steps)
+                optim.zero_grad()
+                with torch.enable_grad():  # the search runs under no_grad
+                    loss = -self._smoothed_log_joint(u, shifts, *args, **kwargs)
+                if not torch.isfinite(loss):
+                    raise ValueError("non-finite density")
+                loss.backward()
+                optim.step()
+            score = float(self._smoothed_log_joint(u.detach(), shifts, *args,
+                                                   **kwargs).detach())
+        except (ValueError, RuntimeError, NotImplementedError):
+            return None
+        return (u.detach(), score) if math.isfinite(score) else None
+
+    def _components_by_mass(self, modes: torch.Tensor, *args, **kwargs
+                            ) -> torch.Tensor | None:
+        """The components' starting points when the search found several modes of unequal
+        mass. Each mode found is climbed further (annealed steps) and then reached exactly
+        by Newton's method on the log joint; its mass is estimated by Laplace's method
+        (``p(m) (2π)^{D/2} det(-∇² log p(m))^{-1/2}``, :meth:`_laplace_log_mass`); and
+        the ``num_components`` equal components are shared out among the modes by the
+        integer counts whose mode weights are closest to the masses in the reverse KL
+        that the ELBO minimises (:func:`_allocate_components`): a heavy mode gets several
+        components and a light one may get none. Without this every mode found got one
+        component, so a mode holding half the mass got 1/8 of ``q``.
+
+        ``None`` (the caller then gives each mode one component and places the spare ones
+        farthest-first among the search's candidates) where fewer than two distinct modes
+        remain once converged, where all the masses agree within 5% (``_EQUAL_MASSES``:
+        symmetric copies of one mode), and wherever a mode cannot be verified: Newton's
+        method does not converge, a Hessian is not negative definite (no mode there,
+        e.g. a funnel's neck), the density cannot be differentiated twice, or the model
+        has more than ``_LAPLACE_MAX_DIM`` latent dimensions."""
+        if self.latent_dim > _LAPLACE_MAX_DIM:
+            return None
+        refined: list[torch.Tensor] = []
+        log_masses: list[float] = []
+        for mode in modes:
+            result = self._climb(mode, _MODE_REFINE_FACTOR * self.mode_search_steps,
+                                 *args, anneal=True, **kwargs)
+            if result is None:
+                return None
+            laplace = self._laplace_log_mass(result[0], *args, **kwargs)
+            if laplace is None:
+                return None
+            u, log_mass = laplace
+            if any(float((u - m).norm()) <= 0.5 * self._init_scale for m in refined):
+                continue  # two climbs of one mode, met once converged
+            refined.append(u)
+            log_masses.append(log_mass)
+        if len(refined) < 2:
+            return None
+        if max(log_masses) - min(log_masses) < _EQUAL_MASSES:
+            # Equal masses mean symmetric copies of one mode (sign flips, relabellings),
+            # of which the search usually found only some: one component each weights
+            # them right, and the spare components find more copies while training.
+            return None
+        counts = _allocate_components(torch.tensor(log_masses, dtype=torch.float64),
+                                      self.num_components)
+        return torch.cat([m.expand(n, -1) for m, n in zip(refined, counts, strict=True)
+                          if n > 0])
+
+    def _laplace_log_mass(self, u: torch.Tensor, *args, **kwargs
+                          ) -> tuple[torch.Tensor, float] | None:
+        """``(m, log p(m) + (D/2) log 2π - (1/2) log det(-H))``: ``m`` the mode of the log
+        joint that Newton's method reaches from ``u`` (the smoothed climbs end near a mode,
+        not at it, by an amount that depends on their random smoothing draws), ``H`` the
+        Hessian there. ``None`` unless Newton's method converges within
+        ``_NEWTON_STEPS`` steps, none lowering the density, with ``-H`` positive definite
+        and everything finite on the way: only verified modes get a mass."""
+        u = u.detach().clone()
+        for _ in range(_NEWTON_STEPS):
+            local = self._newton_step(u, *args, **kwargs)
+            if local is None:
+                return None
+            log_p, step, log_det = local
+            if float(step.norm()) < _NEWTON_TOLERANCE * self._init_scale:
+                mass = log_p + 0.5 * self.latent_dim * math.log(2 * math.pi) - 0.5 * log_det
+                return u, mass
+            candidate = u + step.to(u)
+            try:
+                new_log_p = float(self._log_joint_tensor(candidate, *args, **kwargs))
+            except (ValueError, RuntimeError, NotImplementedError):
+                return None
+            # near the mode the gain is below float32's resolution of log p: allow for it
+            if not new_log_p >= log_p - 1e-5 * max(1.0, abs(log_p)):
+                return None  # outside Newton's basin: not verified as a mode
+            u = candidate
+        return None
+
+    def _newton_step(self, u: torch.Tensor, *args, **kwargs
+                     ) -> tuple[float, torch.Tensor, float] | None:
+        """``(log p(u), Newton step (-H)^{-1} ∇ log p(u), log det(-H))`` at ``u``, in float64;
+        ``None`` where ``-H`` is not positive definite or anything is not finite."""
+        def log_joint(v):
+            return self._log_joint_tensor(v, *args, **kwargs)
+
+        try:
+            log_p = float(log_joint(u))
+            gradient = torch.autograd.functional.jacobian(log_joint, u).detach().double()
+            hessian = torch.autograd.functional.hessian(log_joint, u).detach().double()
+        except (ValueError, RuntimeError, NotImplementedError):
+            return None
+        precision = -(hessian + hessian.T) / 2
+        if not (math.isfinite(log_p) and bool(torch.isfinite(gradient).all())
+                and bool(torch.isfinite(precision).all())):
+            return None
+        cholesky, info = torch.linalg.cholesky_ex(precision)
+        if int(info) != 0:
+            return None
+        step = torch.cholesky_solve(gradient.unsqueeze(-1), cholesky).squeeze(-1)
+        return log_p, step, 2 * float(cholesky.diagonal().log().sum())
 
     def _smoothed_log_joint(self, u: torch.Tensor, shifts: torch.Tensor, *args, **kwargs):
         """The mean of :meth:`_log_joint_tensor` at ``u + shift`` over the rows of
