@@ -740,9 +740,8 @@ def test_laplace_mass_of_a_gaussian_is_its_normaliser():
 
 def test_components_are_shared_out_by_the_modes_masses():
     # two separated modes holding 0.8 and 0.2 of the mass: eight equal components start
-    # six or seven at the heavy mode and the rest at the light one (one each, as before,
-    # would give the light mode half of q); with equal masses, one per mode and the spares
-    # elsewhere, exactly as without the weighting
+    # six at the heavy mode and two at the light one (one each, as before, would give the
+    # light mode half of q); with equal masses, one at each mode and the spares elsewhere
     from lvmkit.models.target_suite import GaussianMixtureTarget
 
     locs = torch.tensor([[3.0, 0.0, 1.0], [-2.0, 2.0, -1.0]])
@@ -765,10 +764,31 @@ def test_components_are_shared_out_by_the_modes_masses():
     assert weighted == [6, 2], weighted  # the reverse-KL optimum for 0.8 / 0.2
     unweighted, _ = shares([0.8, 0.2], False)
     assert unweighted == [1, 1], unweighted
-    equal, equal_on = shares([0.5, 0.5], True)
+    equal, points = shares([0.5, 0.5], True)
     assert equal == [1, 1], equal  # both modes found, one component each
-    _, equal_off = shares([0.5, 0.5], False)
-    assert torch.equal(equal_on, equal_off)
+    assert (torch.cdist(points, locs.float()).amin(0) < 1e-3).all()  # at the modes exactly
+
+
+def test_exploring_climbs_start_far_from_the_modes_found():
+    # the search's climbs found one of two modes; the exploring climbs start from the
+    # better-scored candidates farthest from it, and find the other
+    from lvmkit.models.target_suite import GaussianMixtureTarget
+
+    locs = torch.tensor([[-3.0, 0.0], [3.0, 0.5]])
+    target = GaussianMixtureTarget(locs, torch.full((2, 2), 0.5),
+                                   torch.tensor([0.6, 0.4], dtype=torch.float64))
+    pyro.set_rng_seed(0)
+    guide = AutoHVM(target.model, num_components=2, init_search=0)
+    guide._setup_prototype()
+    generator = torch.Generator().manual_seed(1)
+    candidates = torch.cat([locs[0] + torch.randn(30, 2, generator=generator),
+                            locs[1] + torch.randn(10, 2, generator=generator)])
+    scores = torch.tensor([guide._log_joint_at(c) for c in candidates])
+    with torch.no_grad():
+        found = guide._explored_modes(locs[:1], candidates, scores)
+    assert len(found) >= 2
+    assert torch.equal(found[0], locs[0])  # the modes given come first, unchanged
+    assert float(torch.cdist(found[1:], locs[1:]).min()) < 0.3
 
 
 def test_mode_search_does_not_climb_down_an_unbounded_neck():

@@ -460,8 +460,9 @@ class AutoHVM(AutoContinuous):
     their local modes (``mode_search_steps``; the mean log density over a component-sized
     ball is climbed, ``mode_search_smoothing``) so that each distinct mode found gets a
     component, or, for modes of unequal mass, a share of the components that matches
-    their Laplace masses (``mode_weighting``); ``u0`` at the best point found; draws of
-    the component index stratified across particles.
+    their Laplace masses, after further climbs started far from the modes found
+    (``mode_weighting``); ``u0`` at the best point found; draws of the component index
+    stratified across particles.
 
     Evaluate it with more reverse draws than it trains with: its training bound (``K = 0``)
     is below its ELBO by ``E KL(q(a | z) || r(a | z))``, which on the development suite was
@@ -507,13 +508,15 @@ class AutoHVM(AutoContinuous):
         antithetic points) instead of the density itself, so they end where a component
         of that width fits, not down a neck where the density grows without bound;
         ``0`` climbs the density itself (the behaviour before).
-    :param mode_weighting: when the search finds several modes of unequal mass, share
-        the equal-weight components out among them by their Laplace masses
-        (:meth:`_components_by_mass`): a mode holding half the mass gets about half the
-        components instead of one, and a very light one may get none. When all the modes
-        found have equal masses (within 5%: symmetric copies, of which the search usually
-        finds only some), or a mode cannot be verified by Newton's method, it does what
-        ``False`` does: one component per mode and the spare ones elsewhere.
+    :param mode_weighting: look for more modes with ``num_components`` further climbs
+        started far from the modes found (:meth:`_explored_modes`), verify every mode by
+        Newton's method, and, when their masses differ, share the equal-weight
+        components out among them by their Laplace masses (:meth:`_components_by_mass`):
+        a mode holding half the mass gets about half the components instead of one, and a
+        very light one may get none. Verified modes of equal mass (within 5%: symmetric
+        copies, of which the search usually finds only some) get one component each, at
+        the mode, and the spare ones start elsewhere. Where fewer than two modes are
+        verified it does what ``False`` does, with the same random draws.
     :param laplace_init: start the global scale ``s`` at the Laplace widths
         ``(-∂² log p / ∂u_i²)^{-1/2}`` at ``u0`` (:meth:`_laplace_scale`) instead of
         ``init_scale``. Off by default: on the development suite it helped Student-t targets
@@ -740,20 +743,25 @@ class AutoHVM(AutoContinuous):
             top = candidates[scores.argsort(descending=True)[: 4 * self.num_components]]
             modes = self._distinct_modes(top[: 2 * self.num_components], *args, **kwargs)
             best = top[0]
-            weighted = None
-            if self.mode_weighting and len(modes) > 1:
+            placement = None
+            if self.mode_weighting and len(modes):
                 # its own torch random stream: where it declines, the rest of the setup
                 # draws exactly what it drew without it (Python's and NumPy's generators
                 # are not forked; the search draws from torch's only)
                 devices = [init_loc.device] if init_loc.device.type == "cuda" else []
                 with torch.random.fork_rng(devices=devices):
-                    weighted = self._components_by_mass(modes, *args, **kwargs)
-            if weighted is not None:
-                means = (weighted - best) / self._init_scale
-                aux = torch.zeros(self.num_components, self.aux_dim).to(init_loc)
-                width = min(self.aux_dim, self.latent_dim)
-                aux[:, :width] = means[:, :width]
-                return best.clone(), aux
+                    explored = self._explored_modes(modes, candidates, scores, *args,
+                                                    **kwargs)
+                    placement = self._components_by_mass(explored, *args, **kwargs)
+            if placement is not None:
+                points, weighted = placement
+                if weighted:
+                    means = (points - best) / self._init_scale
+                    aux = torch.zeros(self.num_components, self.aux_dim).to(init_loc)
+                    width = min(self.aux_dim, self.latent_dim)
+                    aux[:, :width] = means[:, :width]
+                    return best.clone(), aux
+                modes = points  # verified modes of equal mass: one component each
             # the modes found first, then the farthest-first fill from the raw candidates
             pool = torch.cat([modes, top]) if len(modes) else top
             chosen = list(range(min(len(modes), self.num_components))) or [0]
@@ -838,8 +846,25 @@ class AutoHVM(AutoContinuous):
             return None
         return (u.detach(), score) if math.isfinite(score) else None
 
+    def _explored_modes(self, modes: torch.Tensor, candidates: torch.Tensor,
+                        scores: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """``modes`` and those found by ``num_components`` further climbs, started from
+        the searched candidates in the better half by density that lie farthest from every
+        mode found so far (farthest-first): the density-ranked climbs all start in the
+        basins of the broadest modes, and a narrow mode's basin holds few candidates."""
+        finite = torch.isfinite(scores)
+        pool = candidates[finite][scores[finite] >= scores[finite].median()]
+        distance = torch.cdist(pool, modes).amin(-1)
+        starts = []
+        for _ in range(min(self.num_components, len(pool))):
+            pick = int(distance.argmax())
+            starts.append(pool[pick])
+            distance = torch.minimum(distance, (pool - pool[pick]).norm(dim=-1))
+        found = self._distinct_modes(torch.stack(starts), *args, **kwargs)
+        return torch.cat([modes, found]) if len(found) else modes
+
     def _components_by_mass(self, modes: torch.Tensor, *args, **kwargs
-                            ) -> torch.Tensor | None:
+                            ) -> tuple[torch.Tensor, bool] | None:
         """The components' starting points when the search found several modes of unequal
         mass. Each mode found is climbed further (annealed steps) and then reached exactly
         by Newton's method on the log joint; its mass is estimated by Laplace's method
@@ -850,13 +875,16 @@ class AutoHVM(AutoContinuous):
         components and a light one may get none. Without this every mode found got one
         component, so a mode holding half the mass got 1/8 of ``q``.
 
-        ``None`` (the caller then gives each mode one component and places the spare ones
-        farthest-first among the search's candidates) where fewer than two distinct modes
-        remain once converged, where all the masses agree within 5% (``_EQUAL_MASSES``:
-        symmetric copies of one mode), and wherever a mode cannot be verified: Newton's
-        method does not converge, a Hessian is not negative definite (no mode there,
-        e.g. a funnel's neck), the density cannot be differentiated twice, or the model
-        has more than ``_LAPLACE_MAX_DIM`` latent dimensions."""
+        Returns ``(the num_components starting points, True)``; or ``(the verified modes,
+        False)`` when all their masses agree within 5% (``_EQUAL_MASSES``: symmetric
+        copies of one mode, of which the search finds only some), and the caller gives
+        each one component and places the spare ones farthest-first among the search's
+        candidates, where they find further copies while training; or ``None`` (the
+        caller does the same with the modes of the climbs it had) where fewer than two
+        distinct modes remain once converged, and wherever a mode cannot be verified:
+        Newton's method does not converge, a Hessian is not negative definite (no mode
+        there, e.g. a funnel's neck), the density cannot be differentiated twice, or the
+        model has more than ``_LAPLACE_MAX_DIM`` latent dimensions."""
         if self.latent_dim > _LAPLACE_MAX_DIM:
             return None
         refined: list[torch.Tensor] = []
@@ -880,11 +908,12 @@ class AutoHVM(AutoContinuous):
             # Equal masses mean symmetric copies of one mode (sign flips, relabellings),
             # of which the search usually found only some: one component each weights
             # them right, and the spare components find more copies while training.
-            return None
+            return torch.stack(refined), False
         counts = _allocate_components(torch.tensor(log_masses, dtype=torch.float64),
                                       self.num_components)
-        return torch.cat([m.expand(n, -1) for m, n in zip(refined, counts, strict=True)
-                          if n > 0])
+        points = torch.cat([m.expand(n, -1) for m, n in zip(refined, counts, strict=True)
+                            if n > 0])
+        return points, True
 
     def _laplace_log_mass(self, u: torch.Tensor, *args, **kwargs
                           ) -> tuple[torch.Tensor, float] | None:
