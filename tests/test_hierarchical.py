@@ -791,6 +791,34 @@ def test_exploring_climbs_start_far_from_the_modes_found():
     assert float(torch.cdist(found[1:], locs[1:]).min()) < 0.3
 
 
+def test_an_exploring_climb_off_any_mode_is_left_out_not_a_veto():
+    # the search's own modes must all verify; an exploring climb's mode that does not is
+    # dropped, and the others are still weighed
+    from lvmkit.models.target_suite import GaussianMixtureTarget
+
+    locs = torch.tensor([[-3.0, 0.0], [3.0, 0.5]])
+    target = GaussianMixtureTarget(locs, torch.full((2, 2), 0.5),
+                                   torch.tensor([0.75, 0.25], dtype=torch.float64))
+    pyro.set_rng_seed(0)
+    guide = AutoHVM(target.model, init_search=0)
+    guide._setup_prototype()
+    far = torch.tensor([40.0, 40.0])
+    real = guide._laplace_log_mass
+
+    def unverified_far_away(u, *args, **kwargs):
+        return None if float(u.norm()) > 20 else real(u, *args, **kwargs)
+
+    guide._laplace_log_mass = unverified_far_away
+    guide._climb = lambda point, steps, *a, **k: (point, 0.0)  # modes given are exact
+    modes = torch.cat([locs, far[None]])
+    with torch.no_grad():
+        points, weighted = guide._components_by_mass(modes, required=2)
+        assert weighted
+        counts = torch.cdist(points, locs).argmin(-1).bincount(minlength=2).tolist()
+        assert counts == [6, 2], counts
+        assert guide._components_by_mass(modes) is None  # as one of the search's own
+
+
 def test_mode_search_does_not_climb_down_an_unbounded_neck():
     """A density that grows without bound along a neck has no mode there. Climbing the
     density itself runs down it (here ``log p = -log s - x^2 / 2s^2`` per coordinate in

@@ -515,8 +515,10 @@ class AutoHVM(AutoContinuous):
         a mode holding half the mass gets about half the components instead of one, and a
         very light one may get none. Verified modes of equal mass (within 5%: symmetric
         copies, of which the search usually finds only some) get one component each, at
-        the mode, and the spare ones start elsewhere. Where fewer than two modes are
-        verified it does what ``False`` does, with the same random draws.
+        the mode, and the spare ones start elsewhere. It does what ``False`` does, with
+        the same random draws, where fewer than two modes are verified, where one of the
+        search's own modes cannot be verified, with ``mode_search_steps=0``, and for more
+        than 100 latent dimensions.
     :param laplace_init: start the global scale ``s`` at the Laplace widths
         ``(-∂² log p / ∂u_i²)^{-1/2}`` at ``u0`` (:meth:`_laplace_scale`) instead of
         ``init_scale``. Off by default: on the development suite it helped Student-t targets
@@ -713,7 +715,10 @@ class AutoHVM(AutoContinuous):
         density; ``u0`` becomes the best, and the components the best ``num_components``
         of the top ``4 · num_components`` chosen farthest-point first, so that they start
         in different high-density regions instead of wherever ``N(0, I)`` puts them (the
-        old defaults' mixtures collapsed onto one mode of a multimodal target)."""
+        old defaults' mixtures collapsed onto one mode of a multimodal target). The best
+        candidates climb to their modes first (:meth:`_distinct_modes`), and with
+        ``mode_weighting`` the modes are verified and weighed
+        (:meth:`_components_by_mass`)."""
         with torch.no_grad():
             half = self.init_search // 2
             prior = self._component_inits(init_loc, *args, _count=half, _raw=True, **kwargs)
@@ -752,7 +757,8 @@ class AutoHVM(AutoContinuous):
                 with torch.random.fork_rng(devices=devices):
                     explored = self._explored_modes(modes, candidates, scores, *args,
                                                     **kwargs)
-                    placement = self._components_by_mass(explored, *args, **kwargs)
+                    placement = self._components_by_mass(explored, *args,
+                                                         required=len(modes), **kwargs)
             if placement is not None:
                 points, weighted = placement
                 if weighted:
@@ -863,11 +869,11 @@ class AutoHVM(AutoContinuous):
         found = self._distinct_modes(torch.stack(starts), *args, **kwargs)
         return torch.cat([modes, found]) if len(found) else modes
 
-    def _components_by_mass(self, modes: torch.Tensor, *args, **kwargs
-                            ) -> tuple[torch.Tensor, bool] | None:
-        """The components' starting points when the search found several modes of unequal
-        mass. Each mode found is climbed further (annealed steps) and then reached exactly
-        by Newton's method on the log joint; its mass is estimated by Laplace's method
+    def _components_by_mass(self, modes: torch.Tensor, *args, required: int | None = None,
+                            **kwargs) -> tuple[torch.Tensor, bool] | None:
+        """Where the components start, from the modes found. Each mode is climbed further
+        (annealed steps) and then reached exactly by Newton's method on the log joint;
+        its mass is estimated by Laplace's method
         (``p(m) (2π)^{D/2} det(-∇² log p(m))^{-1/2}``, :meth:`_laplace_log_mass`); and
         the ``num_components`` equal components are shared out among the modes by the
         integer counts whose mode weights are closest to the masses in the reverse KL
@@ -881,22 +887,26 @@ class AutoHVM(AutoContinuous):
         each one component and places the spare ones farthest-first among the search's
         candidates, where they find further copies while training; or ``None`` (the
         caller does the same with the modes of the climbs it had) where fewer than two
-        distinct modes remain once converged, and wherever a mode cannot be verified:
-        Newton's method does not converge, a Hessian is not negative definite (no mode
-        there, e.g. a funnel's neck), the density cannot be differentiated twice, or the
-        model has more than ``_LAPLACE_MAX_DIM`` latent dimensions."""
+        distinct modes remain once converged, wherever one of the first ``required`` modes
+        (the search's own; default all) cannot be verified: Newton's method does not
+        converge, a Hessian is not negative definite (no mode there, e.g. a funnel's
+        neck), the density cannot be differentiated twice; or where the model has more
+        than ``_LAPLACE_MAX_DIM`` latent dimensions. An unverified mode after the first
+        ``required`` (an exploring climb's, :meth:`_explored_modes`) is left out."""
         if self.latent_dim > _LAPLACE_MAX_DIM:
             return None
         refined: list[torch.Tensor] = []
         log_masses: list[float] = []
-        for mode in modes:
+        required = len(modes) if required is None else required
+        for i, mode in enumerate(modes):
             result = self._climb(mode, _MODE_REFINE_FACTOR * self.mode_search_steps,
                                  *args, anneal=True, **kwargs)
-            if result is None:
-                return None
-            laplace = self._laplace_log_mass(result[0], *args, **kwargs)
+            laplace = None if result is None else self._laplace_log_mass(result[0], *args,
+                                                                         **kwargs)
             if laplace is None:
-                return None
+                if i < required:
+                    return None
+                continue  # an exploring climb that ended off any mode
             u, log_mass = laplace
             if any(float((u - m).norm()) <= 0.5 * self._init_scale for m in refined):
                 continue  # two climbs of one mode, met once converged
