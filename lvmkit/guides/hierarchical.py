@@ -301,6 +301,17 @@ def _allocate_components(log_masses: torch.Tensor, count: int) -> list[int]:
     return counts
 
 
+def _farthest_first(pool: torch.Tensor, distance: torch.Tensor, count: int) -> list[int]:
+    """Indices of ``count`` rows of ``pool`` picked farthest-point first, ``distance``
+    being each row's distance to the points already chosen (updated as rows are picked)."""
+    picks = []
+    for _ in range(count):
+        pick = int(distance.argmax())
+        picks.append(pick)
+        distance = torch.minimum(distance, (pool - pool[pick]).norm(dim=-1))
+    return picks
+
+
 def _inverse_softplus(y: float) -> float:
     return y + math.log(-math.expm1(-y))
 
@@ -759,24 +770,18 @@ class AutoHVM(AutoContinuous):
                                                     **kwargs)
                     placement = self._components_by_mass(explored, *args,
                                                          required=len(modes), **kwargs)
-            if placement is not None:
-                points, weighted = placement
-                if weighted:
-                    means = (points - best) / self._init_scale
-                    aux = torch.zeros(self.num_components, self.aux_dim).to(init_loc)
-                    width = min(self.aux_dim, self.latent_dim)
-                    aux[:, :width] = means[:, :width]
-                    return best.clone(), aux
-                modes = points  # verified modes of equal mass: one component each
-            # the modes found first, then the farthest-first fill from the raw candidates
-            pool = torch.cat([modes, top]) if len(modes) else top
-            chosen = list(range(min(len(modes), self.num_components))) or [0]
-            distance = torch.stack([(pool - pool[i]).norm(dim=-1) for i in chosen]).amin(0)
-            while len(chosen) < self.num_components:
-                pick = int(distance.argmax())
-                chosen.append(pick)
-                distance = torch.minimum(distance, (pool - pool[pick]).norm(dim=-1))
-            means = (pool[chosen] - best) / self._init_scale
+            points, weighted = placement if placement is not None else (modes, False)
+            if weighted:
+                starts = points
+            else:
+                # one component per mode (verified ones where the weighting found modes of
+                # equal mass), then the farthest-first fill from the raw candidates
+                pool = torch.cat([points, top]) if len(points) else top
+                chosen = list(range(min(len(points), self.num_components))) or [0]
+                distance = torch.stack([(pool - pool[i]).norm(dim=-1) for i in chosen]).amin(0)
+                chosen += _farthest_first(pool, distance, self.num_components - len(chosen))
+                starts = pool[chosen]
+            means = (starts - best) / self._init_scale
         aux = torch.zeros(self.num_components, self.aux_dim).to(init_loc)
         width = min(self.aux_dim, self.latent_dim)
         aux[:, :width] = means[:, :width]
@@ -860,13 +865,9 @@ class AutoHVM(AutoContinuous):
         basins of the broadest modes, and a narrow mode's basin holds few candidates."""
         finite = torch.isfinite(scores)
         pool = candidates[finite][scores[finite] >= scores[finite].median()]
-        distance = torch.cdist(pool, modes).amin(-1)
-        starts = []
-        for _ in range(min(self.num_components, len(pool))):
-            pick = int(distance.argmax())
-            starts.append(pool[pick])
-            distance = torch.minimum(distance, (pool - pool[pick]).norm(dim=-1))
-        found = self._distinct_modes(torch.stack(starts), *args, **kwargs)
+        picks = _farthest_first(pool, torch.cdist(pool, modes).amin(-1),
+                                min(self.num_components, len(pool)))
+        found = self._distinct_modes(pool[picks], *args, **kwargs)
         return torch.cat([modes, found]) if len(found) else modes
 
     def _components_by_mass(self, modes: torch.Tensor, *args, required: int | None = None,
@@ -934,23 +935,21 @@ class AutoHVM(AutoContinuous):
         ``_NEWTON_STEPS`` steps, none lowering the density, with ``-H`` positive definite
         and everything finite on the way: only verified modes get a mass."""
         u = u.detach().clone()
-        for _ in range(_NEWTON_STEPS):
-            local = self._newton_step(u, *args, **kwargs)
+        local = self._newton_step(u, *args, **kwargs)
+        for iteration in range(_NEWTON_STEPS):
             if local is None:
                 return None
             log_p, step, log_det = local
             if float(step.norm()) < _NEWTON_TOLERANCE * self._init_scale:
                 mass = log_p + 0.5 * self.latent_dim * math.log(2 * math.pi) - 0.5 * log_det
                 return u, mass
-            candidate = u + step.to(u)
-            try:
-                new_log_p = float(self._log_joint_tensor(candidate, *args, **kwargs))
-            except (ValueError, RuntimeError, NotImplementedError):
-                return None
+            if iteration == _NEWTON_STEPS - 1:
+                return None  # not converged
+            u = u + step.to(u)
+            local = self._newton_step(u, *args, **kwargs)
             # near the mode the gain is below float32's resolution of log p: allow for it
-            if not new_log_p >= log_p - 1e-5 * max(1.0, abs(log_p)):
+            if local is not None and not local[0] >= log_p - 1e-5 * max(1.0, abs(log_p)):
                 return None  # outside Newton's basin: not verified as a mode
-            u = candidate
         return None
 
     def _newton_step(self, u: torch.Tensor, *args, **kwargs
@@ -961,8 +960,11 @@ class AutoHVM(AutoContinuous):
             return self._log_joint_tensor(v, *args, **kwargs)
 
         try:
-            log_p = float(log_joint(u))
-            gradient = torch.autograd.functional.jacobian(log_joint, u).detach().double()
+            with torch.enable_grad():  # the search runs under no_grad
+                point = u.detach().requires_grad_()
+                value = log_joint(point)
+                (gradient,) = torch.autograd.grad(value, point)
+            log_p, gradient = float(value.detach()), gradient.double()
             hessian = torch.autograd.functional.hessian(log_joint, u).detach().double()
         except (ValueError, RuntimeError, NotImplementedError):
             return None
