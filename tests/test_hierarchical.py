@@ -767,6 +767,10 @@ def test_components_are_shared_out_by_the_modes_masses():
     equal, points = shares([0.5, 0.5], True)
     assert equal == [1, 1], equal  # both modes found, one component each
     assert (torch.cdist(points, locs.float()).amin(0) < 1e-3).all()  # at the modes exactly
+    # distinct modes of almost equal mass (a log ratio of 0.04) are not symmetric copies:
+    # their masses differ by far more than rounding error, and they share all eight
+    close, _ = shares([0.51, 0.49], True)
+    assert close == [4, 4], close
 
 
 def test_exploring_climbs_start_far_from_the_modes_found():
