@@ -773,6 +773,36 @@ def test_components_are_shared_out_by_the_modes_masses():
     assert close == [4, 4], close
 
 
+def test_symmetric_copies_of_a_large_float32_model_count_as_copies():
+    # 20,000 float32 observations seen through z0^2: the two sign-flipped modes are exact
+    # copies, but at |log p| ~ 28,000 float32 rounds their Laplace masses apart by more than
+    # 1e-3 nats; they must still count as copies (one component each, spares elsewhere)
+    # rather than be weighted as distinct modes of equal mass
+    from lvmkit.guides.hierarchical import _EQUAL_MASSES
+
+    generator = torch.Generator().manual_seed(0)
+    y = 4.0 + torch.randn(20000, generator=generator)
+
+    def model(y):
+        z = pyro.sample("z", dist.Normal(0.0, 3.0).expand([2]).to_event(1))
+        with pyro.plate("data", len(y)):
+            pyro.sample("y", dist.Normal(z[0] * z[0] + 0.5 * z[1], 1.0), obs=y)
+
+    pyro.set_rng_seed(0)
+    guide = AutoHVM(model, mode_search_steps=0)
+    guide._setup_prototype(y)
+    starts = torch.tensor([[2.0, 0.1], [-1.999, 0.11]])
+    masses = [guide._laplace_log_mass(u, y) for u in starts]
+    assert all(m is not None for m in masses)
+    assert abs(masses[0][0][0] + masses[1][0][0]) < 1e-3  # mirrored modes
+    assert abs(masses[0][1] - masses[1][1]) > _EQUAL_MASSES  # float32 rounding
+    with torch.no_grad():
+        placement = guide._components_by_mass(starts, y)
+    assert placement is not None
+    points, weighted = placement
+    assert not weighted and len(points) == 2
+
+
 def test_exploring_climbs_start_far_from_the_modes_found():
     # the search's climbs found one of two modes; the exploring climbs start from the
     # better-scored candidates farthest from it, and find the other
