@@ -826,9 +826,14 @@ class AutoHVM(AutoContinuous):
                 scores.append(result[1])
         modes: list[torch.Tensor] = []
         for i in sorted(range(len(scores)), key=lambda i: -scores[i]):
-            if all(float((climbed[i] - m).norm()) > 0.5 * self._init_scale for m in modes):
+            if self._is_new_mode(climbed[i], modes):
                 modes.append(climbed[i])
         return torch.stack(modes) if modes else points[:0]
+
+    def _is_new_mode(self, point: torch.Tensor, modes: list[torch.Tensor]) -> bool:
+        """Whether ``point`` is farther than ``0.5 · init_scale`` from every one of
+        ``modes``: the one test of "another mode" for the search and the weighting."""
+        return all(float((point - m).norm()) > 0.5 * self._init_scale for m in modes)
 
     def _climb(self, point: torch.Tensor, steps: int, *args, anneal: bool = False,
                **kwargs) -> tuple[torch.Tensor, float] | None:
@@ -918,7 +923,7 @@ class AutoHVM(AutoContinuous):
                     return None
                 continue  # an exploring climb that ended off any mode
             u, log_mass = laplace
-            if any(float((u - m).norm()) <= 0.5 * self._init_scale for m in refined):
+            if not self._is_new_mode(u, refined):
                 continue  # two climbs of one mode, met once converged
             refined.append(u)
             log_masses.append(log_mass)
